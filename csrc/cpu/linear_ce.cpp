@@ -1,0 +1,128 @@
+// CPU kernels of the fused linear cross-entropy: row-parallel passes over one
+// [N, chunk] tile of logits at a time (the GEMMs live in csrc/linear_ce.cpp).
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include "fusedloss/linear_ce.h"
+#include "vec_math.h"
+
+namespace fusedloss::cpu {
+
+namespace {
+// Rows per parallel task: enough work per task to amortise scheduling.
+int64_t row_grain(int64_t columns) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(columns, 1)); }
+
+// Overwrites one row of raw logits with softcap(logit + bias) and returns its max and sum.
+template <typename acc_t>
+void transform_row(acc_t* y, const acc_t* bias, int64_t columns, acc_t cap, acc_t& row_max,
+                   acc_t& row_sum) {
+  acc_t m = neg_infinity<acc_t>(), s = 0;
+#pragma omp simd reduction(max : m) reduction(+ : s)
+  for (int64_t j = 0; j < columns; ++j) {
+    acc_t v = y[j] + (bias ? bias[j] : acc_t(0));
+    v = softcap_apply(v, cap);
+    y[j] = v;
+    m = v > m ? v : m;
+    s += v;
+  }
+  row_max = m;
+  row_sum = s;
+}
+}  // namespace
+
+template <typename acc_t>
+void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const acc_t* bias,
+                                const int64_t* target, LinearCERowState<acc_t> state) {
+  const int64_t columns = p.chunk_columns;
+  const acc_t cap = static_cast<acc_t>(p.softcap);
+  at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t* y = logits + row * p.logits_stride;
+      acc_t chunk_max, chunk_sum_logits;
+      transform_row(y, bias, columns, cap, chunk_max, chunk_sum_logits);
+      acc_t chunk_sum_exp = 0;
+#pragma omp simd reduction(+ : chunk_sum_exp)
+      for (int64_t j = 0; j < columns; ++j) chunk_sum_exp += exp_vectorizable(y[j] - chunk_max);
+
+      const LseState<acc_t> merged =
+          lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]},
+                    LseState<acc_t>{chunk_max, chunk_sum_exp});
+      state.max[row] = merged.max;
+      state.sum_exp[row] = merged.sum;
+      state.sum_logits[row] += chunk_sum_logits;
+      const int64_t t = target[row] - p.chunk_start;
+      if (t >= 0 && t < columns) state.target_logit[row] = y[t];
+    }
+  });
+}
+
+template <typename acc_t>
+void linear_ce_finalize(const LinearCEParams& p, const int64_t* target,
+                        LinearCERowState<acc_t> state, acc_t* lse, acc_t* loss) {
+  const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss),
+                                       acc_t(p.num_classes)};
+  at::parallel_for(0, p.num_rows, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const acc_t row_lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
+      lse[row] = row_lse;
+      loss[row] = target[row] == p.ignore_index
+                      ? acc_t(0)
+                      : terms.row_loss(row_lse, state.target_logit[row], state.sum_logits[row]);
+    }
+  });
+}
+
+template <typename acc_t, typename grad_t>
+void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
+                          const int64_t* target, const acc_t* lse, const acc_t* grad_loss,
+                          grad_t* dlogits) {
+  const int64_t columns = p.chunk_columns;
+  const acc_t cap = static_cast<acc_t>(p.softcap);
+  const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss),
+                                       acc_t(p.num_classes)};
+  at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const acc_t* z = logits + row * p.logits_stride;
+      grad_t* dz = dlogits + row * p.logits_stride;
+      const bool ignored = target[row] == p.ignore_index;
+      const acc_t g = ignored ? acc_t(0) : grad_loss[row];
+      const acc_t row_lse = lse[row];
+      // Everything except the target column is  g * (c1 * p_j - c0) * softcap'.
+      const acc_t prob_scale = g * (acc_t(1) + acc_t(2) * terms.z_loss * row_lse);
+      const acc_t uniform = g * terms.label_smoothing / terms.num_classes;
+      // Read the target's raw logit first: dz may alias z.
+      const int64_t t = ignored ? -1 : target[row] - p.chunk_start;
+      const bool target_here = t >= 0 && t < columns;
+      const acc_t target_z = target_here ? z[t] : acc_t(0);
+#pragma omp simd
+      for (int64_t j = 0; j < columns; ++j) {
+        const acc_t y = softcap_apply(z[j] + (bias ? bias[j] : acc_t(0)), cap);
+        const acc_t d = (prob_scale * exp_vectorizable(y - row_lse) - uniform) *
+                        softcap_grad_from_output(y, cap);
+        dz[j] = static_cast<grad_t>(d);
+      }
+      if (target_here) {
+        // The target column also carries the one-hot term.
+        const acc_t y = softcap_apply(target_z + (bias ? bias[t] : acc_t(0)), cap);
+        const acc_t d = g * terms.logit_grad(exp_acc(y - row_lse), true, row_lse) *
+                        softcap_grad_from_output(y, cap);
+        dz[t] = static_cast<grad_t>(d);
+      }
+    }
+  });
+}
+
+#define FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU(acc_t)                                             \
+  template void linear_ce_accumulate_chunk<acc_t>(const LinearCEParams&, acc_t*, const acc_t*, \
+                                                  const int64_t*, LinearCERowState<acc_t>);    \
+  template void linear_ce_finalize<acc_t>(const LinearCEParams&, const int64_t*,               \
+                                          LinearCERowState<acc_t>, acc_t*, acc_t*);            \
+  template void linear_ce_chunk_grad<acc_t, acc_t>(const LinearCEParams&, const acc_t*,        \
+                                                   const acc_t*, const int64_t*, const acc_t*, \
+                                                   const acc_t*, acc_t*);
+
+FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU(float)
+FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU(double)
+#undef FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU
+
+}  // namespace fusedloss::cpu

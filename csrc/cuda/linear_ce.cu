@@ -1,0 +1,128 @@
+// CUDA kernels of the fused linear cross-entropy. One thread block per row of
+// the [N, chunk] logits tile (a chunk has thousands of columns, so a block per
+// row keeps every load coalesced and the reductions in shared memory). The
+// GEMMs that produce and consume the tile run in cuBLAS (csrc/linear_ce.cpp).
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include "block_reduce.cuh"
+#include "fusedloss/linear_ce.h"
+
+namespace fusedloss::cuda {
+
+namespace {
+
+template <typename acc_t>
+__global__ void accumulate_chunk_kernel(LinearCEParams p, acc_t* logits, const acc_t* bias,
+                                        const int64_t* target, LinearCERowState<acc_t> state) {
+  const int64_t row = blockIdx.x;
+  acc_t* y = logits + row * p.logits_stride;
+  const acc_t cap = static_cast<acc_t>(p.softcap);
+  const int64_t t = target[row] - p.chunk_start;
+
+  LseState<acc_t> local = LseState<acc_t>::empty();
+  acc_t local_sum = 0;
+  for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
+    const acc_t v = softcap_apply(y[j] + (bias ? bias[j] : acc_t(0)), cap);
+    local = lse_merge(local, LseState<acc_t>{v, acc_t(1)});
+    local_sum += v;
+    if (j == t) state.target_logit[row] = v;
+  }
+  const LseState<acc_t> chunk = block_allreduce(local, LseMergeOp{});
+  const acc_t chunk_sum = block_allreduce(local_sum, cub::Sum{});
+  if (threadIdx.x == 0) {
+    const LseState<acc_t> merged = lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]}, chunk);
+    state.max[row] = merged.max;
+    state.sum_exp[row] = merged.sum;
+    state.sum_logits[row] += chunk_sum;
+  }
+}
+
+template <typename acc_t>
+__global__ void finalize_kernel(LinearCEParams p, const int64_t* target, LinearCERowState<acc_t> state,
+                                acc_t* lse, acc_t* loss) {
+  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (row >= p.num_rows) return;
+  const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss), acc_t(p.num_classes)};
+  const acc_t row_lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
+  lse[row] = row_lse;
+  loss[row] = target[row] == p.ignore_index
+                  ? acc_t(0)
+                  : terms.row_loss(row_lse, state.target_logit[row], state.sum_logits[row]);
+}
+
+template <typename acc_t, typename grad_t>
+__global__ void chunk_grad_kernel(LinearCEParams p, const acc_t* logits, const acc_t* bias,
+                                  const int64_t* target, const acc_t* lse, const acc_t* grad_loss,
+                                  grad_t* dlogits) {
+  const int64_t row = blockIdx.x;
+  const acc_t* z = logits + row * p.logits_stride;
+  grad_t* dz = dlogits + row * p.logits_stride;
+  const bool ignored = target[row] == p.ignore_index;
+  const acc_t g = ignored ? acc_t(0) : grad_loss[row];
+  const acc_t row_lse = lse[row];
+  const acc_t cap = static_cast<acc_t>(p.softcap);
+  const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss), acc_t(p.num_classes)};
+  const int64_t t = ignored ? -1 : target[row] - p.chunk_start;
+  for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
+    const acc_t y = softcap_apply(z[j] + (bias ? bias[j] : acc_t(0)), cap);
+    const acc_t d = g * terms.logit_grad(exp_acc(y - row_lse), j == t, row_lse) *
+                    softcap_grad_from_output(y, cap);
+    dz[j] = static_cast<grad_t>(d);
+  }
+}
+
+cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+}  // namespace
+
+template <typename acc_t>
+void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const acc_t* bias,
+                                const int64_t* target, LinearCERowState<acc_t> state, void* stream) {
+  if (p.num_rows == 0) return;
+  accumulate_chunk_kernel<acc_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(
+      p, logits, bias, target, state);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t>
+void linear_ce_finalize(const LinearCEParams& p, const int64_t* target, LinearCERowState<acc_t> state,
+                        acc_t* lse, acc_t* loss, void* stream) {
+  if (p.num_rows == 0) return;
+  const int threads = 256;
+  const int64_t blocks = (p.num_rows + threads - 1) / threads;
+  finalize_kernel<acc_t><<<blocks, threads, 0, as_stream(stream)>>>(p, target, state, lse, loss);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t, typename grad_t>
+void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
+                          const int64_t* target, const acc_t* lse, const acc_t* grad_loss,
+                          grad_t* dlogits, void* stream) {
+  if (p.num_rows == 0) return;
+  chunk_grad_kernel<acc_t, grad_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(
+      p, logits, bias, target, lse, grad_loss, dlogits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define FUSEDLOSS_INSTANTIATE_ROW_STATE(acc_t)                                                      \
+  template void linear_ce_accumulate_chunk<acc_t>(const LinearCEParams&, acc_t*, const acc_t*,       \
+                                                  const int64_t*, LinearCERowState<acc_t>, void*);   \
+  template void linear_ce_finalize<acc_t>(const LinearCEParams&, const int64_t*,                     \
+                                          LinearCERowState<acc_t>, acc_t*, acc_t*, void*);
+#define FUSEDLOSS_INSTANTIATE_CHUNK_GRAD(acc_t, grad_t)                                              \
+  template void linear_ce_chunk_grad<acc_t, grad_t>(const LinearCEParams&, const acc_t*,             \
+                                                    const acc_t*, const int64_t*, const acc_t*,      \
+                                                    const acc_t*, grad_t*, void*);
+FUSEDLOSS_INSTANTIATE_ROW_STATE(float)
+FUSEDLOSS_INSTANTIATE_ROW_STATE(double)
+FUSEDLOSS_INSTANTIATE_CHUNK_GRAD(float, float)
+FUSEDLOSS_INSTANTIATE_CHUNK_GRAD(double, double)
+FUSEDLOSS_INSTANTIATE_CHUNK_GRAD(float, c10::BFloat16)
+FUSEDLOSS_INSTANTIATE_CHUNK_GRAD(float, c10::Half)
+#undef FUSEDLOSS_INSTANTIATE_ROW_STATE
+#undef FUSEDLOSS_INSTANTIATE_CHUNK_GRAD
+
+}  // namespace fusedloss::cuda

@@ -1,0 +1,56 @@
+// GEMM helper shared by every loss driver: out (+)= a @ b with out possibly in
+// a wider dtype than the operands (bf16/fp16 operands, fp32 accumulator), which
+// is how every chunked loss keeps its logits and its accumulators in fp32 while
+// the tensor cores read half-precision inputs.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fusedloss {
+
+// out = a @ b (accumulate=false) or out += a @ b (accumulate=true). `out` may be
+// a view (e.g. a row slice of a gradient); a and b may be transposed views.
+inline void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const bool same_dtype = a.scalar_type() == out.scalar_type();
+  if (same_dtype || out.is_cuda()) {
+    if (accumulate) {
+      if (same_dtype) at::addmm_out(out, out, a, b);
+      else at::addmm_out(out, out, a, b, out.scalar_type());
+    } else {
+      if (same_dtype) at::mm_out(out, a, b);
+      else at::mm_out(out, a, b, out.scalar_type());
+    }
+    return;
+  }
+  // CPU with mixed dtypes: the CPU BLAS has no bf16->fp32 GEMM, so compute in
+  // the output's dtype and let the caller pay the operand conversion.
+  const at::Tensor product = at::mm(a.to(out.scalar_type()), b.to(out.scalar_type()));
+  if (accumulate) out.add_(product);
+  else out.copy_(product);
+}
+
+// Accumulation dtype of a floating input: float64 stays float64 (gradcheck),
+// everything else accumulates in float32.
+inline at::ScalarType accumulation_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// dtype in which the GEMM operands are fed: on CUDA the input's own dtype (tensor
+// cores for bf16/fp16); on the CPU the accumulation dtype, converted once.
+inline at::ScalarType gemm_operand_dtype(const at::Tensor& t) {
+  return t.is_cuda() ? t.scalar_type() : accumulation_dtype(t.scalar_type());
+}
+
+// Columns per vocabulary/candidate chunk so that a [rows, chunk] fp32 tile (plus
+// a half-precision copy) stays within a fixed workspace budget. The budget is
+// larger on GPUs, where bigger GEMMs run closer to peak.
+inline int64_t chunk_columns_for(int64_t rows, int64_t columns, int64_t requested, bool cuda) {
+  if (requested > 0) return std::min(requested, std::max<int64_t>(columns, 1));
+  const int64_t budget_bytes = cuda ? (int64_t(512) << 20) : (int64_t(32) << 20);
+  const int64_t bytes_per_column = std::max<int64_t>(rows, 1) * 6;
+  int64_t chunk = budget_bytes / bytes_per_column;
+  chunk = std::max<int64_t>(128, chunk / 128 * 128);
+  return std::min(chunk, std::max<int64_t>(columns, 1));
+}
+
+}  // namespace fusedloss

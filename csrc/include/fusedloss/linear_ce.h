@@ -1,0 +1,74 @@
+// Fused linear + softmax cross-entropy: the parameters and the per-chunk
+// kernels shared by the CPU and CUDA backends.
+//
+// Design (see csrc/README.md): the vocabulary is processed in chunks of
+// `chunk_size` columns. For each chunk the driver (csrc/linear_ce.cpp) forms the
+// [N, chunk] logits with one GEMM into a bounded workspace; the kernels declared
+// here turn that tile into per-row log-sum-exp state (forward) or into dlogits
+// (backward) without ever holding more than one chunk.
+#pragma once
+
+#include <cstdint>
+
+#include "fusedloss/numerics.h"
+
+namespace fusedloss {
+
+// Scalars and sizes of one linear cross-entropy call, plus the chunk being
+// processed. Everything a kernel needs except the typed pointers.
+struct LinearCEParams {
+  int64_t num_rows;        // N: rows of input / targets
+  int64_t num_classes;     // V: rows of weight
+  int64_t chunk_start;     // first vocabulary column of the current chunk
+  int64_t chunk_columns;   // columns in the current chunk (<= chunk_size)
+  int64_t logits_stride;   // elements between consecutive rows of the chunk tile
+  int64_t ignore_index;    // targets equal to this contribute nothing
+  double label_smoothing;  // eps
+  double z_loss;           // coefficient of lse^2
+  double softcap;          // cap of cap*tanh(x/cap); 0 = off
+};
+
+// Per-row running statistics of the forward pass, one array each of length N.
+template <typename acc_t>
+struct LinearCERowState {
+  acc_t* max;           // running max of the (softcapped) logits
+  acc_t* sum_exp;       // running sum of exp(y - max)
+  acc_t* sum_logits;    // running sum of y (label smoothing needs mean_j y_j)
+  acc_t* target_logit;  // y at the target column, once its chunk is seen
+};
+
+namespace cpu {
+// Fold one chunk of raw logits [N, chunk_columns] (bias not yet added) into the
+// row state. The tile is overwritten with softcap(logits + bias).
+template <typename acc_t>
+void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const acc_t* bias,
+                                const int64_t* target, LinearCERowState<acc_t> state);
+// Turn the row state into lse[N] and the per-row loss[N] (0 on ignored rows).
+template <typename acc_t>
+void linear_ce_finalize(const LinearCEParams& p, const int64_t* target,
+                        LinearCERowState<acc_t> state, acc_t* lse, acc_t* loss);
+// dlogits of one chunk, scaled by the per-row upstream gradient grad_loss[N].
+// `dlogits` may alias `logits` (same index read then written).
+template <typename acc_t, typename grad_t>
+void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
+                          const int64_t* target, const acc_t* lse, const acc_t* grad_loss,
+                          grad_t* dlogits);
+}  // namespace cpu
+
+#ifdef FUSEDLOSS_WITH_CUDA
+namespace cuda {
+template <typename acc_t>
+void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const acc_t* bias,
+                                const int64_t* target, LinearCERowState<acc_t> state,
+                                void* stream);
+template <typename acc_t>
+void linear_ce_finalize(const LinearCEParams& p, const int64_t* target,
+                        LinearCERowState<acc_t> state, acc_t* lse, acc_t* loss, void* stream);
+template <typename acc_t, typename grad_t>
+void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
+                          const int64_t* target, const acc_t* lse, const acc_t* grad_loss,
+                          grad_t* dlogits, void* stream);
+}  // namespace cuda
+#endif
+
+}  // namespace fusedloss

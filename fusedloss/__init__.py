@@ -1,0 +1,13 @@
+"""fusedloss: large-vocabulary losses that never materialise the full logits."""
+from ._extension import built_with_cuda
+from .linear_ce import LinearCrossEntropyLoss, linear_cross_entropy
+from . import reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LinearCrossEntropyLoss",
+    "built_with_cuda",
+    "linear_cross_entropy",
+    "reference",
+]

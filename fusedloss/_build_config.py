@@ -1,0 +1,58 @@
+"""Sources and compiler flags of the fusedloss extension.
+
+Shared by setup.py (ahead-of-time build) and fusedloss/_extension.py (JIT build
+when no prebuilt extension is importable), so both compile the same thing.
+This module must not import torch or fusedloss: setup.py loads it by path.
+"""
+import glob
+import os
+
+CPU_ONLY_ENV = "FUSEDLOSS_CPU_ONLY"
+FORCE_CUDA_ENV = "FUSEDLOSS_FORCE_CUDA"
+
+
+def sources(root, with_cuda):
+    """C++ (and CUDA) sources under ``root``/csrc, sorted for reproducible builds."""
+    csrc = os.path.join(root, "csrc")
+    files = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    if with_cuda:
+        files += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
+    return files
+
+
+def include_dirs(root):
+    return [os.path.join(root, "csrc", "include"), os.path.join(root, "csrc")]
+
+
+def compile_args(with_cuda, debug=False):
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -fopenmp: at::parallel_for and `#pragma omp simd` are expanded in our own
+    # translation units, so without it the CPU kernels run on one thread.
+    cxx = opt + ["-fopenmp", "-DFUSEDLOSS_WITH_CUDA"] if with_cuda else opt + ["-fopenmp"]
+    args = {"cxx": cxx}
+    if with_cuda:
+        args["nvcc"] = opt + [
+            "-DFUSEDLOSS_WITH_CUDA",
+            "-lineinfo",
+            "--expt-relaxed-constexpr",
+            "--threads=2",
+        ]
+    return args
+
+
+def link_args():
+    return ["-fopenmp"]
+
+
+def want_cuda(torch_cuda_version, cuda_home):
+    """Build CUDA kernels when torch is a CUDA build and a toolkit exists (never
+    gated on a visible GPU, so GPU-less builders still compile the kernels)."""
+    if os.environ.get(CPU_ONLY_ENV, "0") == "1":
+        return False
+    if os.environ.get(FORCE_CUDA_ENV, "0") == "1":
+        return True
+    return (
+        torch_cuda_version is not None
+        and cuda_home is not None
+        and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    )

@@ -1,0 +1,63 @@
+"""Argument handling shared by the Python wrappers of every loss."""
+import torch
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def reduce_rows(rows, valid, reduction, shape):
+    """Reduce per-row losses. ``mean`` divides by the number of valid rows
+    (PyTorch's ignore_index rule) and returns 0, not NaN, when there are none,
+    so an all-padding micro-batch contributes nothing instead of poisoning the
+    step."""
+    if reduction == "none":
+        return rows.reshape(shape)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    count = valid.sum() if valid is not None else torch.tensor(rows.numel(), device=rows.device)
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+def as_index_tensor(target, name="target"):
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int64), got {target.dtype}")
+    return target.long()
+
+
+def should_check_values(t):
+    """Data-dependent checks (target ranges) need a host sync on CUDA; skip them
+    while tracing or capturing a CUDA graph, where they are impossible."""
+    if torch.compiler.is_compiling():
+        return False
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def check_index_range(index, upper, name, ignore_value=None):
+    """Raise IndexError unless every entry is in [0, upper) (or equals ignore_value)."""
+    if not should_check_values(index) or index.numel() == 0:
+        return
+    bad = (index < 0) | (index >= upper)
+    if ignore_value is not None:
+        bad &= index != ignore_value
+    if bool(bad.any()):
+        first = index[bad].flatten()[0].item()
+        extra = f" and is not ignore_index={ignore_value}" if ignore_value is not None else ""
+        raise IndexError(f"{name} contains {first}, which is outside [0, {upper}){extra}")
+
+
+def autocast_inputs(device_type, *tensors):
+    """Under torch.autocast, run the fused op in the autocast dtype (like a
+    Linear layer would) so mixed fp32 weights / bf16 activations just work."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

@@ -1,0 +1,130 @@
+"""Fused linear + softmax cross-entropy over a full vocabulary.
+
+``linear_cross_entropy(x, W, y)`` equals
+``F.cross_entropy(softcap(x @ W.T + b), y, ...) + z_loss * mean(lse**2)``
+but never materialises the [N, V] logits: the kernels walk the vocabulary in
+chunks, keeping an online log-sum-exp per row, and the backward recomputes
+each chunk's logits to form its gradient (see csrc/README.md).
+"""
+import torch
+
+from . import _common
+from ._extension import C as _C  # noqa: F401  (registers torch.ops.fusedloss)
+
+_ops = torch.ops.fusedloss
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fusedloss::linear_ce_forward")
+def _linear_ce_forward_fake(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+                            chunk_size):
+    rows = input.shape[0]
+    acc = _acc_dtype(input.dtype)
+    return input.new_empty(rows, dtype=acc), input.new_empty(rows, dtype=acc)
+
+
+@torch.library.register_fake("fusedloss::linear_ce_backward")
+def _linear_ce_backward_fake(grad_loss, input, weight, target, bias, lse, ignore_index, label_smoothing,
+                             z_loss, softcap, chunk_size, output_mask):
+    grad_input = torch.empty_like(input) if output_mask[0] else input.new_empty(0)
+    grad_weight = torch.empty_like(weight) if output_mask[1] else weight.new_empty(0)
+    grad_bias = torch.empty_like(bias) if output_mask[2] and bias is not None else input.new_empty(0)
+    return grad_input, grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, target, bias, *options = inputs
+    _, lse = output
+    ctx.save_for_backward(input, weight, target, bias, lse)
+    ctx.options = options
+
+
+def _backward(ctx, grad_loss, _grad_lse):
+    input, weight, target, bias, lse = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
+    grad_input, grad_weight, grad_bias = _ops.linear_ce_backward(
+        grad_loss, input, weight, target, bias, lse, *ctx.options, mask
+    )
+    return (
+        grad_input if mask[0] else None,
+        grad_weight if mask[1] else None,
+        None,
+        grad_bias if mask[2] else None,
+        *([None] * len(ctx.options)),
+    )
+
+
+torch.library.register_autograd("fusedloss::linear_ce_forward", _backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0,
+                         z_loss=0.0, softcap=None, reduction="mean", chunk_size=None):
+    """Cross-entropy of ``softcap(input @ weight.T + bias)`` against ``target``.
+
+    Args:
+        input: [..., D] hidden states (fp32, bf16, fp16; fp64 on the CPU).
+        weight: [V, D] classifier / unembedding matrix, same dtype as ``input``.
+        target: [...] integer class indices in [0, V) or ``ignore_index``.
+        bias: optional [V].
+        ignore_index: rows with this target get zero loss and zero gradient.
+        label_smoothing: PyTorch's ``F.cross_entropy`` label smoothing.
+        z_loss: adds ``z_loss * lse**2`` per row (PaLM's auxiliary loss); under
+            ``mean`` this is ``z_loss * mean(lse**2)`` over non-ignored rows.
+        softcap: if set, logits become ``softcap * tanh(logits / softcap)``.
+        reduction: ``"none"`` (shape of ``target``), ``"sum"`` or ``"mean"``
+            (over non-ignored rows; 0 when every row is ignored).
+        chunk_size: vocabulary columns per chunk (default: sized to a fixed
+            workspace, 32 MiB on the CPU and 512 MiB on CUDA).
+
+    Returns the loss in fp32 (fp64 for fp64 inputs).
+    """
+    _common.check_reduction(reduction)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if not isinstance(input, torch.Tensor) or input.dim() < 1:
+        raise ValueError("input must be a tensor of shape [..., D]")
+    target = _common.as_index_tensor(target)
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} must equal input.shape[:-1] = {tuple(input.shape[:-1])}"
+        )
+    input, weight, bias = _common.autocast_inputs(input.device.type, input, weight, bias)
+    rows = input.reshape(-1, input.shape[-1])
+    flat_target = target.reshape(-1)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and flat_target.device == weight.device:
+        _common.check_index_range(flat_target, weight.shape[0], "target", ignore_index)
+    loss, _ = _ops.linear_ce_forward(
+        rows, weight, flat_target, bias, int(ignore_index), float(label_smoothing), float(z_loss),
+        float(softcap or 0.0), int(chunk_size or 0),
+    )
+    return _common.reduce_rows(loss, flat_target != ignore_index, reduction, target.shape)
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Module form of :func:`linear_cross_entropy`; call as ``loss(input, weight, target, bias=None)``."""
+
+    def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
+                 chunk_size=None):
+        super().__init__()
+        _common.check_reduction(reduction)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.reduction = reduction
+        self.chunk_size = chunk_size
+
+    def forward(self, input, weight, target, bias=None):
+        return linear_cross_entropy(
+            input, weight, target, bias, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss, softcap=self.softcap, reduction=self.reduction, chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self):
+        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}, reduction={self.reduction!r}")
