@@ -14,6 +14,11 @@ struct MaxOp {
   __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
 };
 
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+
 struct LseMergeOp {
   template <typename acc_t>
   __device__ __forceinline__ LseState<acc_t> operator()(LseState<acc_t> a, LseState<acc_t> b) const {

@@ -31,7 +31,7 @@ __global__ void accumulate_chunk_kernel(LinearCEParams p, acc_t* logits, const a
     if (j == t) state.target_logit[row] = v;
   }
   const LseState<acc_t> chunk = block_allreduce(local, LseMergeOp{});
-  const acc_t chunk_sum = block_allreduce(local_sum, cub::Sum{});
+  const acc_t chunk_sum = block_allreduce(local_sum, SumOp{});
   if (threadIdx.x == 0) {
     const LseState<acc_t> merged = lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]}, chunk);
     state.max[row] = merged.max;
