@@ -1,0 +1,277 @@
+import itertools
+
+import pytest
+import torch
+
+import fusedloss
+from fusedloss import reference
+from conftest import DEVICES, assert_close_to_oracle, requires_cuda
+
+OPTION_SETS = [
+    {},
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-3},
+    {"softcap": 4.0},
+    {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 3.0},
+]
+
+
+def make_problem(n, d, v, dtype, device, *, bias=False, ignore_every=0, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).to(dtype).to(device).requires_grad_()
+    w = (torch.randn(v, d, generator=g, dtype=torch.float64) / d**0.5).to(dtype).to(device).requires_grad_()
+    b = (torch.randn(v, generator=g, dtype=torch.float64)).to(dtype).to(device).requires_grad_() if bias else None
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    if ignore_every:
+        t[::ignore_every] = -100
+    return x, w, t, b
+
+
+def loss_and_grads(fn, x, w, t, b, **kw):
+    leaves = [p for p in (x, w, b) if p is not None]
+    for p in leaves:
+        p.grad = None
+    loss = fn(x, w, t, b, **kw)
+    seed = torch.linspace(0.5, 1.5, loss.numel(), device=loss.device, dtype=loss.dtype).reshape(loss.shape)
+    (loss * seed).sum().backward()
+    grads = [p.grad.clone() for p in leaves]
+    for p in leaves:
+        p.grad = None
+    return loss.detach(), grads
+
+
+def fp64_oracle(x, w, t, b, **kw):
+    up = lambda p: None if p is None else p.detach().double().requires_grad_()
+    return loss_and_grads(reference.linear_cross_entropy, up(x), up(w), t, up(b), **kw)
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: "-".join(o) or "plain")
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fp32_matches_reference(device, options, bias, reduction):
+    # V=1003 with chunk 128: 8 chunks, the last one partial.
+    x, w, t, b = make_problem(37, 19, 1003, torch.float32, device, bias=bias, ignore_every=5)
+    kw = dict(options, reduction=reduction)
+    loss, grads = loss_and_grads(fusedloss.linear_cross_entropy, x, w, t, b, chunk_size=128, **kw)
+    ref_loss, ref_grads = fp64_oracle(x, w, t, b, **kw)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 8.0}],
+                         ids=["plain", "all-options"])
+def test_low_precision_within_reference_error(device, dtype, options):
+    x, w, t, b = make_problem(64, 96, 3001, dtype, device, bias=True, ignore_every=7)
+    loss, grads = loss_and_grads(fusedloss.linear_cross_entropy, x, w, t, b, chunk_size=256, **options)
+    ref_loss, ref_grads = loss_and_grads(reference.linear_cross_entropy, x, w, t, b, **options)
+    oracle_loss, oracle_grads = fp64_oracle(x, w, t, b, **options)
+    assert loss.dtype == torch.float32
+    assert_close_to_oracle(loss, ref_loss, oracle_loss, atol=1e-4, what="loss")
+    for name, g, r, o in zip(["input", "weight", "bias"], grads, ref_grads, oracle_grads):
+        assert g.dtype == dtype
+        assert_close_to_oracle(g, r, o, atol=1e-4, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("n,d,v,chunk", [(1, 1, 1, None), (1, 7, 5, 2), (5, 3, 130, 128), (9, 33, 257, None)])
+def test_odd_shapes(device, n, d, v, chunk):
+    x, w, t, b = make_problem(n, d, v, torch.float32, device, bias=True)
+    loss, grads = loss_and_grads(fusedloss.linear_cross_entropy, x, w, t, b, chunk_size=chunk)
+    ref_loss, ref_grads = fp64_oracle(x, w, t, b)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6)
+
+
+def test_3d_input_and_none_reduction_shape(device):
+    x3 = torch.randn(2, 5, 8, device=device, requires_grad=True)
+    w = torch.randn(50, 8, device=device, requires_grad=True)
+    t = torch.randint(0, 50, (2, 5), device=device)
+    loss = fusedloss.linear_cross_entropy(x3, w, t, reduction="none")
+    assert loss.shape == (2, 5)
+    ref = reference.linear_cross_entropy(x3, w, t, reduction="none")
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    loss.sum().backward()
+    assert x3.grad.shape == x3.shape
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_targets_ignored_gives_zero_loss_and_grads(device, reduction):
+    x, w, t, b = make_problem(6, 4, 20, torch.float32, device, bias=True)
+    t = torch.full_like(t, -100)
+    loss, grads = loss_and_grads(fusedloss.linear_cross_entropy, x, w, t, b, reduction=reduction)
+    assert torch.all(loss == 0)
+    assert all(torch.all(g == 0) for g in grads)
+
+
+def test_ignored_rows_get_exactly_zero_input_grad(device):
+    x, w, t, b = make_problem(10, 6, 40, torch.float32, device, ignore_every=3)
+    loss, (gx, gw) = loss_and_grads(fusedloss.linear_cross_entropy, x, w, t, b, chunk_size=16, z_loss=0.1,
+                                    label_smoothing=0.1)
+    ignored = t == -100
+    assert torch.all(gx[ignored] == 0)
+    assert torch.all(gx[~ignored].abs().sum(1) > 0)
+
+
+def test_custom_ignore_index(device):
+    x, w, t, b = make_problem(8, 4, 16, torch.float32, device)
+    t[2] = 3
+    loss = fusedloss.linear_cross_entropy(x, w, t, ignore_index=3, reduction="none")
+    ref = reference.linear_cross_entropy(x, w, t, ignore_index=3, reduction="none")
+    torch.testing.assert_close(loss, ref)
+    assert torch.all(loss[t == 3] == 0)
+
+
+@pytest.mark.parametrize("options", [{}, {"softcap": 30.0}, {"z_loss": 1e-4, "label_smoothing": 0.1}],
+                         ids=["plain", "softcap", "zloss-smooth"])
+def test_extreme_logits(device, options):
+    # Logits of magnitude ~1e4: naive exp overflows; the online LSE must not.
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(16, 4, generator=g) * 100).to(device).requires_grad_()
+    w = (torch.randn(300, 4, generator=g) * 30).to(device).requires_grad_()
+    t = torch.randint(0, 300, (16,), generator=g).to(device)
+    loss, grads = loss_and_grads(fusedloss.linear_cross_entropy, x, w, t, None, chunk_size=64, **options)
+    ref_loss, ref_grads = fp64_oracle(x, w, t, None, **options)
+    assert torch.isfinite(loss).all() and all(torch.isfinite(gr).all() for gr in grads)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-2)
+    for gr, r in zip(grads, ref_grads):
+        torch.testing.assert_close(gr.double(), r, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: "-".join(o) or "plain")
+def test_gradcheck_float64(options):
+    x, w, t, b = make_problem(4, 3, 11, torch.float64, "cpu", bias=True, ignore_every=3)
+
+    def fn(x, w, b):
+        return fusedloss.linear_cross_entropy(x, w, t, b, chunk_size=4, reduction="none", **options)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_frozen_weight_and_frozen_input(device):
+    x, w, t, b = make_problem(6, 5, 33, torch.float32, device, bias=True)
+    w.requires_grad_(False)
+    fusedloss.linear_cross_entropy(x, w, t, b).backward()
+    assert x.grad is not None and w.grad is None and b.grad is not None
+    x.grad = None
+    x.requires_grad_(False)
+    w.requires_grad_(True)
+    fusedloss.linear_cross_entropy(x, w, t).backward()
+    assert w.grad is not None
+
+
+def test_deterministic(device):
+    x, w, t, b = make_problem(33, 17, 500, torch.float32, device, bias=True)
+    first = loss_and_grads(fusedloss.linear_cross_entropy, x, w, t, b, chunk_size=64)
+    second = loss_and_grads(fusedloss.linear_cross_entropy, x, w, t, b, chunk_size=64)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, c) for a, c in zip(first[1], second[1]))
+
+
+def test_chunking_does_not_change_the_result(device):
+    x, w, t, b = make_problem(20, 8, 777, torch.float32, device, bias=True)
+    whole = loss_and_grads(fusedloss.linear_cross_entropy, x, w, t, b, chunk_size=777)
+    pieces = loss_and_grads(fusedloss.linear_cross_entropy, x, w, t, b, chunk_size=50)
+    torch.testing.assert_close(whole[0], pieces[0], rtol=1e-6, atol=1e-6)
+    for a, c in zip(whole[1], pieces[1]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)
+
+
+def test_module_matches_function(device):
+    x, w, t, b = make_problem(7, 5, 21, torch.float32, device, bias=True)
+    module = fusedloss.LinearCrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, reduction="sum")
+    torch.testing.assert_close(
+        module(x, w, t, b),
+        fusedloss.linear_cross_entropy(x, w, t, b, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, reduction="sum"),
+    )
+    assert "softcap=5.0" in repr(module)
+
+
+def test_autocast_mixed_dtypes():
+    x = torch.randn(8, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    t = torch.randint(0, 40, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fusedloss.linear_cross_entropy(x, w, t)
+    loss.backward()
+    assert w.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, reference.linear_cross_entropy(x, w, t), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck(device, with_bias):
+    x, w, t, b = make_problem(6, 5, 33, torch.float32, device, bias=with_bias, ignore_every=4)
+    args = (x.detach().requires_grad_(), w.detach().requires_grad_(), t,
+            None if b is None else b.detach().requires_grad_(), -100, 0.1, 1e-3, 5.0, 8)
+    torch.library.opcheck(torch.ops.fusedloss.linear_ce_forward.default, args)
+    loss, lse = torch.ops.fusedloss.linear_ce_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    backward_args = (torch.rand_like(loss), x.detach(), w.detach(), t, None if b is None else b.detach(), lse,
+                     -100, 0.1, 1e-3, 5.0, 8, [True, True, with_bias])
+    torch.library.opcheck(torch.ops.fusedloss.linear_ce_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    x, w, t, b = make_problem(12, 8, 64, torch.float32, "cpu", bias=True, ignore_every=5)
+
+    def step(x, w, t, b):
+        return fusedloss.linear_cross_entropy(x, w, t, b, label_smoothing=0.1, softcap=10.0) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    loss, grads = loss_and_grads(compiled, x, w, t, b)
+    ref_loss, ref_grads = loss_and_grads(step, x, w, t, b)
+    torch.testing.assert_close(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+@requires_cuda
+def test_cuda_peak_memory_is_far_below_logits():
+    n, d, v = 4096, 256, 65536
+    x, w, t, _ = make_problem(n, d, v, torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = fusedloss.linear_cross_entropy(x, w, t, chunk_size=4096)
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    gradients = x.numel() * 2 + w.numel() * 2
+    logits_fp32 = n * v * 4
+    assert extra - gradients < logits_fp32 / 8, (extra, gradients, logits_fp32)
+
+
+BAD_INPUTS = [
+    ("mismatched D", lambda x, w, t, b: (x[:, :-1], w, t, None, {}), ValueError, "features"),
+    ("weight not 2-D", lambda x, w, t, b: (x, w[0], t, None, {}), ValueError, "weight must be 2-D"),
+    ("float target", lambda x, w, t, b: (x, w, t.float(), None, {}), TypeError, "integer"),
+    ("target shape", lambda x, w, t, b: (x, w, t[:-1], None, {}), ValueError, "target shape"),
+    ("target too large", lambda x, w, t, b: (x, w, torch.full_like(t, 20), None, {}), IndexError, "outside"),
+    ("negative target", lambda x, w, t, b: (x, w, torch.full_like(t, -2), None, {}), IndexError, "outside"),
+    ("bias length", lambda x, w, t, b: (x, w, t, b[:-1], {}), ValueError, "bias must be"),
+    ("dtype mismatch", lambda x, w, t, b: (x, w.double(), t, None, {}), TypeError, "dtype"),
+    ("bias dtype", lambda x, w, t, b: (x, w, t, b.double(), {}), TypeError, "bias dtype"),
+    ("integer input", lambda x, w, t, b: (x.long(), w.long(), t, None, {}), TypeError, "float32"),
+    ("negative softcap", lambda x, w, t, b: (x, w, t, None, {"softcap": -1.0}), ValueError, "softcap"),
+    ("zero softcap", lambda x, w, t, b: (x, w, t, None, {"softcap": 0.0}), ValueError, "softcap"),
+    ("unknown reduction", lambda x, w, t, b: (x, w, t, None, {"reduction": "avg"}), ValueError, "reduction"),
+    ("label smoothing > 1", lambda x, w, t, b: (x, w, t, None, {"label_smoothing": 1.5}), ValueError, "label_smoothing"),
+    ("negative z_loss", lambda x, w, t, b: (x, w, t, None, {"z_loss": -1.0}), ValueError, "z_loss"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_clear_error(device, case):
+    _, make, exc, message = case
+    x, w, t, b = make_problem(6, 5, 20, torch.float32, device, bias=True)
+    x, w, t, b, kw = make(x.detach(), w.detach(), t, b.detach())
+    with pytest.raises(exc, match=message):
+        fusedloss.linear_cross_entropy(x, w, t, b, **kw)
+
+
+@requires_cuda
+def test_device_mismatch_raises():
+    x, w, t, _ = make_problem(6, 5, 20, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="same device"):
+        fusedloss.linear_cross_entropy(x.detach().cuda(), w.detach(), t.cuda())
