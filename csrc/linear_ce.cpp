@@ -118,8 +118,8 @@ struct ChunkKernels {
   }
 };
 
-// Everything both passes share: validated, contiguous operands in the dtypes
-// the GEMMs and kernels want, and the chunk geometry.
+// Everything the ops share: validated, contiguous operands in the dtypes the
+// GEMMs and kernels want, and the chunk geometry.
 struct LinearCEProblem {
   Tensor input;   // [N, D] in the GEMM operand dtype
   Tensor weight;  // [V, D] as given (converted chunk by chunk on the CPU)
@@ -142,16 +142,21 @@ struct LinearCEProblem {
     if (bias_.has_value()) bias = bias_->contiguous().to(acc_dtype);
     const int64_t rows = input.size(0), classes = weight.size(0);
     chunk_size = chunk_columns_for(rows, classes, requested_chunk, input.is_cuda());
-    params = LinearCEParams{rows, classes, 0, 0, 0, ignore_index, label_smoothing, z_loss, softcap};
+    params = LinearCEParams{rows, classes, 0, 0, 0, ignore_index, label_smoothing, z_loss, softcap, false};
   }
 
-  // Computes the raw logits of vocabulary columns [start, start + columns) into
-  // the front of `workspace` and points `params` at that chunk.
-  Tensor chunk_logits(const Tensor& workspace, int64_t start, int64_t columns, Tensor& weight_chunk) {
-    const int64_t rows = input.size(0);
+  int64_t rows() const { return params.num_rows; }
+  int64_t classes() const { return params.num_classes; }
+
+  // Raw logits of rows [row_start, row_start + row_count) against vocabulary
+  // columns [start, start + columns), computed into the front of `workspace`;
+  // points `params` at that tile. `weight_chunk` receives the operand rows.
+  Tensor tile_logits(const Tensor& workspace, int64_t row_start, int64_t row_count, int64_t start,
+                     int64_t columns, Tensor& weight_chunk) {
     weight_chunk = weight.narrow(0, start, columns).to(operand_dtype);
-    Tensor logits = workspace.narrow(0, 0, rows * columns).view({rows, columns});
-    matmul_into(logits, input, weight_chunk.t(), /*accumulate=*/false);
+    Tensor logits = workspace.narrow(0, 0, row_count * columns).view({row_count, columns});
+    matmul_into(logits, input.narrow(0, row_start, row_count), weight_chunk.t(), /*accumulate=*/false);
+    params.num_rows = row_count;
     params.chunk_start = start;
     params.chunk_columns = columns;
     params.logits_stride = columns;
@@ -164,16 +169,47 @@ struct LinearCEProblem {
   }
 };
 
+template <typename acc_t>
+LinearCERowState<acc_t> row_state_at(const Tensor& state, int64_t row) {
+  return {state[0].data_ptr<acc_t>() + row, state[1].data_ptr<acc_t>() + row, state[2].data_ptr<acc_t>() + row,
+          state[3].data_ptr<acc_t>() + row};
+}
+
+Tensor empty_row_state(int64_t rows, const at::TensorOptions& acc_opts) {
+  Tensor state = at::zeros({4, rows}, acc_opts);
+  state[0].fill_(-std::numeric_limits<double>::infinity());
+  return state;
+}
+
+// Writes dlogits of the tile held in `logits` into `dlogits` (same shape),
+// picking the dlogits element type from the tensor.
+template <typename acc_t>
+void tile_grad(const ChunkKernels& kernels, const LinearCEProblem& prob, const Tensor& logits, Tensor& dlogits,
+               int64_t row_start, int64_t column_start, const Tensor& lse, const Tensor& grad_rows) {
+  const int64_t* tgt = prob.target.data_ptr<int64_t>() + row_start;
+  const acc_t* lse_ptr = lse.data_ptr<acc_t>() + row_start;
+  const acc_t* grad_ptr = grad_rows.data_ptr<acc_t>() + row_start;
+  const auto run = [&](auto* out) {
+    kernels.grad(prob.params, logits.data_ptr<acc_t>(), prob.bias_chunk<acc_t>(column_start), tgt, lse_ptr,
+                 grad_ptr, out);
+  };
+  if (dlogits.scalar_type() == prob.acc_dtype) {
+    run(dlogits.data_ptr<acc_t>());
+  } else if constexpr (std::is_same_v<acc_t, float>) {
+    if (dlogits.scalar_type() == at::kBFloat16) run(dlogits.data_ptr<at::BFloat16>());
+    else run(dlogits.data_ptr<at::Half>());
+  }
+}
+
 std::tuple<Tensor, Tensor> linear_ce_forward(const Tensor& input, const Tensor& weight, const Tensor& target,
                                              const std::optional<Tensor>& bias, int64_t ignore_index,
                                              double label_smoothing, double z_loss, double softcap,
                                              int64_t chunk_size) {
   c10::DeviceGuard guard(input.device());
   LinearCEProblem prob(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size);
-  const int64_t rows = prob.params.num_rows, classes = prob.params.num_classes;
+  const int64_t rows = prob.rows(), classes = prob.classes();
   const auto acc_opts = input.options().dtype(prob.acc_dtype);
-  Tensor state = at::zeros({4, rows}, acc_opts);
-  state[0].fill_(-std::numeric_limits<double>::infinity());
+  Tensor state = empty_row_state(rows, acc_opts);
   Tensor lse = at::empty({rows}, acc_opts);
   Tensor loss = at::empty({rows}, acc_opts);
   if (rows == 0) return {loss, lse};
@@ -182,15 +218,15 @@ std::tuple<Tensor, Tensor> linear_ce_forward(const Tensor& input, const Tensor& 
 
   AT_DISPATCH_FLOATING_TYPES(prob.acc_dtype, "linear_ce_forward", [&] {
     using acc_t = scalar_t;
-    const LinearCERowState<acc_t> row_state{state[0].data_ptr<acc_t>(), state[1].data_ptr<acc_t>(),
-                                            state[2].data_ptr<acc_t>(), state[3].data_ptr<acc_t>()};
     const int64_t* tgt = prob.target.data_ptr<int64_t>();
     for (int64_t start = 0; start < classes; start += prob.chunk_size) {
       Tensor weight_chunk;
-      Tensor logits = prob.chunk_logits(workspace, start, std::min(prob.chunk_size, classes - start), weight_chunk);
-      kernels.accumulate(prob.params, logits.data_ptr<acc_t>(), prob.bias_chunk<acc_t>(start), tgt, row_state);
+      Tensor logits =
+          prob.tile_logits(workspace, 0, rows, start, std::min(prob.chunk_size, classes - start), weight_chunk);
+      kernels.accumulate(prob.params, logits.data_ptr<acc_t>(), prob.bias_chunk<acc_t>(start), tgt,
+                         row_state_at<acc_t>(state, 0));
     }
-    kernels.finalize(prob.params, tgt, row_state, lse.data_ptr<acc_t>(), loss.data_ptr<acc_t>());
+    kernels.finalize(prob.params, tgt, row_state_at<acc_t>(state, 0), lse.data_ptr<acc_t>(), loss.data_ptr<acc_t>());
   });
   return {loss, lse};
 }
@@ -201,7 +237,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
     double z_loss, double softcap, int64_t chunk_size, std::array<bool, 3> output_mask) {
   c10::DeviceGuard guard(input.device());
   LinearCEProblem prob(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size);
-  const int64_t rows = prob.params.num_rows, classes = prob.params.num_classes;
+  const int64_t rows = prob.rows(), classes = prob.classes();
   TORCH_CHECK_VALUE(grad_loss.numel() == rows && lse.numel() == rows,
                     "linear_ce_backward: grad_loss and lse must have N=", rows, " elements");
   const bool need_input = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2] && bias.has_value();
@@ -211,7 +247,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
 
   Tensor grad_input_acc = need_input ? at::zeros({rows, input.size(1)}, acc_opts) : Tensor();
   Tensor grad_weight = need_weight ? at::empty_like(weight, at::MemoryFormat::Contiguous) : at::empty({0}, weight.options());
-  Tensor grad_bias_acc = need_bias ? at::empty({classes}, acc_opts) : Tensor();
+  Tensor grad_bias_acc = need_bias ? at::zeros({classes}, acc_opts) : Tensor();
   if (rows == 0 && need_weight) grad_weight.zero_();
 
   if (rows > 0 && (need_input || need_weight || need_bias)) {
@@ -223,37 +259,96 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
                                    : at::empty({rows * prob.chunk_size}, input.options().dtype(prob.operand_dtype));
     const ChunkKernels kernels(input);
     AT_DISPATCH_FLOATING_TYPES(prob.acc_dtype, "linear_ce_backward", [&] {
-      using acc_t = scalar_t;
-      const int64_t* tgt = prob.target.data_ptr<int64_t>();
       for (int64_t start = 0; start < classes; start += prob.chunk_size) {
         const int64_t columns = std::min(prob.chunk_size, classes - start);
         Tensor weight_chunk;
-        Tensor logits = prob.chunk_logits(workspace, start, columns, weight_chunk);
+        Tensor logits = prob.tile_logits(workspace, 0, rows, start, columns, weight_chunk);
         Tensor dlogits = dlogits_workspace.narrow(0, 0, rows * columns).view({rows, columns});
-        const auto run_grad = [&](auto* dlogits_ptr) {
-          kernels.grad(prob.params, logits.data_ptr<acc_t>(), prob.bias_chunk<acc_t>(start), tgt,
-                       lse_rows.data_ptr<acc_t>(), grad_rows.data_ptr<acc_t>(), dlogits_ptr);
-        };
-        if (prob.operand_dtype == prob.acc_dtype) {
-          run_grad(dlogits.data_ptr<acc_t>());
-        } else if constexpr (std::is_same_v<acc_t, float>) {
-          if (prob.operand_dtype == at::kBFloat16) run_grad(dlogits.data_ptr<at::BFloat16>());
-          else run_grad(dlogits.data_ptr<at::Half>());
-        }
+        tile_grad<scalar_t>(kernels, prob, logits, dlogits, 0, start, lse_rows, grad_rows);
         if (need_input) matmul_into(grad_input_acc, dlogits, weight_chunk, /*accumulate=*/true);
         if (need_weight) {
           Tensor grad_weight_chunk = grad_weight.narrow(0, start, columns);
           matmul_into(grad_weight_chunk, dlogits.t(), prob.input, /*accumulate=*/false);
         }
-        if (need_bias) grad_bias_acc.narrow(0, start, columns).copy_(dlogits.sum(0, false, prob.acc_dtype));
+        if (need_bias) grad_bias_acc.narrow(0, start, columns).add_(dlogits.sum(0, false, prob.acc_dtype));
       }
     });
-  } else if (need_bias) {
-    grad_bias_acc.zero_();
   }
   Tensor grad_input = need_input ? grad_input_acc.to(input.scalar_type()) : at::empty({0}, input.options());
   Tensor grad_bias = need_bias ? grad_bias_acc.to(bias->scalar_type()) : at::empty({0}, input.options());
   return {grad_input, grad_weight, grad_bias};
+}
+
+// Rows per block of the single-pass sum-and-gradient path: as many as fit the
+// workspace with the whole vocabulary. Below kMinRowBlock rows, re-reading the
+// V x D weight gradient once per block costs more than the GEMM it saves.
+constexpr int64_t kMinRowBlock = 256;
+
+int64_t row_block_for(int64_t rows, int64_t classes, int64_t requested, bool cuda) {
+  if (requested > 0) return std::min(requested, rows);
+  const int64_t budget_bytes = cuda ? (int64_t(1) << 30) : (int64_t(128) << 20);
+  return std::min(rows, budget_bytes / (classes * 8));
+}
+
+// sum_i loss_i and its gradients in ONE pass over row blocks: each block's
+// full-vocabulary logits tile is formed once and turned into dlogits in place,
+// so the op costs 6·N·D·V FLOPs instead of forward + recompute backward's 8.
+// Only for fp32/fp64 (the weight gradient is its own fp32 accumulator); when
+// the vocabulary is too large for blocks of kMinRowBlock rows it falls back to
+// the chunked forward + backward with a unit upstream gradient.
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_sum_and_grad(
+    const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, int64_t row_block,
+    std::array<bool, 3> output_mask) {
+  c10::DeviceGuard guard(input.device());
+  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+                   "linear_ce_sum_and_grad: only float32/float64 inputs (got ", input.scalar_type(), ")");
+  LinearCEProblem prob(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
+  const int64_t rows = prob.rows(), classes = prob.classes();
+  const int64_t block = row_block_for(rows, classes, row_block, input.is_cuda());
+  if (rows > 0 && block < std::min(rows, kMinRowBlock) && row_block <= 0) {
+    auto [loss, lse] = linear_ce_forward(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
+    auto [gi, gw, gb] = linear_ce_backward(at::ones_like(loss), input, weight, target, bias, lse, ignore_index,
+                                           label_smoothing, z_loss, softcap, 0, output_mask);
+    return {loss.sum(), gi, gw, gb};
+  }
+  const bool need_input = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2] && bias.has_value();
+  const auto acc_opts = input.options().dtype(prob.acc_dtype);
+  Tensor grad_input = need_input ? at::empty({rows, input.size(1)}, acc_opts) : at::empty({0}, acc_opts);
+  Tensor grad_weight = need_weight ? at::zeros({classes, input.size(1)}, acc_opts) : at::empty({0}, acc_opts);
+  Tensor grad_bias = need_bias ? at::zeros({classes}, acc_opts) : at::empty({0}, acc_opts);
+  Tensor state = empty_row_state(rows, acc_opts);
+  Tensor lse = at::empty({rows}, acc_opts);
+  Tensor loss = at::empty({rows}, acc_opts);
+  const Tensor unit_grad = at::ones({rows}, acc_opts);
+  if (rows == 0) return {loss.sum(), grad_input, grad_weight, grad_bias};
+  Tensor workspace = at::empty({block * classes}, acc_opts);
+  const ChunkKernels kernels(input);
+
+  AT_DISPATCH_FLOATING_TYPES(prob.acc_dtype, "linear_ce_sum_and_grad", [&] {
+    using acc_t = scalar_t;
+    for (int64_t row_start = 0; row_start < rows; row_start += block) {
+      const int64_t count = std::min(block, rows - row_start);
+      const int64_t* tgt = prob.target.data_ptr<int64_t>() + row_start;
+      Tensor weight_all;
+      Tensor logits = prob.tile_logits(workspace, row_start, count, 0, classes, weight_all);
+      prob.params.tile_transformed = true;
+      kernels.accumulate(prob.params, logits.data_ptr<acc_t>(), prob.bias_chunk<acc_t>(0), tgt,
+                         row_state_at<acc_t>(state, row_start));
+      kernels.finalize(prob.params, tgt, row_state_at<acc_t>(state, row_start), lse.data_ptr<acc_t>() + row_start,
+                       loss.data_ptr<acc_t>() + row_start);
+      tile_grad<acc_t>(kernels, prob, logits, logits, row_start, 0, lse, unit_grad);
+      prob.params.tile_transformed = false;
+      if (need_input) {
+        Tensor grad_input_rows = grad_input.narrow(0, row_start, count);
+        matmul_into(grad_input_rows, logits, weight_all, /*accumulate=*/false);
+      }
+      if (need_weight)
+        matmul_into(grad_weight, logits.t(), prob.input.narrow(0, row_start, count), /*accumulate=*/row_start > 0);
+      if (need_bias) grad_bias.add_(logits.sum(0));
+    }
+  });
+  return {loss.sum(), grad_input, grad_weight, grad_bias};
 }
 
 }  // namespace
@@ -266,17 +361,23 @@ TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
       "linear_ce_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor target, Tensor? bias, "
       "Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap, int chunk_size, "
       "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "linear_ce_sum_and_grad(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
+      "float label_smoothing, float z_loss, float softcap, int row_block, bool[3] output_mask) -> "
+      "(Tensor loss_sum, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
   m.impl("linear_ce_forward", &linear_ce_forward);
   m.impl("linear_ce_backward", &linear_ce_backward);
+  m.impl("linear_ce_sum_and_grad", &linear_ce_sum_and_grad);
 }
 
 #ifdef FUSEDLOSS_WITH_CUDA
 TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
   m.impl("linear_ce_forward", &linear_ce_forward);
   m.impl("linear_ce_backward", &linear_ce_backward);
+  m.impl("linear_ce_sum_and_grad", &linear_ce_sum_and_grad);
 }
 #endif
 

@@ -60,6 +60,47 @@ def _backward(ctx, grad_loss, _grad_lse):
 torch.library.register_autograd("fusedloss::linear_ce_forward", _backward, setup_context=_setup_context)
 
 
+@torch.library.register_fake("fusedloss::linear_ce_sum_and_grad")
+def _linear_ce_sum_and_grad_fake(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+                                 row_block, output_mask):
+    grad_input = torch.empty_like(input) if output_mask[0] else input.new_empty(0)
+    grad_weight = torch.empty_like(weight) if output_mask[1] else input.new_empty(0)
+    grad_bias = torch.empty_like(bias) if output_mask[2] and bias is not None else input.new_empty(0)
+    return input.new_empty(()), grad_input, grad_weight, grad_bias
+
+
+def _sum_setup_context(ctx, inputs, output):
+    _, grad_input, grad_weight, grad_bias = output
+    # The gradients are op outputs that only this node consumes; marking them
+    # non-differentiable keeps them out of the graph (no reference cycle).
+    ctx.mark_non_differentiable(grad_input, grad_weight, grad_bias)
+    ctx.grads = (grad_input, grad_weight, grad_bias)
+    ctx.has_bias = inputs[3] is not None
+    ctx.num_options = len(inputs) - 4
+
+
+def _sum_backward(ctx, grad_sum, *_unused):
+    # Out of place, so a retained graph can be differentiated again.
+    scale = lambda g: g * grad_sum if g.numel() else None  # noqa: E731
+    grad_input, grad_weight, grad_bias = ctx.grads
+    return (scale(grad_input), scale(grad_weight), None, scale(grad_bias) if ctx.has_bias else None,
+            *([None] * ctx.num_options))
+
+
+torch.library.register_autograd("fusedloss::linear_ce_sum_and_grad", _sum_backward, setup_context=_sum_setup_context)
+
+
+def _wants_single_pass(reduction, chunk_size, input, weight, bias):
+    """Use the 6·N·D·V single-pass op (gradients formed in the forward) for a
+    reduced fp32/fp64 loss that will be differentiated; the recompute path
+    otherwise (reduction="none", half precision, or an explicit chunk_size)."""
+    if reduction == "none" or chunk_size is not None or not torch.is_grad_enabled():
+        return False
+    if input.dtype not in (torch.float32, torch.float64):
+        return False
+    return any(t is not None and t.requires_grad for t in (input, weight, bias))
+
+
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0,
                          z_loss=0.0, softcap=None, reduction="mean", chunk_size=None):
     """Cross-entropy of ``softcap(input @ weight.T + bias)`` against ``target``.
@@ -76,8 +117,12 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         softcap: if set, logits become ``softcap * tanh(logits / softcap)``.
         reduction: ``"none"`` (shape of ``target``), ``"sum"`` or ``"mean"``
             (over non-ignored rows; 0 when every row is ignored).
-        chunk_size: vocabulary columns per chunk (default: sized to a fixed
-            workspace, 32 MiB on the CPU and 512 MiB on CUDA).
+        chunk_size: vocabulary columns per chunk of the recompute algorithm
+            (default: sized to a fixed workspace, 32 MiB on the CPU and 512 MiB
+            on CUDA). For a reduced fp32/fp64 loss that requires grad, the
+            default instead forms the gradients during the forward in one pass
+            over row blocks (6·N·D·V FLOPs instead of 8); giving chunk_size
+            forces the recompute algorithm.
 
     Returns the loss in fp32 (fp64 for fp64 inputs).
     """
@@ -98,11 +143,14 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     flat_target = target.reshape(-1)
     if isinstance(weight, torch.Tensor) and weight.dim() == 2 and flat_target.device == weight.device:
         _common.check_index_range(flat_target, weight.shape[0], "target", ignore_index)
-    loss, _ = _ops.linear_ce_forward(
-        rows, weight, flat_target, bias, int(ignore_index), float(label_smoothing), float(z_loss),
-        float(softcap or 0.0), int(chunk_size or 0),
-    )
-    return _common.reduce_rows(loss, flat_target != ignore_index, reduction, target.shape)
+    options = (int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0))
+    valid = flat_target != ignore_index
+    if _wants_single_pass(reduction, chunk_size, input, weight, bias):
+        mask = [input.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
+        total, *_ = _ops.linear_ce_sum_and_grad(rows, weight, flat_target, bias, *options, 0, mask)
+        return total if reduction == "sum" else total / valid.sum().clamp(min=1).to(total.dtype)
+    loss, _ = _ops.linear_ce_forward(rows, weight, flat_target, bias, *options, int(chunk_size or 0))
+    return _common.reduce_rows(loss, valid, reduction, target.shape)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):

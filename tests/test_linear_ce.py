@@ -48,11 +48,13 @@ def fp64_oracle(x, w, t, b, **kw):
 @pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: "-".join(o) or "plain")
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_fp32_matches_reference(device, options, bias, reduction):
-    # V=1003 with chunk 128: 8 chunks, the last one partial.
+@pytest.mark.parametrize("chunk_size", [128, None], ids=["recompute", "auto"])
+def test_fp32_matches_reference(device, options, bias, reduction, chunk_size):
+    # V=1003 with chunk 128: 8 chunks, the last one partial. chunk_size=None
+    # with a reduced loss takes the single-pass path.
     x, w, t, b = make_problem(37, 19, 1003, torch.float32, device, bias=bias, ignore_every=5)
     kw = dict(options, reduction=reduction)
-    loss, grads = loss_and_grads(fusedloss.linear_cross_entropy, x, w, t, b, chunk_size=128, **kw)
+    loss, grads = loss_and_grads(fusedloss.linear_cross_entropy, x, w, t, b, chunk_size=chunk_size, **kw)
     ref_loss, ref_grads = fp64_oracle(x, w, t, b, **kw)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
@@ -82,6 +84,31 @@ def test_odd_shapes(device, n, d, v, chunk):
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("row_block", [1, 8, 0])
+@pytest.mark.parametrize("options", OPTION_SETS[:1] + OPTION_SETS[-1:], ids=["plain", "all-options"])
+def test_single_pass_op_over_row_blocks(device, row_block, options):
+    # The sum-and-gradient op processes rows in blocks; any block size (including
+    # a last partial block) must give the same sum and gradients as the reference.
+    x, w, t, b = make_problem(21, 6, 77, torch.float32, device, bias=True, ignore_every=4)
+    ls, zl, cap = options.get("label_smoothing", 0.0), options.get("z_loss", 0.0), options.get("softcap") or 0.0
+    total, gx, gw, gb = torch.ops.fusedloss.linear_ce_sum_and_grad(
+        x.detach(), w.detach(), t, b.detach(), -100, ls, zl, cap, row_block, [True, True, True])
+    ref_total, ref_grads = fp64_oracle(x, w, t, b, reduction="sum", **options)
+    torch.testing.assert_close(total.double(), ref_total, rtol=1e-5, atol=1e-5)
+    # fp64_oracle seeds the backward with 0.5 for a scalar loss
+    for g, r in zip((gx, gw, gb), ref_grads):
+        torch.testing.assert_close(g.double() * 0.5, r, rtol=1e-4, atol=1e-6)
+
+
+def test_single_pass_supports_retain_graph():
+    x, w, t, _ = make_problem(5, 4, 9, torch.float32, "cpu")
+    loss = fusedloss.linear_cross_entropy(x, w, t)
+    first = torch.autograd.grad(loss, (x, w), retain_graph=True)
+    second = torch.autograd.grad(loss * 3.0, (x, w))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a * 3.0, b)
 
 
 def test_3d_input_and_none_reduction_shape(device):
@@ -140,11 +167,13 @@ def test_extreme_logits(device, options):
 
 
 @pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: "-".join(o) or "plain")
-def test_gradcheck_float64(options):
+@pytest.mark.parametrize("reduction,chunk_size", [("none", 4), ("mean", 4), ("sum", None)],
+                         ids=["none-recompute", "mean-recompute", "sum-single-pass"])
+def test_gradcheck_float64(options, reduction, chunk_size):
     x, w, t, b = make_problem(4, 3, 11, torch.float64, "cpu", bias=True, ignore_every=3)
 
     def fn(x, w, b):
-        return fusedloss.linear_cross_entropy(x, w, t, b, chunk_size=4, reduction="none", **options)
+        return fusedloss.linear_cross_entropy(x, w, t, b, chunk_size=chunk_size, reduction=reduction, **options)
 
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
@@ -209,6 +238,9 @@ def test_opcheck(device, with_bias):
     backward_args = (torch.rand_like(loss), x.detach(), w.detach(), t, None if b is None else b.detach(), lse,
                      -100, 0.1, 1e-3, 5.0, 8, [True, True, with_bias])
     torch.library.opcheck(torch.ops.fusedloss.linear_ce_backward.default, backward_args)
+    sum_args = args[:-1] + (0, [True, True, with_bias])
+    torch.library.opcheck(torch.ops.fusedloss.linear_ce_sum_and_grad.default, sum_args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

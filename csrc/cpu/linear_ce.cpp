@@ -94,16 +94,18 @@ void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const ac
       const int64_t t = ignored ? -1 : target[row] - p.chunk_start;
       const bool target_here = t >= 0 && t < columns;
       const acc_t target_z = target_here ? z[t] : acc_t(0);
+      const acc_t* column_bias = p.tile_transformed ? nullptr : bias;
+      const acc_t tile_cap = p.tile_transformed ? acc_t(0) : cap;
 #pragma omp simd
       for (int64_t j = 0; j < columns; ++j) {
-        const acc_t y = softcap_apply(z[j] + (bias ? bias[j] : acc_t(0)), cap);
+        const acc_t y = softcap_apply(z[j] + (column_bias ? column_bias[j] : acc_t(0)), tile_cap);
         const acc_t d = (prob_scale * exp_vectorizable(y - row_lse) - uniform) *
                         softcap_grad_from_output(y, cap);
         dz[j] = static_cast<grad_t>(d);
       }
       if (target_here) {
         // The target column also carries the one-hot term.
-        const acc_t y = softcap_apply(target_z + (bias ? bias[t] : acc_t(0)), cap);
+        const acc_t y = softcap_apply(target_z + (column_bias ? column_bias[t] : acc_t(0)), tile_cap);
         const acc_t d = g * terms.logit_grad(exp_acc(y - row_lse), true, row_lse) *
                         softcap_grad_from_output(y, cap);
         dz[t] = static_cast<grad_t>(d);

@@ -26,6 +26,7 @@ __global__ void accumulate_chunk_kernel(LinearCEParams p, acc_t* logits, const a
   acc_t local_sum = 0;
   for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
     const acc_t v = softcap_apply(y[j] + (bias ? bias[j] : acc_t(0)), cap);
+    if (p.tile_transformed) y[j] = v;
     local = lse_merge(local, LseState<acc_t>{v, acc_t(1)});
     local_sum += v;
     if (j == t) state.target_logit[row] = v;
@@ -66,8 +67,10 @@ __global__ void chunk_grad_kernel(LinearCEParams p, const acc_t* logits, const a
   const acc_t cap = static_cast<acc_t>(p.softcap);
   const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss), acc_t(p.num_classes)};
   const int64_t t = ignored ? -1 : target[row] - p.chunk_start;
+  const acc_t* column_bias = p.tile_transformed ? nullptr : bias;
+  const acc_t tile_cap = p.tile_transformed ? acc_t(0) : cap;
   for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
-    const acc_t y = softcap_apply(z[j] + (bias ? bias[j] : acc_t(0)), cap);
+    const acc_t y = softcap_apply(z[j] + (column_bias ? column_bias[j] : acc_t(0)), tile_cap);
     const acc_t d = g * terms.logit_grad(exp_acc(y - row_lse), j == t, row_lse) *
                     softcap_grad_from_output(y, cap);
     dz[j] = static_cast<grad_t>(d);

@@ -26,6 +26,10 @@ struct LinearCEParams {
   double label_smoothing;  // eps
   double z_loss;           // coefficient of lse^2
   double softcap;          // cap of cap*tanh(x/cap); 0 = off
+  // The forward kernel leaves softcap(logit + bias) in the tile (the CPU kernel
+  // always does, it needs two passes anyway), and the gradient kernel then
+  // reads the tile as already transformed. Used when one tile serves both.
+  bool tile_transformed;
 };
 
 // Per-row running statistics of the forward pass, one array each of length N.
@@ -39,7 +43,8 @@ struct LinearCERowState {
 
 namespace cpu {
 // Fold one chunk of raw logits [N, chunk_columns] (bias not yet added) into the
-// row state. The tile is overwritten with softcap(logits + bias).
+// row state. The tile may be overwritten with softcap(logits + bias) (always on
+// the CPU; on CUDA when p.tile_transformed).
 template <typename acc_t>
 void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const acc_t* bias,
                                 const int64_t* target, LinearCERowState<acc_t> state);
@@ -48,7 +53,8 @@ template <typename acc_t>
 void linear_ce_finalize(const LinearCEParams& p, const int64_t* target,
                         LinearCERowState<acc_t> state, acc_t* lse, acc_t* loss);
 // dlogits of one chunk, scaled by the per-row upstream gradient grad_loss[N].
-// `dlogits` may alias `logits` (same index read then written).
+// `dlogits` may alias `logits` (same index read then written). The tile holds
+// raw logits, or softcap(logits + bias) when p.tile_transformed.
 template <typename acc_t, typename grad_t>
 void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
                           const int64_t* target, const acc_t* lse, const acc_t* grad_loss,
