@@ -1,0 +1,154 @@
+// CPU kernels of sampled softmax / NCE: the row-wise gathered dot and axpy used
+// for the true columns and for per-row candidates, and the row-parallel column
+// passes over one [N, chunk] tile (the shared-candidate GEMMs live in
+// csrc/sampled.cpp).
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "fusedloss/sampled.h"
+#include "vec_math.h"
+
+namespace fusedloss::cpu {
+
+namespace {
+// Rows per parallel task: enough work per task to amortise scheduling.
+int64_t row_grain(int64_t work_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(work_per_row, 1)); }
+}  // namespace
+
+template <typename in_t, typename acc_t>
+void sampled_row_dot(const SampledParams& p, const in_t* x, const in_t* w, const int64_t* ids,
+                     int64_t id_row_stride, int64_t columns, acc_t* out, int64_t out_stride) {
+  const int64_t dim = p.dim;
+  at::parallel_for(0, p.num_rows, row_grain(columns * dim), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const in_t* xr = x + row * dim;
+      for (int64_t j = 0; j < columns; ++j) {
+        const in_t* wr = w + ids[row * id_row_stride + j] * dim;
+        acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < dim; ++d) s += static_cast<acc_t>(xr[d]) * static_cast<acc_t>(wr[d]);
+        out[row * out_stride + j] = s;
+      }
+    }
+  });
+}
+
+template <typename in_t, typename acc_t>
+void sampled_row_axpy(const SampledParams& p, const acc_t* dz, int64_t dz_stride, const in_t* w,
+                      const int64_t* ids, int64_t id_row_stride, int64_t columns, acc_t* dx) {
+  const int64_t dim = p.dim;
+  at::parallel_for(0, p.num_rows, row_grain(columns * dim), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t* dxr = dx + row * dim;
+      for (int64_t j = 0; j < columns; ++j) {
+        const acc_t g = dz[row * dz_stride + j];
+        if (g == acc_t(0)) continue;  // masked columns and zero upstream rows
+        const in_t* wr = w + ids[row * id_row_stride + j] * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) dxr[d] += g * static_cast<acc_t>(wr[d]);
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+void sampled_accumulate_chunk(const SampledParams& p, const SampledColumns<acc_t>& cols, acc_t* logits,
+                              SampledRowState<acc_t> state) {
+  const int64_t columns = p.chunk_columns;
+  const bool nce = p.mode == static_cast<int64_t>(SampledMode::kNCE);
+  at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t* y = logits + row * p.logits_stride;
+      // Pass 1: final logits in place; masked columns become -inf and are skipped below.
+      acc_t m = neg_infinity<acc_t>(), s = 0, unmasked = 0, nce_sum = 0;
+      for (int64_t j = 0; j < columns; ++j) {
+        bool masked;
+        const acc_t z = sampled_column_logit(p, cols, row, j, y[j], masked);
+        y[j] = masked ? neg_infinity<acc_t>() : z;
+        if (masked) continue;
+        m = z > m ? z : m;
+        s += z;
+        unmasked += 1;
+        if (nce) nce_sum += sampled_nce_term(p, z);
+      }
+      if (nce) {
+        state.nce_loss[row] += nce_sum;
+        continue;
+      }
+      acc_t chunk_sum_exp = 0;
+#pragma omp simd reduction(+ : chunk_sum_exp)
+      for (int64_t j = 0; j < columns; ++j) {
+        const acc_t e = exp_vectorizable(y[j] - m);
+        chunk_sum_exp += y[j] == neg_infinity<acc_t>() ? acc_t(0) : e;
+      }
+      const LseState<acc_t> merged = lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]},
+                                               LseState<acc_t>{m, chunk_sum_exp});
+      state.max[row] = merged.max;
+      state.sum_exp[row] = merged.sum;
+      state.sum_logits[row] += s;
+      state.columns[row] += unmasked;
+      if (p.is_true_chunk) state.true_sum[row] += s;
+    }
+  });
+}
+
+template <typename acc_t>
+void sampled_finalize(const SampledParams& p, SampledRowState<acc_t> state, acc_t* loss, acc_t* stats) {
+  const bool nce = p.mode == static_cast<int64_t>(SampledMode::kNCE);
+  at::parallel_for(0, p.num_rows, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      if (nce) {
+        loss[row] = state.nce_loss[row];
+        stats[row] = 0;
+        stats[p.num_rows + row] = 0;
+        continue;
+      }
+      const acc_t lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
+      loss[row] = sampled_softmax_row_loss(p, lse, state.true_sum[row], state.sum_logits[row], state.columns[row]);
+      stats[row] = lse;
+      stats[p.num_rows + row] = state.columns[row];
+    }
+  });
+}
+
+template <typename acc_t, typename grad_t>
+void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& cols, const acc_t* logits,
+                        const acc_t* stats, const acc_t* grad_loss, grad_t* dlogits) {
+  const int64_t columns = p.chunk_columns;
+  at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const acc_t* z = logits + row * p.logits_stride;
+      grad_t* dz = dlogits + row * p.logits_stride;
+      const acc_t g = grad_loss[row], lse = stats[row], unmasked = stats[p.num_rows + row];
+      for (int64_t j = 0; j < columns; ++j) {
+        bool masked;
+        const acc_t y = sampled_column_logit(p, cols, row, j, z[j], masked);
+        dz[j] = masked ? grad_t(0) : static_cast<grad_t>(g * sampled_column_grad(p, y, lse, unmasked));
+      }
+    }
+  });
+}
+
+#define FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(in_t, acc_t)                                                      \
+  template void sampled_row_dot<in_t, acc_t>(const SampledParams&, const in_t*, const in_t*, const int64_t*, \
+                                             int64_t, int64_t, acc_t*, int64_t);                             \
+  template void sampled_row_axpy<in_t, acc_t>(const SampledParams&, const acc_t*, int64_t, const in_t*,      \
+                                              const int64_t*, int64_t, int64_t, acc_t*);
+#define FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(acc_t)                                                          \
+  template void sampled_accumulate_chunk<acc_t>(const SampledParams&, const SampledColumns<acc_t>&, acc_t*,   \
+                                                SampledRowState<acc_t>);                                      \
+  template void sampled_finalize<acc_t>(const SampledParams&, SampledRowState<acc_t>, acc_t*, acc_t*);        \
+  template void sampled_chunk_grad<acc_t, acc_t>(const SampledParams&, const SampledColumns<acc_t>&,          \
+                                                 const acc_t*, const acc_t*, const acc_t*, acc_t*);
+
+FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(float, float)
+FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(double, double)
+FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(c10::BFloat16, float)
+FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(c10::Half, float)
+FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(float)
+FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(double)
+#undef FUSEDLOSS_INSTANTIATE_SAMPLED_ROW
+#undef FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS
+
+}  // namespace fusedloss::cpu
