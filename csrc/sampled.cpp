@@ -6,7 +6,7 @@
 //
 // Memory: besides the outputs, one [N, chunk] fp32 logits tile, the [6, N] row
 // state, the fp32 dX accumulator [N, D], one [chunk, D] gathered weight block
-// (shared candidates) or an [N, chunk, D] outer-product block (per-row
+// (shared candidates) or, on CUDA, an [N, chunk, D] outer-product block (per-row
 // candidates; the chunk is sized to keep it within the workspace budget), and
 // the gradient accumulator: [C, D] dense or [touched rows, D] sparse.
 #include <ATen/ATen.h>
@@ -113,13 +113,13 @@ void check_sampled_args(const Tensor& input, const Tensor& weight, const std::op
   check_index_tensor(sampled, weight.size(0), "sampled candidates");
 }
 
-// Candidate columns per chunk when each row has its own ids: the backward forms
-// an [N, chunk, D] outer-product block for the weight gradient, so the chunk is
-// sized to keep that block (plus the tile) within the workspace budget of
-// chunk_columns_for (32 MiB on the CPU, 512 MiB on CUDA).
-int64_t per_row_chunk_columns(int64_t rows, int64_t dim, int64_t columns, int64_t requested, bool cuda) {
+// Candidate columns per chunk when each row has its own ids on CUDA: the
+// backward forms an [N, chunk, D] outer-product block for index_add_, so the
+// chunk keeps that block within chunk_columns_for's CUDA workspace (512 MiB).
+// (The CPU scatters the outer products directly and uses chunk_columns_for.)
+int64_t cuda_per_row_chunk_columns(int64_t rows, int64_t dim, int64_t columns, int64_t requested) {
   if (requested > 0) return std::min(requested, std::max<int64_t>(columns, 1));
-  const int64_t budget_bytes = cuda ? (int64_t(512) << 20) : (int64_t(32) << 20);
+  const int64_t budget_bytes = int64_t(512) << 20;
   const int64_t bytes_per_column = std::max<int64_t>(rows, 1) * (dim + 1) * 4;
   return std::clamp<int64_t>(budget_bytes / bytes_per_column, 1, std::max<int64_t>(columns, 1));
 }
@@ -184,6 +184,33 @@ struct SampledKernels {
       TORCH_INTERNAL_ASSERT(false, "CPU dlogits are always in the accumulation dtype");
     }
   }
+
+  // dst[index[r]] += src[r] (rows of a [R, D] or [R] accumulator). The CPU
+  // kernel is deterministic; on CUDA index_add_ uses atomics, or ATen's sort +
+  // segment-sum path (index_put_ with accumulate) under
+  // torch.use_deterministic_algorithms(True), so the sums are reproducible then.
+  template <typename acc_t>
+  void scatter_rows(Tensor& dst, const Tensor& index, const Tensor& src) const {
+    if (cuda) {
+      dst.index_add_(0, index, src);
+      return;
+    }
+    const Tensor idx = index.contiguous(), values = src.contiguous();
+    cpu::sampled_scatter_add_rows(values.data_ptr<acc_t>(), idx.data_ptr<int64_t>(), idx.numel(),
+                                  dst.dim() == 1 ? 1 : dst.size(1), dst.data_ptr<acc_t>());
+  }
+
+  // dst[index[i * columns + j]] += dz[i, j] * x[i] for an [N, columns] dz.
+  template <typename acc_t>
+  void scatter_outer(Tensor& dst, const Tensor& index, const Tensor& dz, const Tensor& x) const {
+    if (cuda) {
+      dst.index_add_(0, index, (dz.unsqueeze(2) * x.unsqueeze(1)).view({-1, x.size(1)}));
+      return;
+    }
+    const Tensor idx = index.contiguous();
+    cpu::sampled_scatter_outer(dz.data_ptr<acc_t>(), x.data_ptr<acc_t>(), idx.data_ptr<int64_t>(), dz.size(0),
+                               dz.size(1), x.size(1), dst.data_ptr<acc_t>());
+  }
 };
 
 // One block of columns: the true columns, or a slice [start, start + columns)
@@ -234,8 +261,9 @@ struct SampledProblem {
     params = SampledParams{rows,  true_classes.size(1), dim, o.mode, o.hit_mask != int64_t(HitMask::kNone),
                            o.label_smoothing, o.true_label, false, 0, 0};
     chunks.push_back({true, true, 0, params.num_true});
-    const int64_t chunk = shared ? chunk_columns_for(rows, num_sampled, o.chunk_size, input.is_cuda())
-                                 : per_row_chunk_columns(rows, dim, num_sampled, o.chunk_size, input.is_cuda());
+    const int64_t chunk = (shared || !input.is_cuda())
+                              ? chunk_columns_for(rows, num_sampled, o.chunk_size, input.is_cuda())
+                              : cuda_per_row_chunk_columns(rows, dim, num_sampled, o.chunk_size);
     for (int64_t start = 0; start < num_sampled; start += chunk) {
       chunks.push_back({false, !shared, start, std::min(chunk, num_sampled - start)});
     }
@@ -383,12 +411,10 @@ std::tuple<Tensor, Tensor, Tensor> sampled_backward(
   const Tensor grad_rows = grad_loss.reshape({rows}).to(prob.acc_dtype).contiguous();
   const Tensor row_stats = stats.to(prob.acc_dtype).contiguous();
 
-  // Weight/bias gradient rows are accumulated with index_add_ at `row_map`:
-  // the class ids themselves (dense [C, D] result) or, for sparse_grad, each
-  // id's position among the sorted unique touched ids ([U, D] values of a
-  // coalesced COO tensor). Under torch.use_deterministic_algorithms(True),
-  // index_add_ on CUDA runs ATen's sort + segment-sum path (index_put_ with
-  // accumulate), so the sums are bitwise reproducible.
+  // Weight/bias gradient rows are scattered (SampledKernels::scatter_*) at
+  // `row_map`: the class ids themselves (dense [C, D] result) or, for
+  // sparse_grad, each id's position among the sorted unique touched ids ([U, D]
+  // values of a coalesced COO tensor).
   Tensor row_map, touched;
   int64_t out_rows = classes;
   if (need_weight || need_bias) {
@@ -427,10 +453,8 @@ std::tuple<Tensor, Tensor, Tensor> sampled_backward(
             kernels.row_axpy(p, logits.data_ptr<acc_t>(), prob.weight.data_ptr<in_t>(), ids, id_stride, c.columns,
                              grad_input_acc.data_ptr<acc_t>());
           }
-          if (need_weight) {
-            grad_weight_acc.index_add_(0, map, (logits.unsqueeze(2) * input_acc.unsqueeze(1)).view({-1, dim}));
-          }
-          if (need_bias) grad_bias_acc.index_add_(0, map, logits.reshape(-1));
+          if (need_weight) kernels.scatter_outer<acc_t>(grad_weight_acc, map, logits, input_acc);
+          if (need_bias) kernels.scatter_rows<acc_t>(grad_bias_acc, map, logits.reshape(-1));
           continue;
         }
         Tensor dlogits = dlogits_workspace.narrow(0, 0, rows * c.columns).view({rows, c.columns});
@@ -448,9 +472,9 @@ std::tuple<Tensor, Tensor, Tensor> sampled_backward(
         if (need_weight) {
           Tensor chunk_grad = at::empty({c.columns, dim}, acc_opts);
           matmul_into(chunk_grad, dlogits.t(), prob.input, /*accumulate=*/false);
-          grad_weight_acc.index_add_(0, map, chunk_grad);
+          kernels.scatter_rows<acc_t>(grad_weight_acc, map, chunk_grad);
         }
-        if (need_bias) grad_bias_acc.index_add_(0, map, dlogits.sum(0, false, prob.acc_dtype));
+        if (need_bias) kernels.scatter_rows<acc_t>(grad_bias_acc, map, dlogits.sum(0, false, prob.acc_dtype));
       }
     });
   }

@@ -130,6 +130,49 @@ void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& col
   });
 }
 
+namespace {
+// The scatters split the D columns across tasks: every task sees every source
+// row, in order, so duplicated destinations never race and sums are reproducible.
+constexpr int64_t kScatterColumns = 64;
+
+template <typename F>
+void for_each_column_block(int64_t dim, const F& body) {
+  const int64_t blocks = (dim + kScatterColumns - 1) / kScatterColumns;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    body(begin * kScatterColumns, std::min(dim, end * kScatterColumns));
+  });
+}
+}  // namespace
+
+template <typename acc_t>
+void sampled_scatter_add_rows(const acc_t* src, const int64_t* index, int64_t rows, int64_t dim, acc_t* dst) {
+  for_each_column_block(dim, [&](int64_t c0, int64_t c1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t* s = src + r * dim;
+      acc_t* d = dst + index[r] * dim;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) d[c] += s[c];
+    }
+  });
+}
+
+template <typename acc_t>
+void sampled_scatter_outer(const acc_t* dz, const acc_t* x, const int64_t* index, int64_t rows, int64_t columns,
+                           int64_t dim, acc_t* dst) {
+  for_each_column_block(dim, [&](int64_t c0, int64_t c1) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const acc_t* xr = x + i * dim;
+      for (int64_t j = 0; j < columns; ++j) {
+        const acc_t g = dz[i * columns + j];
+        if (g == acc_t(0)) continue;  // masked columns and zero upstream rows
+        acc_t* d = dst + index[i * columns + j] * dim;
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) d[c] += g * xr[c];
+      }
+    }
+  });
+}
+
 #define FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(in_t, acc_t)                                                      \
   template void sampled_row_dot<in_t, acc_t>(const SampledParams&, const in_t*, const in_t*, const int64_t*, \
                                              int64_t, int64_t, acc_t*, int64_t);                             \
@@ -140,7 +183,10 @@ void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& col
                                                 SampledRowState<acc_t>);                                      \
   template void sampled_finalize<acc_t>(const SampledParams&, SampledRowState<acc_t>, acc_t*, acc_t*);        \
   template void sampled_chunk_grad<acc_t, acc_t>(const SampledParams&, const SampledColumns<acc_t>&,          \
-                                                 const acc_t*, const acc_t*, const acc_t*, acc_t*);
+                                                 const acc_t*, const acc_t*, const acc_t*, acc_t*);            \
+  template void sampled_scatter_add_rows<acc_t>(const acc_t*, const int64_t*, int64_t, int64_t, acc_t*);      \
+  template void sampled_scatter_outer<acc_t>(const acc_t*, const acc_t*, const int64_t*, int64_t, int64_t,    \
+                                             int64_t, acc_t*);
 
 FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(float, float)
 FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(double, double)

@@ -91,6 +91,15 @@ void sampled_finalize(const SampledParams& p, SampledRowState<acc_t> state, acc_
 template <typename acc_t, typename grad_t>
 void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& cols, const acc_t* logits,
                         const acc_t* stats, const acc_t* grad_loss, grad_t* dlogits);
+// dst[index[r]] += src[r] for r < rows (rows of `dim` values). Duplicated
+// indices are summed in row order: deterministic, no atomics.
+template <typename acc_t>
+void sampled_scatter_add_rows(const acc_t* src, const int64_t* index, int64_t rows, int64_t dim, acc_t* dst);
+// dst[index[i * columns + j]] += dz[i, j] * x[i]: the weight gradient of
+// row-wise columns without forming the [N, columns, D] outer products.
+template <typename acc_t>
+void sampled_scatter_outer(const acc_t* dz, const acc_t* x, const int64_t* index, int64_t rows, int64_t columns,
+                           int64_t dim, acc_t* dst);
 }  // namespace cpu
 
 #ifdef FUSEDLOSS_WITH_CUDA
