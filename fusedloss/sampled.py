@@ -6,7 +6,7 @@ rows' targets) and never materialises the [N, num_true + K] logits nor a
 gathered [K, D] copy beyond one chunk: the kernels walk the candidates in
 chunks with an online log-sum-exp (softmax) or a running sum of sigmoid
 cross-entropies (NCE), and the backward recomputes each chunk (see
-csrc/README.md and docs/sampled.md).
+docs/sampled.md).
 
 Differences from ``tf.nn.sampled_softmax_loss`` / ``tf.nn.nce_loss`` (which
 ``fusedloss.compat.tf`` reproduces to the letter):
@@ -182,6 +182,8 @@ def _sampled_loss(mode, input, weight, target, num_sampled, bias, num_classes, s
     if sampled_values is None:
         if sampler == "in_batch":
             sampled_values = in_batch_candidates(true_classes)
+            # A row's own targets are among the candidates: they must never act as negatives.
+            hit_mask = HIT_ALL_COPIES
         else:
             if num_sampled is None:
                 raise ValueError("num_sampled is required unless sampled_values or sampler='in_batch' is given")
@@ -228,7 +230,8 @@ def sampled_softmax_loss(input, weight, target, num_sampled, bias=None, *, num_c
         num_classes: range of the sampler (default ``weight.shape[0]``).
         sampler: ``"log_uniform"`` (TensorFlow's default), ``"uniform"``,
             ``"in_batch"`` (the batch's targets as candidates, log Q from their
-            in-batch frequency) or a sampler object from ``fusedloss.samplers``.
+            in-batch frequency, the row's own targets always masked as
+            accidental hits) or a sampler object from ``fusedloss.samplers``.
         unique: sample without replacement (TensorFlow's rejection sampling).
         sampled_values: ``(sampled, true_expected_count, sampled_expected_count)``
             overriding the sampler; ``sampled`` is [K] (shared) or [N, K]

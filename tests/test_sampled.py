@@ -203,15 +203,17 @@ def test_sparse_grad_with_optimizer(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_in_batch_negatives(device):
+@pytest.mark.parametrize("kind", ["softmax", "nce"])
+def test_in_batch_negatives(device, kind):
     x, w, b, target, _ = make_problem(n=8, c=6, device=device)  # few classes: repeated targets
-    got = loss_and_grads(
-        lambda x, w, t, sv, b, **kw: fusedloss.sampled_softmax_loss(x, w, t, None, b, sampler="in_batch", **kw),
-        x, w, b, target, None)
+    base = fusedloss.sampled_softmax_loss if kind == "softmax" else fusedloss.nce_loss
+    got = loss_and_grads(lambda x, w, t, sv, b, **kw: base(x, w, t, None, b, sampler="in_batch", **kw),
+                         x, w, b, target, None)
     sv = in_batch_candidates(target)
     counts = torch.bincount(target.flatten(), minlength=6).float()
     torch.testing.assert_close(sv[2], counts[target.flatten()])
-    want = loss_and_grads(ref("softmax"), x, w, b, target, sv)
+    # The row's own target is always masked, also for NCE (whose default keeps hits).
+    want = loss_and_grads(ref(kind), x, w, b, target, sv, remove_accidental_hits=True)
     assert_close_all(got, want)
 
 
@@ -282,11 +284,12 @@ def test_opcheck(per_row, hit_mask):
     torch.library.opcheck(ops.sampled_forward.default, nce_args)
 
 
-def test_torch_compile_fullgraph():
-    x, w, b, target, sv = make_problem(num_true=2)
+@pytest.mark.parametrize("kind,per_row", [("softmax", False), ("nce", True)])
+def test_torch_compile_fullgraph(kind, per_row):
+    x, w, b, target, sv = make_problem(num_true=2, per_row=per_row)
 
     def f(x, w, b):
-        return fusedloss.sampled_softmax_loss(x, w, target, None, b, sampled_values=sv, chunk_size=4)
+        return fused(kind)(x, w, target, sv, b, chunk_size=4, reduction="mean")
 
     compiled = torch.compile(f, fullgraph=True)
     xs = [t.clone().requires_grad_() for t in (x, w, b)]

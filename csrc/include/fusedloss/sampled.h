@@ -2,7 +2,7 @@
 // negatives): the parameters and the per-chunk kernels shared by the CPU and
 // CUDA backends.
 //
-// Design (see csrc/README.md): every row i scores its num_true true classes and
+// Design (see also docs/sampled.md): every row i scores its num_true true classes and
 // a list of candidate classes, either shared by the batch ([K]) or its own
 // ([N, K]). The driver (csrc/sampled.cpp) walks the columns in chunks: the true
 // columns form one chunk, the candidates the others. A chunk's raw logits
