@@ -22,7 +22,7 @@ import torch
 
 from . import _common
 from ._extension import C as _C  # noqa: F401  (registers torch.ops.fusedloss)
-from .samplers import CandidateSampler, LogUniformSampler, UniformSampler
+from .samplers import LogUniformSampler, UniformSampler
 
 _ops = torch.ops.fusedloss
 
@@ -45,17 +45,18 @@ def _sampled_forward_fake(input, weight, bias, true_classes, sampled, true_log_q
 @torch.library.register_fake("fusedloss::sampled_backward")
 def _sampled_backward_fake(grad_loss, input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, stats,
                            mode, hit_mask, label_smoothing, true_label, chunk_size, sparse_grad, output_mask):
-    def param_grad(param):
-        if not sparse_grad:
-            return torch.empty_like(param, memory_format=torch.contiguous_format)
-        nnz = torch.library.get_ctx().new_dynamic_size()
-        values = param.new_empty((nnz, *param.shape[1:]))
-        indices = true_classes.new_empty((1, nnz))
-        return torch.sparse_coo_tensor(indices, values, param.shape, is_coalesced=True)
+    if sparse_grad:
+        # The number of touched rows is data-dependent, and unbacked sizes inside
+        # sparse tensors are not supported by fake tensors.
+        raise NotImplementedError(
+            "sparse_grad=True is not supported under torch.compile (data-dependent number of rows); "
+            "use the dense weight gradient there"
+        )
 
     grad_input = torch.empty_like(input) if output_mask[0] else input.new_empty(0)
-    grad_weight = param_grad(weight) if output_mask[1] else weight.new_empty(0)
-    grad_bias = param_grad(bias) if output_mask[2] and bias is not None else input.new_empty(0)
+    grad_weight = (torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1]
+                   else weight.new_empty(0))
+    grad_bias = torch.empty_like(bias) if output_mask[2] and bias is not None else input.new_empty(0)
     return grad_input, grad_weight, grad_bias
 
 
@@ -99,7 +100,7 @@ def _true_classes(target, rows):
 
 
 def _make_sampler(sampler, num_classes):
-    if isinstance(sampler, CandidateSampler) or hasattr(sampler, "sample"):
+    if hasattr(sampler, "sample"):  # a fusedloss.samplers.CandidateSampler or a duck-typed one
         return sampler
     if sampler == "log_uniform":
         return LogUniformSampler(num_classes)

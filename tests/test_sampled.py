@@ -302,6 +302,17 @@ def test_torch_compile_fullgraph(kind, per_row):
         torch.testing.assert_close(a.grad, e.grad)
 
 
+def test_torch_compile_sparse_grad_is_a_clear_error():
+    x, w, b, target, sv = make_problem()
+    w = w.clone().requires_grad_()
+
+    def f(x, w):
+        return fusedloss.sampled_softmax_loss(x, w, target, None, sampled_values=sv, sparse_grad=True)
+
+    with pytest.raises(Exception, match="sparse_grad=True is not supported under torch.compile"):
+        torch.compile(f, fullgraph=True, backend="aot_eager")(x, w).backward()
+
+
 def test_large_chunking_default():
     # Default chunk sizing; more candidates than one CPU chunk would need for tiny N is fine.
     x, w, b, target, sv = make_problem(n=5, c=300, k=260, per_row=False)

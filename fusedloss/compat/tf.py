@@ -17,7 +17,7 @@ repeatable; here ``seed`` seeds a ``torch.Generator``, so it does.
 import torch
 
 from .. import _common
-from ..sampled import HIT_LAST_COPY, NCE, SOFTMAX, _sampled_loss
+from ..sampled import HIT_LAST_COPY, HIT_NONE, NCE, SOFTMAX, _sampled_loss
 from ..samplers import LogUniformSampler, UniformSampler, UnigramSampler
 
 __all__ = [
@@ -57,7 +57,8 @@ def _tf_loss(mode, weights, biases, labels, inputs, num_sampled, num_classes, nu
     return _sampled_loss(
         mode, inputs, weights, labels, num_sampled, biases, num_classes, "log_uniform", True, sampled_values,
         remove_accidental_hits, True, 0.0, "none", None, False, None,
-        hit_mask=HIT_LAST_COPY if remove_accidental_hits else 0, true_label=true_label, rows_dtype=inputs.dtype,
+        hit_mask=HIT_LAST_COPY if remove_accidental_hits else HIT_NONE, true_label=true_label,
+        rows_dtype=inputs.dtype,
     )
 
 
