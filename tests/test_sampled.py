@@ -302,6 +302,7 @@ def test_torch_compile_fullgraph(kind, per_row):
         torch.testing.assert_close(a.grad, e.grad)
 
 
+@pytest.mark.filterwarnings("ignore:Error detected")
 def test_torch_compile_sparse_grad_is_a_clear_error():
     x, w, b, target, sv = make_problem()
     w = w.clone().requires_grad_()
@@ -311,6 +312,16 @@ def test_torch_compile_sparse_grad_is_a_clear_error():
 
     with pytest.raises(Exception, match="sparse_grad=True is not supported under torch.compile"):
         torch.compile(f, fullgraph=True, backend="aot_eager")(x, w).backward()
+
+
+@pytest.mark.parametrize("kind", ["softmax", "nce"])
+def test_empty_candidates_and_rows(kind):
+    x, w, b, target, (s, tc, sc) = make_problem(num_true=2)
+    empty = (s[:0], tc, sc[:0])
+    got = loss_and_grads(fused(kind), x, w, b, target, empty, reduction="none")
+    assert_close_all(got, loss_and_grads(ref(kind), x, w, b, target, empty, reduction="none"))
+    loss, gx, gw, gb = loss_and_grads(fused(kind), x[:0], w, b, target[:0], (s, tc[:0], sc), reduction="mean")
+    assert loss.item() == 0.0 and gx.shape == (0, x.shape[1]) and (gw == 0).all() and (gb == 0).all()
 
 
 def test_large_chunking_default():
