@@ -52,38 +52,62 @@ void sampled_row_axpy(const SampledParams& p, const acc_t* dz, int64_t dz_stride
   });
 }
 
+namespace {
+struct ExpVectorizable {
+  template <typename acc_t>
+  acc_t operator()(acc_t x) const { return exp_vectorizable(x); }
+};
+
+// Final logits of one row of a chunk, written to `out` (which may alias `raw`):
+// bias added, log Q subtracted, and -inf on masked columns, which every later
+// pass skips explicitly (never exp(-inf - max), never -FLT_MAX arithmetic).
+// Split into simple passes so the common no-mask path vectorises.
+template <typename acc_t>
+void final_row_logits(const SampledParams& p, const SampledColumns<acc_t>& cols, int64_t row, const acc_t* raw,
+                      acc_t* out) {
+  const int64_t columns = p.chunk_columns;
+  for (int64_t j = 0; j < columns; ++j) out[j] = sampled_column_logit(cols, row, j, raw[j]);
+  if (!p.mask_hits || p.is_true_chunk) return;
+  for (int64_t j = 0; j < columns; ++j) {
+    if (sampled_column_masked(p, cols, row, j)) out[j] = neg_infinity<acc_t>();
+  }
+}
+}  // namespace
+
 template <typename acc_t>
 void sampled_accumulate_chunk(const SampledParams& p, const SampledColumns<acc_t>& cols, acc_t* logits,
                               SampledRowState<acc_t> state) {
   const int64_t columns = p.chunk_columns;
   const bool nce = p.mode == static_cast<int64_t>(SampledMode::kNCE);
+  const acc_t skip = neg_infinity<acc_t>();
   at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       acc_t* y = logits + row * p.logits_stride;
-      // Pass 1: final logits in place; masked columns become -inf and are skipped below.
-      acc_t m = neg_infinity<acc_t>(), s = 0, unmasked = 0, nce_sum = 0;
-      for (int64_t j = 0; j < columns; ++j) {
-        bool masked;
-        const acc_t z = sampled_column_logit(p, cols, row, j, y[j], masked);
-        y[j] = masked ? neg_infinity<acc_t>() : z;
-        if (masked) continue;
-        m = z > m ? z : m;
-        s += z;
-        unmasked += 1;
-        if (nce) nce_sum += sampled_nce_term(p, z);
-      }
+      final_row_logits(p, cols, row, y, y);
       if (nce) {
+        acc_t nce_sum = 0;
+        for (int64_t j = 0; j < columns; ++j) nce_sum += y[j] == skip ? acc_t(0) : sampled_nce_term(p, y[j]);
         state.nce_loss[row] += nce_sum;
         continue;
       }
-      acc_t chunk_sum_exp = 0;
-#pragma omp simd reduction(+ : chunk_sum_exp)
+      acc_t m = skip, s = 0, unmasked = 0;
+#pragma omp simd reduction(max : m) reduction(+ : s, unmasked)
       for (int64_t j = 0; j < columns; ++j) {
-        const acc_t e = exp_vectorizable(y[j] - m);
-        chunk_sum_exp += y[j] == neg_infinity<acc_t>() ? acc_t(0) : e;
+        const bool live = y[j] != skip;
+        m = y[j] > m ? y[j] : m;
+        s += live ? y[j] : acc_t(0);
+        unmasked += live ? acc_t(1) : acc_t(0);
       }
-      const LseState<acc_t> merged = lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]},
-                                               LseState<acc_t>{m, chunk_sum_exp});
+      acc_t sum_exp = 0;
+      if (m != skip) {
+#pragma omp simd reduction(+ : sum_exp)
+        for (int64_t j = 0; j < columns; ++j) {
+          const acc_t e = exp_vectorizable(y[j] - m);
+          sum_exp += y[j] == skip ? acc_t(0) : e;
+        }
+      }
+      const LseState<acc_t> merged =
+          lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]}, LseState<acc_t>{m, sum_exp});
       state.max[row] = merged.max;
       state.sum_exp[row] = merged.sum;
       state.sum_logits[row] += s;
@@ -115,16 +139,18 @@ void sampled_finalize(const SampledParams& p, SampledRowState<acc_t> state, acc_
 template <typename acc_t, typename grad_t>
 void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& cols, const acc_t* logits,
                         const acc_t* stats, const acc_t* grad_loss, grad_t* dlogits) {
+  static_assert(std::is_same_v<acc_t, grad_t>, "CPU dlogits are in the accumulation dtype");
   const int64_t columns = p.chunk_columns;
+  const acc_t skip = neg_infinity<acc_t>();
   at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const acc_t* z = logits + row * p.logits_stride;
-      grad_t* dz = dlogits + row * p.logits_stride;
+      acc_t* dz = dlogits + row * p.logits_stride;
+      final_row_logits(p, cols, row, logits + row * p.logits_stride, dz);
       const acc_t g = grad_loss[row], lse = stats[row], unmasked = stats[p.num_rows + row];
+#pragma omp simd
       for (int64_t j = 0; j < columns; ++j) {
-        bool masked;
-        const acc_t y = sampled_column_logit(p, cols, row, j, z[j], masked);
-        dz[j] = masked ? grad_t(0) : static_cast<grad_t>(g * sampled_column_grad(p, y, lse, unmasked));
+        const acc_t d = g * sampled_column_grad(p, dz[j], lse, unmasked, ExpVectorizable{});
+        dz[j] = dz[j] == skip ? acc_t(0) : d;
       }
     }
   });

@@ -63,9 +63,8 @@ __global__ void accumulate_chunk_kernel(SampledParams p, SampledColumns<acc_t> c
   LseState<acc_t> local = LseState<acc_t>::empty();
   acc_t sum = 0, unmasked = 0, nce_sum = 0;
   for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
-    bool masked;
-    const acc_t z = sampled_column_logit(p, cols, row, j, y[j], masked);
-    if (masked) continue;
+    if (sampled_column_masked(p, cols, row, j)) continue;
+    const acc_t z = sampled_column_logit(cols, row, j, y[j]);
     if (nce) {
       nce_sum += sampled_nce_term(p, z);
     } else {
@@ -116,9 +115,9 @@ __global__ void chunk_grad_kernel(SampledParams p, SampledColumns<acc_t> cols, c
   grad_t* dz = dlogits + row * p.logits_stride;
   const acc_t g = grad_loss[row], lse = stats[row], unmasked = stats[p.num_rows + row];
   for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
-    bool masked;
-    const acc_t y = sampled_column_logit(p, cols, row, j, z[j], masked);
-    dz[j] = masked ? grad_t(0) : static_cast<grad_t>(g * sampled_column_grad(p, y, lse, unmasked));
+    const bool masked = sampled_column_masked(p, cols, row, j);
+    const acc_t y = sampled_column_logit(cols, row, j, z[j]);
+    dz[j] = masked ? grad_t(0) : static_cast<grad_t>(g * sampled_column_grad(p, y, lse, unmasked, ExpAcc{}));
   }
 }
 

@@ -125,30 +125,42 @@ void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& col
 // ---------------------------------------------------------------------------
 // Column arithmetic shared verbatim by the CPU and CUDA kernels.
 
-// Final logit of column j of row i from its raw dot product; sets `masked` when
-// the column is an accidental hit that the mask mode removes.
+// Whether column j of `row` is an accidental hit that the mask mode removes.
 template <typename acc_t>
-FL_HOST_DEVICE acc_t sampled_column_logit(const SampledParams& p, const SampledColumns<acc_t>& c, int64_t row,
-                                          int64_t j, acc_t raw, bool& masked) {
+FL_HOST_DEVICE bool sampled_column_masked(const SampledParams& p, const SampledColumns<acc_t>& c, int64_t row,
+                                          int64_t j) {
+  if (!p.mask_hits || p.is_true_chunk || (c.maskable != nullptr && !c.maskable[j])) return false;
   const int64_t id = c.ids[row * c.id_row_stride + j];
-  masked = false;
-  if (p.mask_hits && !p.is_true_chunk && (c.maskable == nullptr || c.maskable[j])) {
-    const int64_t* truth = c.true_classes + row * p.num_true;
-    for (int64_t t = 0; t < p.num_true; ++t) masked = masked || truth[t] == id;
-  }
+  const int64_t* truth = c.true_classes + row * p.num_true;
+  bool hit = false;
+  for (int64_t t = 0; t < p.num_true; ++t) hit = hit || truth[t] == id;
+  return hit;
+}
+
+// Final logit of column j of `row` from its raw dot product: + bias - log Q.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t sampled_column_logit(const SampledColumns<acc_t>& c, int64_t row, int64_t j, acc_t raw) {
   acc_t z = raw;
-  if (c.bias != nullptr) z += c.bias[id];
+  if (c.bias != nullptr) z += c.bias[c.ids[row * c.id_row_stride + j]];
   if (c.log_q != nullptr) z -= c.log_q[row * c.log_q_row_stride + j];
   return z;
 }
 
-// d loss / d z of one unmasked column, before the upstream per-row gradient.
-template <typename acc_t>
-FL_HOST_DEVICE acc_t sampled_column_grad(const SampledParams& p, acc_t z, acc_t lse, acc_t columns) {
+// exp in the accumulation type; the CPU kernels pass their vectorisable exp instead.
+struct ExpAcc {
+  template <typename acc_t>
+  FL_HOST_DEVICE acc_t operator()(acc_t x) const { return exp_acc(x); }
+};
+
+// d loss / d z of one unmasked column, before the upstream per-row gradient:
+// sigmoid(z) - label (NCE; 1/(1+e^-z) is exact at both ends in IEEE arithmetic)
+// or softmax_j - (1-eps)/T [true column] - eps/M (softmax).
+template <typename acc_t, typename Exp>
+FL_HOST_DEVICE acc_t sampled_column_grad(const SampledParams& p, acc_t z, acc_t lse, acc_t columns, Exp exp_fn) {
   if (p.mode == static_cast<int64_t>(SampledMode::kNCE)) {
-    return sigmoid(z) - (p.is_true_chunk ? acc_t(p.true_label) : acc_t(0));
+    return acc_t(1) / (acc_t(1) + exp_fn(-z)) - (p.is_true_chunk ? acc_t(p.true_label) : acc_t(0));
   }
-  acc_t g = exp_acc(z - lse) - acc_t(p.label_smoothing) / columns;
+  acc_t g = exp_fn(z - lse) - acc_t(p.label_smoothing) / columns;
   if (p.is_true_chunk) g -= (acc_t(1) - acc_t(p.label_smoothing)) / acc_t(p.num_true);
   return g;
 }
