@@ -14,6 +14,38 @@ namespace fusedloss::cpu {
 namespace {
 // Rows per parallel task: enough work per task to amortise scheduling.
 int64_t row_grain(int64_t work_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(work_per_row, 1)); }
+
+struct ExpVectorizable {
+  template <typename acc_t>
+  acc_t operator()(acc_t x) const { return exp_vectorizable(x); }
+};
+
+// Final logits of one row of a chunk, written to `out` (which may alias `raw`):
+// bias added, log Q subtracted, and -inf on masked columns, which every later
+// pass skips explicitly (never exp(-inf - max), never -FLT_MAX arithmetic).
+// Split into simple passes so the common no-mask path vectorises.
+template <typename acc_t>
+void final_row_logits(const SampledParams& p, const SampledColumns<acc_t>& cols, int64_t row, const acc_t* raw,
+                      acc_t* out) {
+  const int64_t columns = p.chunk_columns;
+  for (int64_t j = 0; j < columns; ++j) out[j] = sampled_column_logit(cols, row, j, raw[j]);
+  if (!p.mask_hits || p.is_true_chunk) return;
+  for (int64_t j = 0; j < columns; ++j) {
+    if (sampled_column_masked(p, cols, row, j)) out[j] = neg_infinity<acc_t>();
+  }
+}
+
+// The scatters split the D columns across tasks: every task sees every source
+// row, in order, so duplicated destinations never race and sums are reproducible.
+constexpr int64_t kScatterColumns = 64;
+
+template <typename F>
+void for_each_column_block(int64_t dim, const F& body) {
+  const int64_t blocks = (dim + kScatterColumns - 1) / kScatterColumns;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    body(begin * kScatterColumns, std::min(dim, end * kScatterColumns));
+  });
+}
 }  // namespace
 
 template <typename in_t, typename acc_t>
@@ -51,28 +83,6 @@ void sampled_row_axpy(const SampledParams& p, const acc_t* dz, int64_t dz_stride
     }
   });
 }
-
-namespace {
-struct ExpVectorizable {
-  template <typename acc_t>
-  acc_t operator()(acc_t x) const { return exp_vectorizable(x); }
-};
-
-// Final logits of one row of a chunk, written to `out` (which may alias `raw`):
-// bias added, log Q subtracted, and -inf on masked columns, which every later
-// pass skips explicitly (never exp(-inf - max), never -FLT_MAX arithmetic).
-// Split into simple passes so the common no-mask path vectorises.
-template <typename acc_t>
-void final_row_logits(const SampledParams& p, const SampledColumns<acc_t>& cols, int64_t row, const acc_t* raw,
-                      acc_t* out) {
-  const int64_t columns = p.chunk_columns;
-  for (int64_t j = 0; j < columns; ++j) out[j] = sampled_column_logit(cols, row, j, raw[j]);
-  if (!p.mask_hits || p.is_true_chunk) return;
-  for (int64_t j = 0; j < columns; ++j) {
-    if (sampled_column_masked(p, cols, row, j)) out[j] = neg_infinity<acc_t>();
-  }
-}
-}  // namespace
 
 template <typename acc_t>
 void sampled_accumulate_chunk(const SampledParams& p, const SampledColumns<acc_t>& cols, acc_t* logits,
@@ -155,20 +165,6 @@ void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& col
     }
   });
 }
-
-namespace {
-// The scatters split the D columns across tasks: every task sees every source
-// row, in order, so duplicated destinations never race and sums are reproducible.
-constexpr int64_t kScatterColumns = 64;
-
-template <typename F>
-void for_each_column_block(int64_t dim, const F& body) {
-  const int64_t blocks = (dim + kScatterColumns - 1) / kScatterColumns;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    body(begin * kScatterColumns, std::min(dim, end * kScatterColumns));
-  });
-}
-}  // namespace
 
 template <typename acc_t>
 void sampled_scatter_add_rows(const acc_t* src, const int64_t* index, int64_t rows, int64_t dim, acc_t* dst) {
