@@ -272,13 +272,15 @@ struct SampledProblem {
   // TensorFlow masks only the last copy of a duplicated candidate id (its hit
   // table maps id -> position and later positions overwrite earlier ones). A
   // stable sort puts copies in their original order, so the last of each run
-  // of equal ids is that copy. O(K), no host sync.
+  // of equal ids is that copy. O(K log K), no host sync.
   static Tensor last_occurrence(const Tensor& ids) {
     const auto [sorted, order] = at::sort(ids, /*stable=*/true, /*dim=*/0, /*descending=*/false);
     const int64_t k = ids.numel();
     Tensor last_sorted = at::ones({k}, ids.options().dtype(at::kBool));
     if (k > 1) last_sorted.narrow(0, 0, k - 1).copy_(sorted.narrow(0, 0, k - 1) != sorted.narrow(0, 1, k - 1));
-    return at::zeros({k}, last_sorted.options()).scatter_(0, order, last_sorted);
+    // Back to candidate order through the inverse permutation (a gather: no
+    // scatter, so nothing non-deterministic under use_deterministic_algorithms).
+    return last_sorted.index_select(0, at::argsort(order));
   }
 
   int64_t max_chunk_columns() const {
