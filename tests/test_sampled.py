@@ -257,10 +257,12 @@ def test_extreme_logits():
         assert_close_all(got, want, rtol=1e-4, atol=1e-2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("kind", ["softmax", "nce"])
-def test_gradcheck(per_row, kind):
-    x, w, b, target, sv = make_problem(n=4, d=5, c=9, k=6, num_true=2, per_row=per_row, dtype=torch.float64)
+def test_gradcheck(device, per_row, kind):
+    x, w, b, target, sv = make_problem(n=4, d=5, c=9, k=6, num_true=2, per_row=per_row, dtype=torch.float64,
+                                       device=device)
     sv = (sv[0], sv[1].double(), sv[2].double())
     kw = dict(label_smoothing=0.1) if kind == "softmax" else {}
 
@@ -271,12 +273,13 @@ def test_gradcheck(per_row, kind):
     assert torch.autograd.gradcheck(f, inputs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("hit_mask", [0, 1, 2])
-def test_opcheck(per_row, hit_mask):
+def test_opcheck(device, per_row, hit_mask):
     if per_row and hit_mask == 2:
         pytest.skip("last-copy masking needs shared candidates")
-    x, w, b, target, sv = make_problem(num_true=2, per_row=per_row)
+    x, w, b, target, sv = make_problem(num_true=2, per_row=per_row, device=device)
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), target, sv[0], sv[1].log(), sv[2].log(), 0,
             hit_mask, 0.1, 1.0, 3, False)
     torch.library.opcheck(ops.sampled_forward.default, args)
@@ -284,9 +287,10 @@ def test_opcheck(per_row, hit_mask):
     torch.library.opcheck(ops.sampled_forward.default, nce_args)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind,per_row", [("softmax", False), ("nce", True)])
-def test_torch_compile_fullgraph(kind, per_row):
-    x, w, b, target, sv = make_problem(num_true=2, per_row=per_row)
+def test_torch_compile_fullgraph(device, kind, per_row):
+    x, w, b, target, sv = make_problem(num_true=2, per_row=per_row, device=device)
 
     def f(x, w, b):
         return fused(kind)(x, w, target, sv, b, chunk_size=4, reduction="mean")
