@@ -246,6 +246,18 @@ def test_reductions_and_modules():
     assert "num_classes=40" in repr(module)
 
 
+def test_in_batch_module_and_autocast():
+    x, w, b, target, _ = make_problem(n=8, c=6)
+    module = fusedloss.NCELoss(6, sampler="in_batch")
+    sv = in_batch_candidates(target)
+    want = fusedloss.nce_loss(x, w, target, None, b, sampled_values=sv, remove_accidental_hits=True)
+    torch.testing.assert_close(module(x, w, target, b), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fusedloss.sampled_softmax_loss(x, w, target, None, b, sampled_values=sv)
+    torch.testing.assert_close(loss, fusedloss.sampled_softmax_loss(x, w, target, None, b, sampled_values=sv),
+                               rtol=3e-2, atol=3e-2)
+
+
 def test_extreme_logits():
     x, w, b, target, sv = make_problem(num_true=2)
     x = x * 300.0  # logits ~ +-1e3..1e4

@@ -147,3 +147,10 @@ def test_errors():
         UnigramSampler([0.0, 0.0])
     with pytest.raises(ValueError, match="num_reserved_ids"):
         UnigramSampler([1.0], num_reserved_ids=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_generator_on_wrong_device():
+    with pytest.raises(ValueError, match="generator"):
+        UniformSampler(10).sample(torch.zeros(2, 1, dtype=torch.long, device="cuda"), 3,
+                                  generator=torch.Generator().manual_seed(0))
