@@ -112,8 +112,9 @@ def test_label_smoothing(device, per_row):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["softmax", "nce"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(device, kind, dtype):
-    x, w, b, target, sv = make_problem(n=16, d=32, c=64, k=24, device=device)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_low_precision(device, kind, dtype, per_row):
+    x, w, b, target, sv = make_problem(n=16, d=32, c=64, k=24, num_true=2, per_row=per_row, device=device)
     got = loss_and_grads(fused(kind), x.to(dtype), w.to(dtype), b.to(dtype), target, sv, chunk_size=5)
     same_precision = loss_and_grads(ref(kind), x.to(dtype), w.to(dtype), b.to(dtype), target, sv)
     oracle = loss_and_grads(ref(kind), x.double(), w.double(), b.double(), target,
