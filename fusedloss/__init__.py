@@ -2,6 +2,8 @@
 from ._extension import built_with_cuda
 from .linear_ce import LinearCrossEntropyLoss, linear_cross_entropy
 from . import reference
+from . import compat, samplers
+from .sampled import NCELoss, SampledSoftmaxLoss, nce_loss, sampled_softmax_loss
 
 __version__ = "0.1.0"
 
@@ -10,4 +12,10 @@ __all__ = [
     "built_with_cuda",
     "linear_cross_entropy",
     "reference",
+    "NCELoss",
+    "SampledSoftmaxLoss",
+    "compat",
+    "nce_loss",
+    "sampled_softmax_loss",
+    "samplers",
 ]

@@ -1,5 +1,6 @@
 """Plain-PyTorch references of every fusedloss op (they materialise the full
 logits / similarity matrices): the tests' oracle and the benchmarks' baseline."""
 from .linear_ce import linear_cross_entropy
+from .sampled import nce_loss, sampled_logits, sampled_softmax_loss
 
-__all__ = ["linear_cross_entropy"]
+__all__ = ["linear_cross_entropy", "nce_loss", "sampled_logits", "sampled_softmax_loss"]

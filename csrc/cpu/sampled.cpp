@@ -1,0 +1,222 @@
+// CPU kernels of sampled softmax / NCE: the row-wise gathered dot and axpy used
+// for the true columns and for per-row candidates, and the row-parallel column
+// passes over one [N, chunk] tile (the shared-candidate GEMMs live in
+// csrc/sampled.cpp).
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "fusedloss/sampled.h"
+#include "vec_math.h"
+
+namespace fusedloss::cpu {
+
+namespace {
+// Rows per parallel task: enough work per task to amortise scheduling.
+int64_t row_grain(int64_t work_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(work_per_row, 1)); }
+
+struct ExpVectorizable {
+  template <typename acc_t>
+  acc_t operator()(acc_t x) const { return exp_vectorizable(x); }
+};
+
+// Final logits of one row of a chunk, written to `out` (which may alias `raw`):
+// bias added, log Q subtracted, and -inf on masked columns, which every later
+// pass skips explicitly (never exp(-inf - max), never -FLT_MAX arithmetic).
+// Split into simple passes so the common no-mask path vectorises.
+template <typename acc_t>
+void final_row_logits(const SampledParams& p, const SampledColumns<acc_t>& cols, int64_t row, const acc_t* raw,
+                      acc_t* out) {
+  const int64_t columns = p.chunk_columns;
+  for (int64_t j = 0; j < columns; ++j) out[j] = sampled_column_logit(cols, row, j, raw[j]);
+  if (!p.mask_hits || p.is_true_chunk) return;
+  for (int64_t j = 0; j < columns; ++j) {
+    if (sampled_column_masked(p, cols, row, j)) out[j] = neg_infinity<acc_t>();
+  }
+}
+
+// The scatters split the D columns across tasks: every task sees every source
+// row, in order, so duplicated destinations never race and sums are reproducible.
+constexpr int64_t kScatterColumns = 64;
+
+template <typename F>
+void for_each_column_block(int64_t dim, const F& body) {
+  const int64_t blocks = (dim + kScatterColumns - 1) / kScatterColumns;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    body(begin * kScatterColumns, std::min(dim, end * kScatterColumns));
+  });
+}
+}  // namespace
+
+template <typename in_t, typename acc_t>
+void sampled_row_dot(const SampledParams& p, const in_t* x, const in_t* w, const int64_t* ids,
+                     int64_t id_row_stride, int64_t columns, acc_t* out, int64_t out_stride) {
+  const int64_t dim = p.dim;
+  at::parallel_for(0, p.num_rows, row_grain(columns * dim), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const in_t* xr = x + row * dim;
+      for (int64_t j = 0; j < columns; ++j) {
+        const in_t* wr = w + ids[row * id_row_stride + j] * dim;
+        acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < dim; ++d) s += static_cast<acc_t>(xr[d]) * static_cast<acc_t>(wr[d]);
+        out[row * out_stride + j] = s;
+      }
+    }
+  });
+}
+
+template <typename in_t, typename acc_t>
+void sampled_row_axpy(const SampledParams& p, const acc_t* dz, int64_t dz_stride, const in_t* w,
+                      const int64_t* ids, int64_t id_row_stride, int64_t columns, acc_t* dx) {
+  const int64_t dim = p.dim;
+  at::parallel_for(0, p.num_rows, row_grain(columns * dim), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t* dxr = dx + row * dim;
+      for (int64_t j = 0; j < columns; ++j) {
+        const acc_t g = dz[row * dz_stride + j];
+        if (g == acc_t(0)) continue;  // masked columns and zero upstream rows
+        const in_t* wr = w + ids[row * id_row_stride + j] * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) dxr[d] += g * static_cast<acc_t>(wr[d]);
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+void sampled_accumulate_chunk(const SampledParams& p, const SampledColumns<acc_t>& cols, acc_t* logits,
+                              SampledRowState<acc_t> state) {
+  const int64_t columns = p.chunk_columns;
+  const bool nce = p.mode == static_cast<int64_t>(SampledMode::kNCE);
+  const acc_t skip = neg_infinity<acc_t>();
+  at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t* y = logits + row * p.logits_stride;
+      final_row_logits(p, cols, row, y, y);
+      if (nce) {
+        acc_t nce_sum = 0;
+        for (int64_t j = 0; j < columns; ++j) nce_sum += y[j] == skip ? acc_t(0) : sampled_nce_term(p, y[j]);
+        state.nce_loss[row] += nce_sum;
+        continue;
+      }
+      acc_t m = skip, s = 0, unmasked = 0;
+#pragma omp simd reduction(max : m) reduction(+ : s, unmasked)
+      for (int64_t j = 0; j < columns; ++j) {
+        const bool live = y[j] != skip;
+        m = y[j] > m ? y[j] : m;
+        s += live ? y[j] : acc_t(0);
+        unmasked += live ? acc_t(1) : acc_t(0);
+      }
+      acc_t sum_exp = 0;
+      if (m != skip) {
+#pragma omp simd reduction(+ : sum_exp)
+        for (int64_t j = 0; j < columns; ++j) {
+          const acc_t e = exp_vectorizable(y[j] - m);
+          sum_exp += y[j] == skip ? acc_t(0) : e;
+        }
+      }
+      const LseState<acc_t> merged =
+          lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]}, LseState<acc_t>{m, sum_exp});
+      state.max[row] = merged.max;
+      state.sum_exp[row] = merged.sum;
+      state.sum_logits[row] += s;
+      state.columns[row] += unmasked;
+      if (p.is_true_chunk) state.true_sum[row] += s;
+    }
+  });
+}
+
+template <typename acc_t>
+void sampled_finalize(const SampledParams& p, SampledRowState<acc_t> state, acc_t* loss, acc_t* stats) {
+  const bool nce = p.mode == static_cast<int64_t>(SampledMode::kNCE);
+  at::parallel_for(0, p.num_rows, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      if (nce) {
+        loss[row] = state.nce_loss[row];
+        stats[row] = 0;
+        stats[p.num_rows + row] = 0;
+        continue;
+      }
+      const acc_t lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
+      loss[row] = sampled_softmax_row_loss(p, lse, state.true_sum[row], state.sum_logits[row], state.columns[row]);
+      stats[row] = lse;
+      stats[p.num_rows + row] = state.columns[row];
+    }
+  });
+}
+
+template <typename acc_t, typename grad_t>
+void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& cols, const acc_t* logits,
+                        const acc_t* stats, const acc_t* grad_loss, grad_t* dlogits) {
+  static_assert(std::is_same_v<acc_t, grad_t>, "CPU dlogits are in the accumulation dtype");
+  const int64_t columns = p.chunk_columns;
+  const acc_t skip = neg_infinity<acc_t>();
+  at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t* dz = dlogits + row * p.logits_stride;
+      final_row_logits(p, cols, row, logits + row * p.logits_stride, dz);
+      const acc_t g = grad_loss[row], lse = stats[row], unmasked = stats[p.num_rows + row];
+#pragma omp simd
+      for (int64_t j = 0; j < columns; ++j) {
+        const acc_t d = g * sampled_column_grad(p, dz[j], lse, unmasked, ExpVectorizable{});
+        dz[j] = dz[j] == skip ? acc_t(0) : d;
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+void sampled_scatter_add_rows(const acc_t* src, const int64_t* index, int64_t rows, int64_t dim, acc_t* dst) {
+  for_each_column_block(dim, [&](int64_t c0, int64_t c1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t* s = src + r * dim;
+      acc_t* d = dst + index[r] * dim;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) d[c] += s[c];
+    }
+  });
+}
+
+template <typename acc_t>
+void sampled_scatter_outer(const acc_t* dz, const acc_t* x, const int64_t* index, int64_t rows, int64_t columns,
+                           int64_t dim, acc_t* dst) {
+  for_each_column_block(dim, [&](int64_t c0, int64_t c1) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const acc_t* xr = x + i * dim;
+      for (int64_t j = 0; j < columns; ++j) {
+        const acc_t g = dz[i * columns + j];
+        if (g == acc_t(0)) continue;  // masked columns and zero upstream rows
+        acc_t* d = dst + index[i * columns + j] * dim;
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) d[c] += g * xr[c];
+      }
+    }
+  });
+}
+
+#define FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(in_t, acc_t)                                                      \
+  template void sampled_row_dot<in_t, acc_t>(const SampledParams&, const in_t*, const in_t*, const int64_t*, \
+                                             int64_t, int64_t, acc_t*, int64_t);                             \
+  template void sampled_row_axpy<in_t, acc_t>(const SampledParams&, const acc_t*, int64_t, const in_t*,      \
+                                              const int64_t*, int64_t, int64_t, acc_t*);
+#define FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(acc_t)                                                          \
+  template void sampled_accumulate_chunk<acc_t>(const SampledParams&, const SampledColumns<acc_t>&, acc_t*,   \
+                                                SampledRowState<acc_t>);                                      \
+  template void sampled_finalize<acc_t>(const SampledParams&, SampledRowState<acc_t>, acc_t*, acc_t*);        \
+  template void sampled_chunk_grad<acc_t, acc_t>(const SampledParams&, const SampledColumns<acc_t>&,          \
+                                                 const acc_t*, const acc_t*, const acc_t*, acc_t*);            \
+  template void sampled_scatter_add_rows<acc_t>(const acc_t*, const int64_t*, int64_t, int64_t, acc_t*);      \
+  template void sampled_scatter_outer<acc_t>(const acc_t*, const acc_t*, const int64_t*, int64_t, int64_t,    \
+                                             int64_t, acc_t*);
+
+FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(float, float)
+FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(double, double)
+FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(c10::BFloat16, float)
+FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(c10::Half, float)
+FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(float)
+FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(double)
+#undef FUSEDLOSS_INSTANTIATE_SAMPLED_ROW
+#undef FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS
+
+}  // namespace fusedloss::cpu

@@ -1,0 +1,199 @@
+// CUDA kernels of sampled softmax / NCE. One thread block per row: the
+// row-wise gathered dot (a warp per column, lanes over D) and axpy (threads over
+// D) serve the true columns and per-row candidates; the column kernels walk one
+// row of the [N, chunk] logits tile like the linear cross-entropy kernels. The
+// shared-candidate GEMMs run in cuBLAS (csrc/sampled.cpp).
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include "block_reduce.cuh"
+#include "fusedloss/sampled.h"
+
+namespace fusedloss::cuda {
+
+namespace {
+
+constexpr int kWarpSize = 32;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename in_t, typename acc_t>
+__global__ void row_dot_kernel(SampledParams p, const in_t* x, const in_t* w, const int64_t* ids, int64_t id_row_stride,
+                               int64_t columns, acc_t* out, int64_t out_stride) {
+  const int64_t row = blockIdx.x;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  const in_t* xr = x + row * p.dim;
+  for (int64_t j = warp; j < columns; j += warps) {
+    const in_t* wr = w + ids[row * id_row_stride + j] * p.dim;
+    acc_t s = 0;
+    for (int64_t d = lane; d < p.dim; d += kWarpSize) s += static_cast<acc_t>(xr[d]) * static_cast<acc_t>(wr[d]);
+    s = warp_sum(s);
+    if (lane == 0) out[row * out_stride + j] = s;
+  }
+}
+
+template <typename in_t, typename acc_t>
+__global__ void row_axpy_kernel(SampledParams p, const acc_t* dz, int64_t dz_stride, const in_t* w,
+                                const int64_t* ids, int64_t id_row_stride, int64_t columns, acc_t* dx) {
+  const int64_t row = blockIdx.x;
+  for (int64_t d = threadIdx.x; d < p.dim; d += blockDim.x) {
+    acc_t acc = 0;
+    for (int64_t j = 0; j < columns; ++j) {
+      const acc_t g = dz[row * dz_stride + j];
+      if (g != acc_t(0)) acc += g * static_cast<acc_t>(w[ids[row * id_row_stride + j] * p.dim + d]);
+    }
+    dx[row * p.dim + d] += acc;
+  }
+}
+
+template <typename acc_t>
+__global__ void accumulate_chunk_kernel(SampledParams p, SampledColumns<acc_t> cols, const acc_t* logits,
+                                        SampledRowState<acc_t> state) {
+  const int64_t row = blockIdx.x;
+  const acc_t* y = logits + row * p.logits_stride;
+  const bool nce = p.mode == static_cast<int64_t>(SampledMode::kNCE);
+  LseState<acc_t> local = LseState<acc_t>::empty();
+  acc_t sum = 0, unmasked = 0, nce_sum = 0;
+  for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
+    if (sampled_column_masked(p, cols, row, j)) continue;
+    const acc_t z = sampled_column_logit(cols, row, j, y[j]);
+    if (nce) {
+      nce_sum += sampled_nce_term(p, z);
+    } else {
+      local = lse_merge(local, LseState<acc_t>{z, acc_t(1)});
+      sum += z;
+      unmasked += 1;
+    }
+  }
+  if (nce) {
+    const acc_t chunk_nce = block_allreduce(nce_sum, SumOp{});
+    if (threadIdx.x == 0) state.nce_loss[row] += chunk_nce;
+    return;
+  }
+  const LseState<acc_t> chunk = block_allreduce(local, LseMergeOp{});
+  const acc_t chunk_sum = block_allreduce(sum, SumOp{});
+  const acc_t chunk_unmasked = block_allreduce(unmasked, SumOp{});
+  if (threadIdx.x == 0) {
+    const LseState<acc_t> merged = lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]}, chunk);
+    state.max[row] = merged.max;
+    state.sum_exp[row] = merged.sum;
+    state.sum_logits[row] += chunk_sum;
+    state.columns[row] += chunk_unmasked;
+    if (p.is_true_chunk) state.true_sum[row] += chunk_sum;
+  }
+}
+
+template <typename acc_t>
+__global__ void finalize_kernel(SampledParams p, SampledRowState<acc_t> state, acc_t* loss, acc_t* stats) {
+  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (row >= p.num_rows) return;
+  if (p.mode == static_cast<int64_t>(SampledMode::kNCE)) {
+    loss[row] = state.nce_loss[row];
+    stats[row] = 0;
+    stats[p.num_rows + row] = 0;
+    return;
+  }
+  const acc_t lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
+  loss[row] = sampled_softmax_row_loss(p, lse, state.true_sum[row], state.sum_logits[row], state.columns[row]);
+  stats[row] = lse;
+  stats[p.num_rows + row] = state.columns[row];
+}
+
+template <typename acc_t, typename grad_t>
+__global__ void chunk_grad_kernel(SampledParams p, SampledColumns<acc_t> cols, const acc_t* logits,
+                                  const acc_t* stats, const acc_t* grad_loss, grad_t* dlogits) {
+  const int64_t row = blockIdx.x;
+  const acc_t* z = logits + row * p.logits_stride;
+  grad_t* dz = dlogits + row * p.logits_stride;
+  const acc_t g = grad_loss[row], lse = stats[row], unmasked = stats[p.num_rows + row];
+  for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
+    const bool masked = sampled_column_masked(p, cols, row, j);
+    const acc_t y = sampled_column_logit(cols, row, j, z[j]);
+    dz[j] = masked ? grad_t(0) : static_cast<grad_t>(g * sampled_column_grad(p, y, lse, unmasked, ExpAcc{}));
+  }
+}
+
+cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+}  // namespace
+
+template <typename in_t, typename acc_t>
+void sampled_row_dot(const SampledParams& p, const in_t* x, const in_t* w, const int64_t* ids, int64_t id_row_stride,
+                     int64_t columns, acc_t* out, int64_t out_stride, void* stream) {
+  if (p.num_rows == 0 || columns == 0) return;
+  row_dot_kernel<in_t, acc_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(p, x, w, ids, id_row_stride,
+                                                                                      columns, out, out_stride);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename in_t, typename acc_t>
+void sampled_row_axpy(const SampledParams& p, const acc_t* dz, int64_t dz_stride, const in_t* w, const int64_t* ids,
+                      int64_t id_row_stride, int64_t columns, acc_t* dx, void* stream) {
+  if (p.num_rows == 0 || columns == 0) return;
+  row_axpy_kernel<in_t, acc_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(
+      p, dz, dz_stride, w, ids, id_row_stride, columns, dx);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t>
+void sampled_accumulate_chunk(const SampledParams& p, const SampledColumns<acc_t>& cols, acc_t* logits,
+                              SampledRowState<acc_t> state, void* stream) {
+  if (p.num_rows == 0) return;
+  accumulate_chunk_kernel<acc_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(p, cols, logits, state);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t>
+void sampled_finalize(const SampledParams& p, SampledRowState<acc_t> state, acc_t* loss, acc_t* stats,
+                      void* stream) {
+  if (p.num_rows == 0) return;
+  const int threads = 256;
+  const int64_t blocks = (p.num_rows + threads - 1) / threads;
+  finalize_kernel<acc_t><<<blocks, threads, 0, as_stream(stream)>>>(p, state, loss, stats);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t, typename grad_t>
+void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& cols, const acc_t* logits,
+                        const acc_t* stats, const acc_t* grad_loss, grad_t* dlogits, void* stream) {
+  if (p.num_rows == 0) return;
+  chunk_grad_kernel<acc_t, grad_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(
+      p, cols, logits, stats, grad_loss, dlogits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(in_t, acc_t)                                                             \
+  template void sampled_row_dot<in_t, acc_t>(const SampledParams&, const in_t*, const in_t*, const int64_t*,        \
+                                             int64_t, int64_t, acc_t*, int64_t, void*);                             \
+  template void sampled_row_axpy<in_t, acc_t>(const SampledParams&, const acc_t*, int64_t, const in_t*,             \
+                                              const int64_t*, int64_t, int64_t, acc_t*, void*);
+#define FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(acc_t)                                                               \
+  template void sampled_accumulate_chunk<acc_t>(const SampledParams&, const SampledColumns<acc_t>&, acc_t*,        \
+                                                SampledRowState<acc_t>, void*);                                    \
+  template void sampled_finalize<acc_t>(const SampledParams&, SampledRowState<acc_t>, acc_t*, acc_t*, void*);
+#define FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(acc_t, grad_t)                                                          \
+  template void sampled_chunk_grad<acc_t, grad_t>(const SampledParams&, const SampledColumns<acc_t>&, const acc_t*, \
+                                                  const acc_t*, const acc_t*, grad_t*, void*);
+FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(float, float)
+FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(double, double)
+FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(c10::BFloat16, float)
+FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(c10::Half, float)
+FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(float)
+FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(double)
+FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(float, float)
+FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(double, double)
+FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(float, c10::BFloat16)
+FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(float, c10::Half)
+#undef FUSEDLOSS_INSTANTIATE_SAMPLED_ROW
+#undef FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS
+#undef FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD
+
+}  // namespace fusedloss::cuda

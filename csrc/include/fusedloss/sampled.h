@@ -1,0 +1,186 @@
+// Sampled softmax and NCE (TensorFlow semantics, plus per-row and in-batch
+// negatives): the parameters and the per-chunk kernels shared by the CPU and
+// CUDA backends.
+//
+// Design (see also docs/sampled.md): every row i scores its num_true true classes and
+// a list of candidate classes, either shared by the batch ([K]) or its own
+// ([N, K]). The driver (csrc/sampled.cpp) walks the columns in chunks: the true
+// columns form one chunk, the candidates the others. A chunk's raw logits
+// x_i . W[id] land in a bounded [N, chunk] workspace (one GEMM against the
+// gathered [chunk, D] rows for shared candidates, the row-wise dot kernel for
+// per-row ids); the column kernels then add the bias, subtract log Q, apply the
+// accidental-hit mask and fold the chunk into per-row state (forward) or turn
+// it into dlogits (backward). Never an N x (num_true + K) tensor.
+#pragma once
+
+#include <cstdint>
+
+#include "fusedloss/numerics.h"
+
+namespace fusedloss {
+
+enum class SampledMode : int64_t { kSoftmax = 0, kNCE = 1 };
+
+// Which candidate columns an accidental hit (candidate id == one of the row's
+// true classes) removes.
+enum class HitMask : int64_t {
+  kNone = 0,      // keep every column
+  kAllCopies = 1, // native: every copy of a true class among the candidates
+  kLastCopy = 2,  // TensorFlow: only the last copy of a duplicated candidate id
+};
+
+// Scalars and sizes of one sampled-loss call plus the chunk being processed.
+struct SampledParams {
+  int64_t num_rows;        // N
+  int64_t num_true;        // T
+  int64_t dim;             // D
+  int64_t mode;            // SampledMode
+  bool mask_hits;          // HitMask != kNone
+  double label_smoothing;  // softmax only: eps spread over the row's unmasked columns
+  double true_label;       // NCE only: label of each true column (1, or TF's 1/T)
+  // Current chunk.
+  bool is_true_chunk;      // the chunk holds the true columns (never masked, carry the labels)
+  int64_t chunk_columns;   // columns in the chunk
+  int64_t logits_stride;   // elements between rows of the [N, chunk] tile
+};
+
+// Where the columns of the current chunk come from. Row-indexed arrays use a
+// row stride of 0 when the chunk's candidates are shared by the whole batch.
+template <typename acc_t>
+struct SampledColumns {
+  const int64_t* ids;          // class id of column j of row i: ids[i * id_row_stride + j]
+  int64_t id_row_stride;
+  const acc_t* log_q;          // subtracted from the logit (nullptr: none)
+  int64_t log_q_row_stride;
+  const bool* maskable;        // [chunk] columns a hit may remove (nullptr: all), shared only
+  const acc_t* bias;           // [C] in the accumulation dtype, or nullptr
+  const int64_t* true_classes; // [N, T], for the accidental-hit test
+};
+
+// Per-row running statistics of the forward pass, one array each of length N.
+template <typename acc_t>
+struct SampledRowState {
+  acc_t* max;         // softmax: running max over unmasked columns
+  acc_t* sum_exp;     // softmax: running sum of exp(z - max)
+  acc_t* sum_logits;  // softmax: sum of unmasked z (label smoothing)
+  acc_t* true_sum;    // softmax: sum of the true columns' z
+  acc_t* columns;     // softmax: number of unmasked columns
+  acc_t* nce_loss;    // NCE: running sum of the per-column sigmoid CE
+};
+
+namespace cpu {
+// out[i, j] = x_i . w[ids[i * id_row_stride + j]] for j < columns; in_t is the
+// input dtype, the dot accumulates in acc_t.
+template <typename in_t, typename acc_t>
+void sampled_row_dot(const SampledParams& p, const in_t* x, const in_t* w, const int64_t* ids,
+                     int64_t id_row_stride, int64_t columns, acc_t* out, int64_t out_stride);
+// dx[i] += sum_j dz[i, j] * w[ids[i * id_row_stride + j]] (dx is an acc_t [N, D] accumulator).
+template <typename in_t, typename acc_t>
+void sampled_row_axpy(const SampledParams& p, const acc_t* dz, int64_t dz_stride, const in_t* w,
+                      const int64_t* ids, int64_t id_row_stride, int64_t columns, acc_t* dx);
+// Fold one chunk of raw logits into the row state (the tile is used as scratch).
+template <typename acc_t>
+void sampled_accumulate_chunk(const SampledParams& p, const SampledColumns<acc_t>& cols, acc_t* logits,
+                              SampledRowState<acc_t> state);
+// Per-row loss[N] and the statistics the backward needs: stats[0] = lse,
+// stats[1] = number of unmasked columns (softmax; zeros for NCE).
+template <typename acc_t>
+void sampled_finalize(const SampledParams& p, SampledRowState<acc_t> state, acc_t* loss, acc_t* stats);
+// dlogits of one chunk scaled by grad_loss[N]; masked columns get exactly 0.
+// `dlogits` may alias `logits`.
+template <typename acc_t, typename grad_t>
+void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& cols, const acc_t* logits,
+                        const acc_t* stats, const acc_t* grad_loss, grad_t* dlogits);
+// dst[index[r]] += src[r] for r < rows (rows of `dim` values). Duplicated
+// indices are summed in row order: deterministic, no atomics.
+template <typename acc_t>
+void sampled_scatter_add_rows(const acc_t* src, const int64_t* index, int64_t rows, int64_t dim, acc_t* dst);
+// dst[index[i * columns + j]] += dz[i, j] * x[i]: the weight gradient of
+// row-wise columns without forming the [N, columns, D] outer products.
+template <typename acc_t>
+void sampled_scatter_outer(const acc_t* dz, const acc_t* x, const int64_t* index, int64_t rows, int64_t columns,
+                           int64_t dim, acc_t* dst);
+}  // namespace cpu
+
+#ifdef FUSEDLOSS_WITH_CUDA
+namespace cuda {
+template <typename in_t, typename acc_t>
+void sampled_row_dot(const SampledParams& p, const in_t* x, const in_t* w, const int64_t* ids,
+                     int64_t id_row_stride, int64_t columns, acc_t* out, int64_t out_stride, void* stream);
+template <typename in_t, typename acc_t>
+void sampled_row_axpy(const SampledParams& p, const acc_t* dz, int64_t dz_stride, const in_t* w,
+                      const int64_t* ids, int64_t id_row_stride, int64_t columns, acc_t* dx, void* stream);
+template <typename acc_t>
+void sampled_accumulate_chunk(const SampledParams& p, const SampledColumns<acc_t>& cols, acc_t* logits,
+                              SampledRowState<acc_t> state, void* stream);
+template <typename acc_t>
+void sampled_finalize(const SampledParams& p, SampledRowState<acc_t> state, acc_t* loss, acc_t* stats,
+                      void* stream);
+template <typename acc_t, typename grad_t>
+void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& cols, const acc_t* logits,
+                        const acc_t* stats, const acc_t* grad_loss, grad_t* dlogits, void* stream);
+}  // namespace cuda
+#endif
+
+// ---------------------------------------------------------------------------
+// Column arithmetic shared verbatim by the CPU and CUDA kernels.
+
+// Whether column j of `row` is an accidental hit that the mask mode removes.
+template <typename acc_t>
+FL_HOST_DEVICE bool sampled_column_masked(const SampledParams& p, const SampledColumns<acc_t>& c, int64_t row,
+                                          int64_t j) {
+  if (!p.mask_hits || p.is_true_chunk || (c.maskable != nullptr && !c.maskable[j])) return false;
+  const int64_t id = c.ids[row * c.id_row_stride + j];
+  const int64_t* truth = c.true_classes + row * p.num_true;
+  bool hit = false;
+  for (int64_t t = 0; t < p.num_true; ++t) hit = hit || truth[t] == id;
+  return hit;
+}
+
+// Final logit of column j of `row` from its raw dot product: + bias - log Q.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t sampled_column_logit(const SampledColumns<acc_t>& c, int64_t row, int64_t j, acc_t raw) {
+  acc_t z = raw;
+  if (c.bias != nullptr) z += c.bias[c.ids[row * c.id_row_stride + j]];
+  if (c.log_q != nullptr) z -= c.log_q[row * c.log_q_row_stride + j];
+  return z;
+}
+
+// exp in the accumulation type; the CPU kernels pass their vectorisable exp instead.
+struct ExpAcc {
+  template <typename acc_t>
+  FL_HOST_DEVICE acc_t operator()(acc_t x) const { return exp_acc(x); }
+};
+
+// d loss / d z of one unmasked column, before the upstream per-row gradient:
+// sigmoid(z) - label (NCE; 1/(1+e^-z) is exact at both ends in IEEE arithmetic)
+// or softmax_j - (1-eps)/T [true column] - eps/M (softmax).
+template <typename acc_t, typename Exp>
+FL_HOST_DEVICE acc_t sampled_column_grad(const SampledParams& p, acc_t z, acc_t lse, acc_t columns, Exp exp_fn) {
+  if (p.mode == static_cast<int64_t>(SampledMode::kNCE)) {
+    return acc_t(1) / (acc_t(1) + exp_fn(-z)) - (p.is_true_chunk ? acc_t(p.true_label) : acc_t(0));
+  }
+  acc_t g = exp_fn(z - lse) - acc_t(p.label_smoothing) / columns;
+  if (p.is_true_chunk) g -= (acc_t(1) - acc_t(p.label_smoothing)) / acc_t(p.num_true);
+  return g;
+}
+
+// Sigmoid cross-entropy of one NCE column: softplus(z) - label * z.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t sampled_nce_term(const SampledParams& p, acc_t z) {
+  const acc_t label = p.is_true_chunk ? acc_t(p.true_label) : acc_t(0);
+  return -log_sigmoid(-z) - label * z;
+}
+
+// Softmax row loss from the finished state:
+// lse - (1-eps)/T sum_t z_t - eps/M sum_{unmasked j} z_j.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t sampled_softmax_row_loss(const SampledParams& p, acc_t lse, acc_t true_sum,
+                                              acc_t sum_logits, acc_t columns) {
+  const acc_t eps = acc_t(p.label_smoothing);
+  acc_t loss = lse - (acc_t(1) - eps) * true_sum / acc_t(p.num_true);
+  if (eps > acc_t(0)) loss -= eps * sum_logits / columns;
+  return loss;
+}
+
+}  // namespace fusedloss

@@ -1,0 +1,320 @@
+"""Sampled softmax and NCE losses with TensorFlow's semantics, fused.
+
+``sampled_softmax_loss(x, W, y, K)`` scores each row against its true classes
+and K sampled candidate classes (shared by the batch, or per row, or the other
+rows' targets) and never materialises the [N, num_true + K] logits nor a
+gathered [K, D] copy beyond one chunk: the kernels walk the candidates in
+chunks with an online log-sum-exp (softmax) or a running sum of sigmoid
+cross-entropies (NCE), and the backward recomputes each chunk (see
+docs/sampled.md).
+
+Differences from ``tf.nn.sampled_softmax_loss`` / ``tf.nn.nce_loss`` (which
+``fusedloss.compat.tf`` reproduces to the letter):
+
+- an accidental hit masks *every* copy of the true class among the candidates
+  (TensorFlow masks only the last copy of a duplicated id);
+- NCE labels the true columns 1 (TensorFlow uses 1/num_true);
+- masked columns are skipped, not offset by -FLT_MAX, so bf16/fp16 losses stay
+  finite and masked columns get exactly zero gradient;
+- ``subtract_log_q`` is public (False gives word2vec-style negative sampling).
+"""
+import torch
+
+from . import _common
+from ._extension import C as _C  # noqa: F401  (registers torch.ops.fusedloss)
+from .samplers import LogUniformSampler, UniformSampler
+
+_ops = torch.ops.fusedloss
+
+SOFTMAX, NCE = 0, 1
+HIT_NONE, HIT_ALL_COPIES, HIT_LAST_COPY = 0, 1, 2
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fusedloss::sampled_forward")
+def _sampled_forward_fake(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, mode, hit_mask,
+                          label_smoothing, true_label, chunk_size, sparse_grad):
+    rows = input.shape[0]
+    acc = _acc_dtype(input.dtype)
+    return input.new_empty(rows, dtype=acc), input.new_empty(2, rows, dtype=acc)
+
+
+@torch.library.register_fake("fusedloss::sampled_backward")
+def _sampled_backward_fake(grad_loss, input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, stats,
+                           mode, hit_mask, label_smoothing, true_label, chunk_size, sparse_grad, output_mask):
+    if sparse_grad:
+        # The number of touched rows is data-dependent, and unbacked sizes inside
+        # sparse tensors are not supported by fake tensors.
+        raise NotImplementedError(
+            "sparse_grad=True is not supported under torch.compile (data-dependent number of rows); "
+            "use the dense weight gradient there"
+        )
+
+    grad_input = torch.empty_like(input) if output_mask[0] else input.new_empty(0)
+    grad_weight = (torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1]
+                   else weight.new_empty(0))
+    grad_bias = torch.empty_like(bias) if output_mask[2] and bias is not None else input.new_empty(0)
+    return grad_input, grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, *options = inputs
+    _, stats = output
+    ctx.save_for_backward(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, stats)
+    ctx.options = options
+
+
+def _backward(ctx, grad_loss, _grad_stats):
+    input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, stats = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+    grad_input, grad_weight, grad_bias = _ops.sampled_backward(
+        grad_loss, input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, stats, *ctx.options, mask
+    )
+    return (
+        grad_input if mask[0] else None,
+        grad_weight if mask[1] else None,
+        grad_bias if mask[2] else None,
+        *([None] * (4 + len(ctx.options))),
+    )
+
+
+torch.library.register_autograd("fusedloss::sampled_forward", _backward, setup_context=_setup_context)
+
+
+def _check_tensor(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _true_classes(target, rows):
+    target = _common.as_index_tensor(_check_tensor(target, "target"))
+    if target.dim() == 1:
+        target = target.unsqueeze(1)
+    if target.dim() != 2 or target.shape[0] != rows or target.shape[1] < 1:
+        raise ValueError(f"target must be [N] or [N, num_true] with N={rows}, got shape {tuple(target.shape)}")
+    return target
+
+
+def _make_sampler(sampler, num_classes):
+    if hasattr(sampler, "sample"):  # a fusedloss.samplers.CandidateSampler or a duck-typed one
+        return sampler
+    if sampler == "log_uniform":
+        return LogUniformSampler(num_classes)
+    if sampler == "uniform":
+        return UniformSampler(num_classes)
+    raise ValueError(
+        f"sampler must be 'log_uniform', 'uniform', 'in_batch' or an object with .sample(...), got {sampler!r}"
+    )
+
+
+def in_batch_candidates(true_classes):
+    """In-batch negatives: every row's true classes become candidates of every
+    row. The expected count of a candidate is how often its class occurs in the
+    batch, so subtracting log Q corrects for frequent classes appearing more
+    often (sampling-bias correction); each copy of a class is a column.
+    Returns TensorFlow's triple."""
+    flat = true_classes.reshape(-1)
+    _, inverse, counts = torch.unique(flat, return_inverse=True, return_counts=True)
+    freq = counts.to(torch.float32)[inverse]
+    return flat, freq.view(true_classes.shape), freq
+
+
+def _check_sampled_values(sampled_values, true_classes, rows, device):
+    if not isinstance(sampled_values, (tuple, list)) or len(sampled_values) != 3:
+        raise ValueError("sampled_values must be a tuple (sampled, true_expected_count, sampled_expected_count)")
+    sampled, true_count, sampled_count = sampled_values
+    sampled = _common.as_index_tensor(_check_tensor(sampled, "sampled_values[0]"), "sampled_values[0]")
+    true_count = _check_tensor(true_count, "sampled_values[1]")
+    sampled_count = _check_tensor(sampled_count, "sampled_values[2]")
+    if sampled.dim() not in (1, 2) or (sampled.dim() == 2 and sampled.shape[0] != rows):
+        raise ValueError(
+            f"sampled_values[0] must be [K] (shared) or [N, K] (per row) with N={rows}, got {tuple(sampled.shape)}"
+        )
+    if tuple(sampled_count.shape) != tuple(sampled.shape):
+        raise ValueError(
+            f"sampled_values[2] (sampled expected counts) must have the shape of sampled_values[0] "
+            f"{tuple(sampled.shape)}, got {tuple(sampled_count.shape)}"
+        )
+    if true_count.dim() == 1:
+        true_count = true_count.unsqueeze(1)
+    shape = tuple(true_classes.shape)
+    if true_count.dim() != 2 or true_count.shape[0] != rows or true_count.shape[1] not in (1, shape[1]):
+        raise ValueError(
+            f"sampled_values[1] (true expected counts) must be [N, num_true]={list(shape)} or [N, 1], "
+            f"got {tuple(true_count.shape)}"
+        )
+    for t, name in ((sampled, "sampled_values[0]"), (true_count, "sampled_values[1]"),
+                    (sampled_count, "sampled_values[2]")):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but input is on {device}")
+    for t, name in ((true_count, "sampled_values[1]"), (sampled_count, "sampled_values[2]")):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} (expected counts) must be floating point, got {t.dtype}")
+    return sampled, true_count.expand(shape), sampled_count
+
+
+def _sampled_loss(mode, input, weight, target, num_sampled, bias, num_classes, sampler, unique, sampled_values,
+                  remove_accidental_hits, subtract_log_q, label_smoothing, reduction, generator, sparse_grad,
+                  chunk_size, hit_mask=None, true_label=1.0, rows_dtype=None):
+    """Shared driver of the native and TF-compatible losses; returns reduced losses."""
+    _common.check_reduction(reduction)
+    input = _check_tensor(input, "input")
+    weight = _check_tensor(weight, "weight")
+    if input.dim() != 2:
+        raise ValueError(f"input must be [N, D], got shape {tuple(input.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [num_classes, D], got shape {tuple(weight.shape)}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    rows = input.shape[0]
+    true_classes = _true_classes(target, rows)
+    if true_classes.device != input.device:
+        raise ValueError(f"target is on {true_classes.device} but input is on {input.device}")
+    if num_classes is None:
+        num_classes = weight.shape[0]
+    if num_classes > weight.shape[0]:
+        raise ValueError(f"num_classes={num_classes} exceeds the {weight.shape[0]} rows of weight")
+    _common.check_index_range(true_classes, num_classes, "target")
+
+    if sampled_values is None:
+        if sampler == "in_batch":
+            sampled_values = in_batch_candidates(true_classes)
+            # A row's own targets are among the candidates: they must never act as negatives.
+            hit_mask = HIT_ALL_COPIES
+        else:
+            if num_sampled is None:
+                raise ValueError("num_sampled is required unless sampled_values or sampler='in_batch' is given")
+            sampled_values = _make_sampler(sampler, num_classes).sample(
+                true_classes, num_sampled, unique=unique, generator=generator
+            )
+    sampled, true_count, sampled_count = _check_sampled_values(sampled_values, true_classes, rows, input.device)
+    _common.check_index_range(sampled, num_classes, "sampled candidates")
+
+    acc = _acc_dtype(input.dtype)
+    # Expected counts carry no gradient (TensorFlow's stop_gradient); log Q is
+    # taken in fp32 whatever the input dtype, so bf16 inputs need no bf16 counts.
+    true_log_q = torch.log(true_count.detach().to(acc)) if subtract_log_q else None
+    sampled_log_q = torch.log(sampled_count.detach().to(acc)) if subtract_log_q else None
+    if hit_mask is None:
+        hit_mask = HIT_ALL_COPIES if remove_accidental_hits else HIT_NONE
+    input, weight, bias = _common.autocast_inputs(input.device.type, input, weight, bias)
+    loss, _ = _ops.sampled_forward(
+        input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, mode, hit_mask,
+        float(label_smoothing), float(true_label), int(chunk_size or 0), bool(sparse_grad),
+    )
+    if rows_dtype is not None:
+        loss = loss.to(rows_dtype)
+    return _common.reduce_rows(loss, None, reduction, (rows,))
+
+
+def sampled_softmax_loss(input, weight, target, num_sampled, bias=None, *, num_classes=None, sampler="log_uniform",
+                         unique=True, sampled_values=None, remove_accidental_hits=True, subtract_log_q=True,
+                         label_smoothing=0.0, reduction="mean", generator=None, sparse_grad=False, chunk_size=None):
+    """Sampled softmax cross-entropy (``tf.nn.sampled_softmax_loss`` semantics).
+
+    Row i's logits are ``[x_i.W[y_it] + b[y_it] - log Q(y_it)]_t`` for its
+    num_true true classes and ``x_i.W[s_j] + b[s_j] - log Q(s_j)`` for the
+    candidates s; the loss is the softmax cross-entropy with target 1/num_true
+    on each true column (optionally label-smoothed over the row's unmasked
+    columns).
+
+    Args:
+        input: [N, D] hidden states (fp32, bf16, fp16; fp64 on the CPU).
+        weight: [num_classes, D] class embeddings, same dtype as ``input``.
+        target: [N] or [N, num_true] int64 class ids.
+        num_sampled: K, candidates to draw (ignored with ``sampled_values`` or ``sampler="in_batch"``).
+        bias: optional [num_classes].
+        num_classes: range of the sampler (default ``weight.shape[0]``).
+        sampler: ``"log_uniform"`` (TensorFlow's default), ``"uniform"``,
+            ``"in_batch"`` (the batch's targets as candidates, log Q from their
+            in-batch frequency, the row's own targets always masked as
+            accidental hits) or a sampler object from ``fusedloss.samplers``.
+        unique: sample without replacement (TensorFlow's rejection sampling).
+        sampled_values: ``(sampled, true_expected_count, sampled_expected_count)``
+            overriding the sampler; ``sampled`` is [K] (shared) or [N, K]
+            (per-row negatives, with sampled counts [N, K]).
+        remove_accidental_hits: drop every candidate column equal to one of the
+            row's true classes (exactly zero gradient).
+        subtract_log_q: subtract log(expected count) from every logit.
+        label_smoothing: eps; the target puts (1-eps)/num_true + eps/M on each
+            true column and eps/M on each other unmasked column (M unmasked columns).
+        reduction: ``"none"`` ([N]), ``"sum"`` or ``"mean"``.
+        generator: ``torch.Generator`` on the device of ``input`` for the sampler.
+        sparse_grad: return sparse COO gradients for ``weight`` and ``bias``
+            (only the touched rows, duplicates summed, coalesced).
+        chunk_size: candidate columns per chunk (default: sized to a fixed workspace).
+    """
+    return _sampled_loss(SOFTMAX, input, weight, target, num_sampled, bias, num_classes, sampler, unique,
+                         sampled_values, remove_accidental_hits, subtract_log_q, label_smoothing, reduction,
+                         generator, sparse_grad, chunk_size)
+
+
+def nce_loss(input, weight, target, num_sampled, bias=None, *, num_classes=None, sampler="log_uniform", unique=True,
+             sampled_values=None, remove_accidental_hits=False, subtract_log_q=True, reduction="mean",
+             generator=None, sparse_grad=False, chunk_size=None):
+    """Noise-contrastive estimation (``tf.nn.nce_loss`` semantics): the sum over
+    the row's true and candidate columns of the sigmoid cross-entropy, with
+    label 1 on each true column (TensorFlow: 1/num_true, see
+    ``fusedloss.compat.tf.nce_loss``) and 0 on the candidates. Arguments as in
+    :func:`sampled_softmax_loss`; ``remove_accidental_hits=True`` gives
+    "sampled logistic"."""
+    return _sampled_loss(NCE, input, weight, target, num_sampled, bias, num_classes, sampler, unique,
+                         sampled_values, remove_accidental_hits, subtract_log_q, 0.0, reduction, generator,
+                         sparse_grad, chunk_size)
+
+
+class _SampledLossModule(torch.nn.Module):
+    _loss = None
+
+    def __init__(self, num_classes, num_sampled=None, *, sampler="log_uniform", unique=True,
+                 remove_accidental_hits=True, subtract_log_q=True, reduction="mean", sparse_grad=False,
+                 chunk_size=None):
+        super().__init__()
+        _common.check_reduction(reduction)
+        self.num_classes = int(num_classes)
+        self.num_sampled = num_sampled
+        self.sampler = sampler if sampler == "in_batch" else _make_sampler(sampler, self.num_classes)
+        self.unique = unique
+        self.remove_accidental_hits = remove_accidental_hits
+        self.subtract_log_q = subtract_log_q
+        self.reduction = reduction
+        self.sparse_grad = sparse_grad
+        self.chunk_size = chunk_size
+
+    def _options(self):
+        return dict(num_classes=self.num_classes, sampler=self.sampler, unique=self.unique,
+                    remove_accidental_hits=self.remove_accidental_hits, subtract_log_q=self.subtract_log_q,
+                    reduction=self.reduction, sparse_grad=self.sparse_grad, chunk_size=self.chunk_size)
+
+    def extra_repr(self):
+        return (f"num_classes={self.num_classes}, num_sampled={self.num_sampled}, sampler={self.sampler}, "
+                f"unique={self.unique}, remove_accidental_hits={self.remove_accidental_hits}, "
+                f"subtract_log_q={self.subtract_log_q}, reduction={self.reduction!r}")
+
+
+class SampledSoftmaxLoss(_SampledLossModule):
+    """Module form of :func:`sampled_softmax_loss` owning the sampler and options;
+    call as ``loss(input, weight, target, bias=None, sampled_values=None, generator=None)``."""
+
+    def __init__(self, num_classes, num_sampled=None, *, label_smoothing=0.0, **kwargs):
+        super().__init__(num_classes, num_sampled, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input, weight, target, bias=None, sampled_values=None, generator=None):
+        return sampled_softmax_loss(input, weight, target, self.num_sampled, bias, sampled_values=sampled_values,
+                                    generator=generator, label_smoothing=self.label_smoothing, **self._options())
+
+
+class NCELoss(_SampledLossModule):
+    """Module form of :func:`nce_loss` (``remove_accidental_hits=False`` by default)."""
+
+    def __init__(self, num_classes, num_sampled=None, *, remove_accidental_hits=False, **kwargs):
+        super().__init__(num_classes, num_sampled, remove_accidental_hits=remove_accidental_hits, **kwargs)
+
+    def forward(self, input, weight, target, bias=None, sampled_values=None, generator=None):
+        return nce_loss(input, weight, target, self.num_sampled, bias, sampled_values=sampled_values,
+                        generator=generator, **self._options())
