@@ -1,0 +1,148 @@
+// CPU kernels of the InfoNCE family: passes over one [R, tile] block of dot
+// products at a time (the GEMMs live in csrc/contrastive.cpp). Rows are
+// processed in parallel; the column-wise LSE walks the block in column strips
+// so that each row visit reads a contiguous, vectorisable run.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+
+#include "fusedloss/contrastive.h"
+#include "vec_math.h"
+
+namespace fusedloss::cpu {
+
+namespace {
+// Rows per parallel task: enough work per task to amortise scheduling.
+int64_t row_grain(int64_t columns) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(columns, 1)); }
+
+// Columns per strip of the column-wise pass: the strip's running max and sum
+// stay in registers / L1 while the rows stream past.
+constexpr int64_t kColumnStrip = 64;
+
+// exp(x - shift) where an all-masked run (shift = -inf) contributes nothing
+// instead of exp(-inf + inf) = NaN.
+template <typename acc_t>
+acc_t shifted_exp(acc_t x, acc_t shift) {
+  return shift == neg_infinity<acc_t>() ? acc_t(0) : exp_vectorizable(x - shift);
+}
+}  // namespace
+
+template <typename acc_t>
+void contrastive_tile_rows(const ContrastiveParams& p, acc_t* tile, const acc_t* scale,
+                           const int64_t* positives, ContrastiveRowState<acc_t> state) {
+  const int64_t columns = p.tile_cols;
+  const acc_t s = *scale;
+  at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t* y = tile + row * p.tile_stride;
+#pragma omp simd
+      for (int64_t j = 0; j < columns; ++j) y[j] *= s;
+      // Mask before taking the max: the self-similarity is usually the largest
+      // logit and would otherwise become a shift that underflows every term.
+      const int64_t masked = p.masked_tile_col(row);
+      if (masked >= 0) y[masked] = neg_infinity<acc_t>();
+      acc_t m = neg_infinity<acc_t>();
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < columns; ++j) m = y[j] > m ? y[j] : m;
+      if (m == neg_infinity<acc_t>()) continue;  // every column of this tile masked
+      acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < columns; ++j) sum += exp_vectorizable(y[j] - m);
+      const LseState<acc_t> merged =
+          lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]}, LseState<acc_t>{m, sum});
+      state.max[row] = merged.max;
+      state.sum_exp[row] = merged.sum;
+      const int64_t t = positives[row] - p.tile_start;
+      if (t >= 0 && t < columns) state.positive_logit[row] = y[t];
+    }
+  });
+}
+
+template <typename acc_t>
+void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, acc_t* col_lse) {
+  const int64_t strips = (p.tile_cols + kColumnStrip - 1) / kColumnStrip;
+  at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t strip = begin; strip < end; ++strip) {
+      const int64_t c0 = strip * kColumnStrip;
+      const int64_t width = std::min(kColumnStrip, p.tile_cols - c0);
+      std::array<acc_t, kColumnStrip> m, sum;
+      m.fill(neg_infinity<acc_t>());
+      sum.fill(acc_t(0));
+      // Two sweeps (max, then sum of exp) keep the inner loops branch-free.
+      for (int64_t row = 0; row < p.num_rows; ++row) {
+        const acc_t* y = tile + row * p.tile_stride + c0;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) m[j] = y[j] > m[j] ? y[j] : m[j];
+      }
+      for (int64_t row = 0; row < p.num_rows; ++row) {
+        const acc_t* y = tile + row * p.tile_stride + c0;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) sum[j] += shifted_exp(y[j], m[j]);
+      }
+      for (int64_t j = 0; j < width; ++j) {
+        col_lse[p.tile_start + c0 + j] = LseState<acc_t>{m[j], sum[j]}.value();
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives,
+                          ContrastiveRowState<acc_t> state, const acc_t* col_lse, acc_t* row_lse,
+                          acc_t* loss) {
+  at::parallel_for(0, p.num_rows, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const acc_t lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
+      row_lse[row] = lse;
+      const acc_t column = p.symmetric ? col_lse[positives[row]] : acc_t(0);
+      loss[row] = contrastive_pair_loss(lse, column, state.positive_logit[row], p.symmetric);
+    }
+  });
+}
+
+template <typename acc_t, typename grad_t>
+void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                           const int64_t* positives, const acc_t* row_lse, const acc_t* col_lse,
+                           const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits) {
+  const int64_t columns = p.tile_cols;
+  const acc_t s = *scale;
+  // The column term's statistics of this tile (unused when not symmetric).
+  const acc_t* tile_col_lse = p.symmetric ? col_lse + p.tile_start : nullptr;
+  const acc_t* tile_col_grad = p.symmetric ? col_grad + p.tile_start : nullptr;
+  at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const acc_t* z = tile + row * p.tile_stride;
+      grad_t* dz = dlogits + row * p.tile_stride;
+      const acc_t lse = row_lse[row], g = row_grad[row];
+      const int64_t t = positives[row] - p.tile_start;
+      const int64_t masked = p.masked_tile_col(row);
+#pragma omp simd
+      for (int64_t j = 0; j < columns; ++j) {
+        const acc_t x = s * z[j];
+        const acc_t col_prob = p.symmetric ? exp_vectorizable(x - tile_col_lse[j]) : acc_t(0);
+        const acc_t col_g = p.symmetric ? tile_col_grad[j] : acc_t(0);
+        const acc_t d = contrastive_logit_grad(exp_vectorizable(x - lse), g, col_prob, col_g, j == t,
+                                               p.symmetric);
+        // d logits / d dot = scale: the GEMMs consume raw operands.
+        dz[j] = static_cast<grad_t>(j == masked ? acc_t(0) : s * d);
+      }
+    }
+  });
+}
+
+#define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(acc_t)                                                    \
+  template void contrastive_tile_rows<acc_t>(const ContrastiveParams&, acc_t*, const acc_t*,             \
+                                             const int64_t*, ContrastiveRowState<acc_t>);                \
+  template void contrastive_tile_columns<acc_t>(const ContrastiveParams&, const acc_t*, acc_t*);         \
+  template void contrastive_finalize<acc_t>(const ContrastiveParams&, const int64_t*,                    \
+                                            ContrastiveRowState<acc_t>, const acc_t*, acc_t*, acc_t*);   \
+  template void contrastive_tile_grad<acc_t, acc_t>(const ContrastiveParams&, const acc_t*,              \
+                                                    const acc_t*, const int64_t*, const acc_t*,          \
+                                                    const acc_t*, const acc_t*, const acc_t*, acc_t*);
+
+FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(float)
+FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(double)
+#undef FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU
+
+}  // namespace fusedloss::cpu
