@@ -7,7 +7,7 @@ row i's positive at column ``positives[i]``, optionally its own column masked
 (NT-Xent), optionally the column-wise (key -> query) term (CLIP, symmetric
 InfoNCE). The kernels walk the columns in tiles with an online log-sum-exp per
 row; a tile holds every row, so the column-wise LSE of its columns is complete
-in the same pass. The backward recomputes each tile (see csrc/README.md).
+in the same pass. The backward recomputes each tile (see docs/contrastive.md).
 
 ``normalize=True`` L2-normalises in Python with ``F.normalize`` (autograd
 through it; O(B*D) extra memory, nothing quadratic).

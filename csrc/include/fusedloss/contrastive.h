@@ -1,7 +1,7 @@
 // InfoNCE family (InfoNCE, SimCLR NT-Xent, CLIP): the parameters and the
 // per-tile kernels shared by the CPU and CUDA backends.
 //
-// Design (see csrc/README.md): R query rows Q [R, D] are scored against C key
+// Design (see docs/contrastive.md): R query rows Q [R, D] are scored against C key
 // columns K [C, D], logits = scale * Q K^T. The driver (csrc/contrastive.cpp)
 // walks the columns in tiles, forming one [R, tile] block of raw dot products
 // with a GEMM; the kernels declared here fold that block into a per-row online
