@@ -18,7 +18,7 @@ int64_t row_grain(int64_t columns) { return std::max<int64_t>(1, 16384 / std::ma
 
 // Columns per strip of the column-wise pass: the strip's running max and sum
 // stay in registers / L1 while the rows stream past.
-constexpr int64_t kColumnStrip = 64;
+constexpr int64_t kColumnStrip = 32;
 
 // exp(x - shift) where an all-masked run (shift = -inf) contributes nothing
 // instead of exp(-inf + inf) = NaN.
