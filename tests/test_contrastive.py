@@ -263,3 +263,32 @@ def test_torch_compile_fullgraph():
     expected = step(q, k, n, t)
     torch.testing.assert_close(got, expected)
     assert_all_close(grads(got, [q, k, n, t]), grads(expected, [q, k, n, t]), rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    B, D = 9, 8
+    q, k = features(B, D, "cpu", seed=70), features(B, D, "cpu", seed=71)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fusedloss.info_nce_loss(q, k, temperature=0.5, symmetric=True, tile_size=4)
+    expected = fusedloss.info_nce_loss(q.bfloat16(), k.bfloat16(), temperature=0.5, symmetric=True)
+    torch.testing.assert_close(got, expected)
+    assert grads(got, [q, k])[0].dtype == torch.float32
+
+
+@CUDA
+@pytest.mark.parametrize("loss_name", ["info_nce", "clip"])
+def test_cuda_memory_is_not_quadratic(loss_name):
+    # B x B in fp32 would be 1 GiB; the tiled op needs the [B, tile] block.
+    B, D, tile = 16384, 64, 512
+    q, k = features(B, D, "cuda", torch.bfloat16, seed=80), features(B, D, "cuda", torch.bfloat16, seed=81)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    if loss_name == "info_nce":
+        loss = fusedloss.info_nce_loss(q, k, temperature=0.07, symmetric=True, tile_size=tile)
+    else:
+        loss = fusedloss.clip_loss(q, k, 14.0, tile_size=tile)
+    loss.backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 256 * 2**20
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
