@@ -78,7 +78,7 @@ struct TileKernels {
   }
 
   template <typename acc_t>
-  void rows(const ContrastiveParams& p, acc_t* tile, const acc_t* scale, const int64_t* positives,
+  void rows(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale, const int64_t* positives,
             ContrastiveRowState<acc_t> state) const {
 #ifdef FUSEDLOSS_WITH_CUDA
     if (cuda) return cuda::contrastive_tile_rows(p, tile, scale, positives, state, stream);
@@ -88,12 +88,13 @@ struct TileKernels {
 
   // CUDA reduces columns in row slices through `scratch`; the CPU needs none.
   template <typename acc_t>
-  void columns(const ContrastiveParams& p, const acc_t* tile, acc_t* col_lse, acc_t* scratch) const {
+  void columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale, acc_t* col_lse,
+               acc_t* scratch) const {
 #ifdef FUSEDLOSS_WITH_CUDA
-    if (cuda) return cuda::contrastive_tile_columns(p, tile, col_lse, scratch, stream);
+    if (cuda) return cuda::contrastive_tile_columns(p, tile, scale, col_lse, scratch, stream);
 #endif
     (void)scratch;
-    cpu::contrastive_tile_columns(p, tile, col_lse);
+    cpu::contrastive_tile_columns(p, tile, scale, col_lse);
   }
 
   int64_t column_scratch_elems(int64_t num_rows, int64_t tile_cols) const {
@@ -199,8 +200,9 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_forward(const Tensor& rows, const
       Tensor tile = prob.tile_dots(workspace, start, std::min(prob.tile_size, num_cols - start));
       kernels.rows(prob.params, tile.data_ptr<acc_t>(), s, pos, row_state);
       // The tile holds every row, so its columns' LSEs are complete here.
-      if (symmetric) kernels.columns(prob.params, tile.data_ptr<acc_t>(), col_lse.data_ptr<acc_t>(),
-                                     scratch.data_ptr<acc_t>());
+      if (symmetric) {
+        kernels.columns(prob.params, tile.data_ptr<acc_t>(), s, col_lse.data_ptr<acc_t>(), scratch.data_ptr<acc_t>());
+      }
     }
     kernels.finalize(prob.params, pos, row_state, symmetric ? col_lse.data_ptr<acc_t>() : nullptr,
                      row_lse.data_ptr<acc_t>(), loss.data_ptr<acc_t>());

@@ -20,47 +20,50 @@ int64_t row_grain(int64_t columns) { return std::max<int64_t>(1, 16384 / std::ma
 // stay in registers / L1 while the rows stream past.
 constexpr int64_t kColumnStrip = 32;
 
-// exp(x - shift) where an all-masked run (shift = -inf) contributes nothing
-// instead of exp(-inf + inf) = NaN.
+// exp(x - shift) where a masked entry (x = -inf) or an all-masked column
+// (shift = -inf) contributes nothing (the polynomial exp clamps instead of
+// returning 0, and -inf + inf would be NaN).
 template <typename acc_t>
 acc_t shifted_exp(acc_t x, acc_t shift) {
-  return shift == neg_infinity<acc_t>() ? acc_t(0) : exp_vectorizable(x - shift);
+  return x == neg_infinity<acc_t>() ? acc_t(0) : exp_vectorizable(x - shift);
 }
 }  // namespace
 
 template <typename acc_t>
-void contrastive_tile_rows(const ContrastiveParams& p, acc_t* tile, const acc_t* scale,
+void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, ContrastiveRowState<acc_t> state) {
   const int64_t columns = p.tile_cols;
   const acc_t s = *scale;
   at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      acc_t* y = tile + row * p.tile_stride;
-#pragma omp simd
-      for (int64_t j = 0; j < columns; ++j) y[j] *= s;
-      // Mask before taking the max: the self-similarity is usually the largest
-      // logit and would otherwise become a shift that underflows every term.
+      const acc_t* y = tile + row * p.tile_stride;
+      // The mask is applied before the max: the self-similarity is usually the
+      // largest logit and would otherwise be a shift that underflows every term.
       const int64_t masked = p.masked_tile_col(row);
-      if (masked >= 0) y[masked] = neg_infinity<acc_t>();
       acc_t m = neg_infinity<acc_t>();
 #pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < columns; ++j) m = y[j] > m ? y[j] : m;
+      for (int64_t j = 0; j < columns; ++j) {
+        const acc_t v = contrastive_logit(y[j], s, j == masked);
+        m = v > m ? v : m;
+      }
       if (m == neg_infinity<acc_t>()) continue;  // every column of this tile masked
       acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < columns; ++j) sum += exp_vectorizable(y[j] - m);
+      for (int64_t j = 0; j < columns; ++j) sum += j == masked ? acc_t(0) : exp_vectorizable(s * y[j] - m);
       const LseState<acc_t> merged =
           lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]}, LseState<acc_t>{m, sum});
       state.max[row] = merged.max;
       state.sum_exp[row] = merged.sum;
       const int64_t t = positives[row] - p.tile_start;
-      if (t >= 0 && t < columns) state.positive_logit[row] = y[t];
+      if (t >= 0 && t < columns) state.positive_logit[row] = s * y[t];
     }
   });
 }
 
 template <typename acc_t>
-void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, acc_t* col_lse) {
+void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                              acc_t* col_lse) {
+  const acc_t s = *scale;
   const int64_t strips = (p.tile_cols + kColumnStrip - 1) / kColumnStrip;
   at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
     for (int64_t strip = begin; strip < end; ++strip) {
@@ -72,13 +75,18 @@ void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, acc
       // Two sweeps (max, then sum of exp) keep the inner loops branch-free.
       for (int64_t row = 0; row < p.num_rows; ++row) {
         const acc_t* y = tile + row * p.tile_stride + c0;
+        const int64_t masked = p.masked_tile_col(row) - c0;
 #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) m[j] = y[j] > m[j] ? y[j] : m[j];
+        for (int64_t j = 0; j < width; ++j) {
+          const acc_t v = contrastive_logit(y[j], s, j == masked);
+          m[j] = v > m[j] ? v : m[j];
+        }
       }
       for (int64_t row = 0; row < p.num_rows; ++row) {
         const acc_t* y = tile + row * p.tile_stride + c0;
+        const int64_t masked = p.masked_tile_col(row) - c0;
 #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) sum[j] += shifted_exp(y[j], m[j]);
+        for (int64_t j = 0; j < width; ++j) sum[j] += shifted_exp(contrastive_logit(y[j], s, j == masked), m[j]);
       }
       for (int64_t j = 0; j < width; ++j) {
         col_lse[p.tile_start + c0 + j] = LseState<acc_t>{m[j], sum[j]}.value();
@@ -132,9 +140,10 @@ void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const 
 }
 
 #define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(acc_t)                                                    \
-  template void contrastive_tile_rows<acc_t>(const ContrastiveParams&, acc_t*, const acc_t*,             \
+  template void contrastive_tile_rows<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,       \
                                              const int64_t*, ContrastiveRowState<acc_t>);                \
-  template void contrastive_tile_columns<acc_t>(const ContrastiveParams&, const acc_t*, acc_t*);         \
+  template void contrastive_tile_columns<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,    \
+                                                acc_t*);                                                 \
   template void contrastive_finalize<acc_t>(const ContrastiveParams&, const int64_t*,                    \
                                             ContrastiveRowState<acc_t>, const acc_t*, acc_t*, acc_t*);   \
   template void contrastive_tile_grad<acc_t, acc_t>(const ContrastiveParams&, const acc_t*,              \

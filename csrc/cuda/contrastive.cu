@@ -28,17 +28,16 @@ int64_t column_slices(int64_t num_rows) {
 }
 
 template <typename acc_t>
-__global__ void tile_rows_kernel(ContrastiveParams p, acc_t* tile, const acc_t* scale,
+__global__ void tile_rows_kernel(ContrastiveParams p, const acc_t* tile, const acc_t* scale,
                                  const int64_t* positives, ContrastiveRowState<acc_t> state) {
   const int64_t row = blockIdx.x;
-  acc_t* y = tile + row * p.tile_stride;
+  const acc_t* y = tile + row * p.tile_stride;
   const acc_t s = *scale;
   const int64_t masked = p.masked_tile_col(row);
   const int64_t t = positives[row] - p.tile_start;
   LseState<acc_t> local = LseState<acc_t>::empty();
   for (int64_t j = threadIdx.x; j < p.tile_cols; j += blockDim.x) {
-    const acc_t v = j == masked ? neg_infinity<acc_t>() : s * y[j];
-    y[j] = v;  // the column pass reads finished logits
+    const acc_t v = contrastive_logit(y[j], s, j == masked);
     if (j != masked) local = lse_merge(local, LseState<acc_t>{v, acc_t(1)});
     if (j == t) state.positive_logit[row] = v;
   }
@@ -52,16 +51,17 @@ __global__ void tile_rows_kernel(ContrastiveParams p, acc_t* tile, const acc_t* 
 
 // Partial column LSE of rows [slice * rows_per_slice, ...) for 32 columns.
 template <typename acc_t>
-__global__ void tile_columns_partial_kernel(ContrastiveParams p, const acc_t* tile, int64_t rows_per_slice,
-                                            LseState<acc_t>* partial) {
+__global__ void tile_columns_partial_kernel(ContrastiveParams p, const acc_t* tile, const acc_t* scale,
+                                            int64_t rows_per_slice, LseState<acc_t>* partial) {
   const int64_t col = blockIdx.x * int64_t(kColumnsPerBlock) + threadIdx.x;
   const int64_t row_begin = blockIdx.y * rows_per_slice;
   const int64_t row_end = min(p.num_rows, row_begin + rows_per_slice);
   LseState<acc_t> local = LseState<acc_t>::empty();
   if (col < p.tile_cols) {
+    const acc_t s = *scale;
     for (int64_t row = row_begin + threadIdx.y; row < row_end; row += kRowLanes) {
-      const acc_t v = tile[row * p.tile_stride + col];
-      if (v != neg_infinity<acc_t>()) local = lse_merge(local, LseState<acc_t>{v, acc_t(1)});
+      if (p.masked_tile_col(row) == col) continue;
+      local = lse_merge(local, LseState<acc_t>{s * tile[row * p.tile_stride + col], acc_t(1)});
     }
   }
   __shared__ LseState<acc_t> lanes[kRowLanes][kColumnsPerBlock];
@@ -129,7 +129,7 @@ int64_t contrastive_column_scratch_elems(int64_t num_rows, int64_t tile_cols) {
 }
 
 template <typename acc_t>
-void contrastive_tile_rows(const ContrastiveParams& p, acc_t* tile, const acc_t* scale,
+void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, ContrastiveRowState<acc_t> state, void* stream) {
   if (p.num_rows == 0) return;
   tile_rows_kernel<acc_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(p, tile, scale, positives,
@@ -138,15 +138,16 @@ void contrastive_tile_rows(const ContrastiveParams& p, acc_t* tile, const acc_t*
 }
 
 template <typename acc_t>
-void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, acc_t* col_lse, acc_t* scratch,
-                              void* stream) {
+void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale, acc_t* col_lse,
+                              acc_t* scratch, void* stream) {
   if (p.num_rows == 0 || p.tile_cols == 0) return;
   const int64_t slices = column_slices(p.num_rows);
   const int64_t rows_per_slice = (p.num_rows + slices - 1) / slices;
   auto* partial = reinterpret_cast<LseState<acc_t>*>(scratch);
   const dim3 grid((p.tile_cols + kColumnsPerBlock - 1) / kColumnsPerBlock, slices);
   const dim3 block(kColumnsPerBlock, kRowLanes);
-  tile_columns_partial_kernel<acc_t><<<grid, block, 0, as_stream(stream)>>>(p, tile, rows_per_slice, partial);
+  tile_columns_partial_kernel<acc_t><<<grid, block, 0, as_stream(stream)>>>(p, tile, scale, rows_per_slice,
+                                                                                partial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int threads = 256;
   tile_columns_merge_kernel<acc_t><<<(p.tile_cols + threads - 1) / threads, threads, 0, as_stream(stream)>>>(
@@ -175,10 +176,10 @@ void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const 
 }
 
 #define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE(acc_t)                                                    \
-  template void contrastive_tile_rows<acc_t>(const ContrastiveParams&, acc_t*, const acc_t*,               \
+  template void contrastive_tile_rows<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,         \
                                              const int64_t*, ContrastiveRowState<acc_t>, void*);           \
-  template void contrastive_tile_columns<acc_t>(const ContrastiveParams&, const acc_t*, acc_t*, acc_t*,    \
-                                                void*);                                                    \
+  template void contrastive_tile_columns<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,      \
+                                                acc_t*, acc_t*, void*);                                    \
   template void contrastive_finalize<acc_t>(const ContrastiveParams&, const int64_t*,                      \
                                             ContrastiveRowState<acc_t>, const acc_t*, acc_t*, acc_t*, void*);
 #define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD(acc_t, grad_t)                                             \

@@ -6,7 +6,9 @@
 // walks the columns in tiles, forming one [R, tile] block of raw dot products
 // with a GEMM; the kernels declared here fold that block into a per-row online
 // log-sum-exp and, for the symmetric loss, into the complete column-wise LSE of
-// the tile's columns (the block holds every row). The R x C matrix never exists.
+// the tile's columns (the block holds every row). The block is only read: the
+// kernels apply the scale and the mask on the fly, so the forward moves each
+// dot product through memory once per pass. The R x C matrix never exists.
 //
 // Row i's positive is column positives[i] (any layout: i, i + offset for a
 // slice of gathered keys, (i + N) mod 2N for NT-Xent); with mask_self, column
@@ -44,6 +46,12 @@ struct ContrastiveRowState {
   acc_t* positive_logit;  // logit at the positive column, once its tile is seen
 };
 
+// Logit of one tile entry: scale * dot, or -inf where the self mask applies.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t contrastive_logit(acc_t dot, acc_t scale, bool masked) {
+  return masked ? neg_infinity<acc_t>() : scale * dot;
+}
+
 // Loss of pair i: lse_row - positive logit, or (symmetric) the mean of that and
 // the column term lse_col[positive] - positive logit.
 template <typename acc_t>
@@ -65,15 +73,15 @@ FL_HOST_DEVICE acc_t contrastive_logit_grad(acc_t row_prob, acc_t row_grad, acc_
 }
 
 namespace cpu {
-// Turn a tile of raw dot products [R, tile_cols] into logits in place
-// (scale * dot, -inf at the masked column) and merge it into the row state.
+// Merge the logits of a tile of raw dot products [R, tile_cols] into the row
+// state (and record each row's positive logit when its column is here).
 template <typename acc_t>
-void contrastive_tile_rows(const ContrastiveParams& p, acc_t* tile, const acc_t* scale,
+void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, ContrastiveRowState<acc_t> state);
-// Column-wise LSE over all R rows of a tile of logits (after
-// contrastive_tile_rows): writes col_lse[tile_start + j].
+// Column-wise LSE over all R rows of a tile: writes col_lse[tile_start + j].
 template <typename acc_t>
-void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, acc_t* col_lse);
+void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                              acc_t* col_lse);
 // row_lse[R] and the per-row loss[R]: lse - positive, or the mean of the row
 // and the column term of the pair when symmetric.
 template <typename acc_t>
@@ -93,14 +101,14 @@ void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const 
 #ifdef FUSEDLOSS_WITH_CUDA
 namespace cuda {
 template <typename acc_t>
-void contrastive_tile_rows(const ContrastiveParams& p, acc_t* tile, const acc_t* scale,
+void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, ContrastiveRowState<acc_t> state, void* stream);
 // Elements of acc_t scratch contrastive_tile_columns needs (partial LSE states
 // of row slices, reduced deterministically by a second kernel).
 int64_t contrastive_column_scratch_elems(int64_t num_rows, int64_t tile_cols);
 template <typename acc_t>
-void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, acc_t* col_lse,
-                              acc_t* scratch, void* stream);
+void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                              acc_t* col_lse, acc_t* scratch, void* stream);
 template <typename acc_t>
 void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives,
                           ContrastiveRowState<acc_t> state, const acc_t* col_lse, acc_t* row_lse,
