@@ -5,7 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <array>
+#include <type_traits>
 
 #include "fusedloss/contrastive.h"
 #include "vec_math.h"
@@ -19,14 +19,6 @@ int64_t row_grain(int64_t columns) { return std::max<int64_t>(1, 16384 / std::ma
 // Columns per strip of the column-wise pass: the strip's running max and sum
 // stay in registers / L1 while the rows stream past.
 constexpr int64_t kColumnStrip = 32;
-
-// exp(x - shift) where a masked entry (x = -inf) or an all-masked column
-// (shift = -inf) contributes nothing (the polynomial exp clamps instead of
-// returning 0, and -inf + inf would be NaN).
-template <typename acc_t>
-acc_t shifted_exp(acc_t x, acc_t shift) {
-  return x == neg_infinity<acc_t>() ? acc_t(0) : exp_vectorizable(x - shift);
-}
 }  // namespace
 
 template <typename acc_t>
@@ -49,7 +41,10 @@ void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const 
       if (m == neg_infinity<acc_t>()) continue;  // every column of this tile masked
       acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < columns; ++j) sum += j == masked ? acc_t(0) : exp_vectorizable(s * y[j] - m);
+      for (int64_t j = 0; j < columns; ++j) {
+        const acc_t e = exp_vectorizable(s * y[j] - m);
+        sum += j == masked ? acc_t(0) : e;
+      }
       const LseState<acc_t> merged =
           lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]}, LseState<acc_t>{m, sum});
       state.max[row] = merged.max;
@@ -69,9 +64,9 @@ void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, con
     for (int64_t strip = begin; strip < end; ++strip) {
       const int64_t c0 = strip * kColumnStrip;
       const int64_t width = std::min(kColumnStrip, p.tile_cols - c0);
-      std::array<acc_t, kColumnStrip> m, sum;
-      m.fill(neg_infinity<acc_t>());
-      sum.fill(acc_t(0));
+      acc_t m[kColumnStrip], sum[kColumnStrip];
+      std::fill_n(m, kColumnStrip, neg_infinity<acc_t>());
+      std::fill_n(sum, kColumnStrip, acc_t(0));
       // Two sweeps (max, then sum of exp) keep the inner loops branch-free.
       for (int64_t row = 0; row < p.num_rows; ++row) {
         const acc_t* y = tile + row * p.tile_stride + c0;
@@ -86,7 +81,11 @@ void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, con
         const acc_t* y = tile + row * p.tile_stride + c0;
         const int64_t masked = p.masked_tile_col(row) - c0;
 #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) sum[j] += shifted_exp(contrastive_logit(y[j], s, j == masked), m[j]);
+        for (int64_t j = 0; j < width; ++j) {
+          // exp computed unconditionally and then selected: a select vectorises, a branch not.
+          const acc_t e = exp_vectorizable(s * y[j] - m[j]);
+          sum[j] += j == masked ? acc_t(0) : e;
+        }
       }
       for (int64_t j = 0; j < width; ++j) {
         col_lse[p.tile_start + c0 + j] = LseState<acc_t>{m[j], sum[j]}.value();
@@ -115,28 +114,36 @@ void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const 
                            const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits) {
   const int64_t columns = p.tile_cols;
   const acc_t s = *scale;
-  // The column term's statistics of this tile (unused when not symmetric).
-  const acc_t* tile_col_lse = p.symmetric ? col_lse + p.tile_start : nullptr;
-  const acc_t* tile_col_grad = p.symmetric ? col_grad + p.tile_start : nullptr;
-  at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const acc_t* z = tile + row * p.tile_stride;
-      grad_t* dz = dlogits + row * p.tile_stride;
-      const acc_t lse = row_lse[row], g = row_grad[row];
-      const int64_t t = positives[row] - p.tile_start;
-      const int64_t masked = p.masked_tile_col(row);
+  // One loop per variant, so that neither carries a conditional load.
+  const auto run = [&](auto symmetric_tag) {
+    constexpr bool kSymmetric = decltype(symmetric_tag)::value;
+    const acc_t* tile_col_lse = kSymmetric ? col_lse + p.tile_start : nullptr;
+    const acc_t* tile_col_grad = kSymmetric ? col_grad + p.tile_start : nullptr;
+    at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const acc_t* z = tile + row * p.tile_stride;
+        grad_t* dz = dlogits + row * p.tile_stride;
+        const acc_t lse = row_lse[row], g = row_grad[row];
+        const int64_t t = positives[row] - p.tile_start;
+        const int64_t masked = p.masked_tile_col(row);
 #pragma omp simd
-      for (int64_t j = 0; j < columns; ++j) {
-        const acc_t x = s * z[j];
-        const acc_t col_prob = p.symmetric ? exp_vectorizable(x - tile_col_lse[j]) : acc_t(0);
-        const acc_t col_g = p.symmetric ? tile_col_grad[j] : acc_t(0);
-        const acc_t d = contrastive_logit_grad(exp_vectorizable(x - lse), g, col_prob, col_g, j == t,
-                                               p.symmetric);
-        // d logits / d dot = scale: the GEMMs consume raw operands.
-        dz[j] = static_cast<grad_t>(j == masked ? acc_t(0) : s * d);
+        for (int64_t j = 0; j < columns; ++j) {
+          const acc_t x = s * z[j];
+          acc_t col_prob = 0, col_g = 0;
+          if constexpr (kSymmetric) {
+            col_prob = exp_vectorizable(x - tile_col_lse[j]);
+            col_g = tile_col_grad[j];
+          }
+          const acc_t d =
+              contrastive_logit_grad(exp_vectorizable(x - lse), g, col_prob, col_g, j == t, kSymmetric);
+          // d logits / d dot = scale: the GEMMs consume raw operands.
+          dz[j] = static_cast<grad_t>(j == masked ? acc_t(0) : s * d);
+        }
       }
-    }
-  });
+    });
+  };
+  if (p.symmetric) run(std::true_type{});
+  else run(std::false_type{});
 }
 
 #define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(acc_t)                                                    \

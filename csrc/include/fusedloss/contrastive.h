@@ -67,9 +67,9 @@ FL_HOST_DEVICE acc_t contrastive_pair_loss(acc_t row_lse, acc_t col_lse, acc_t p
 template <typename acc_t>
 FL_HOST_DEVICE acc_t contrastive_logit_grad(acc_t row_prob, acc_t row_grad, acc_t col_prob,
                                             acc_t col_grad, bool is_positive, bool symmetric) {
-  acc_t g = row_grad * row_prob + col_grad * col_prob;
-  if (is_positive) g -= symmetric ? acc_t(2) * row_grad : row_grad;
-  return g;
+  // Branch-free so that the CPU loop vectorises.
+  const acc_t one_hot = is_positive ? (symmetric ? acc_t(2) * row_grad : row_grad) : acc_t(0);
+  return row_grad * row_prob + col_grad * col_prob - one_hot;
 }
 
 namespace cpu {
