@@ -181,6 +181,7 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_forward(const Tensor& rows, const
   const auto acc_opts = rows.options().dtype(prob.acc_dtype);
   Tensor state = at::zeros({3, num_rows}, acc_opts);
   state[0].fill_(-std::numeric_limits<double>::infinity());
+  state[2].fill_(std::numeric_limits<double>::quiet_NaN());  // a positive never seen poisons its row
   Tensor row_lse = at::empty({num_rows}, acc_opts);
   Tensor loss = at::empty({num_rows}, acc_opts);
   // Only the symmetric loss needs column statistics.

@@ -114,3 +114,14 @@ def test_op_level_validation():
         ops.contrastive_forward(rows, x(5, 3), good, scale, None, False, 0)
     with pytest.raises(TypeError, match="dtype"):
         ops.contrastive_forward(rows, cols.double(), good, scale, None, False, 0)
+
+
+@CUDA
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_cuda_invalid_positive_poisons_its_row(symmetric):
+    # CUDA does not scan positives on the host (no sync); a row whose positive
+    # is never seen gets NaN instead of a silently wrong loss or a stray read.
+    rows, cols = x(3, 4, device="cuda"), x(5, 4, device="cuda")
+    positives = torch.tensor([0, 9, 2], device="cuda")
+    loss, _, _ = ops.contrastive_forward(rows, cols, positives, torch.tensor(1.0, device="cuda"), None, symmetric, 0)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()

@@ -102,7 +102,7 @@ void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives,
     for (int64_t row = begin; row < end; ++row) {
       const acc_t lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
       row_lse[row] = lse;
-      const acc_t column = p.symmetric ? col_lse[positives[row]] : acc_t(0);
+      const acc_t column = p.symmetric ? positive_column_lse(col_lse, positives[row], p.num_cols) : acc_t(0);
       loss[row] = contrastive_pair_loss(lse, column, state.positive_logit[row], p.symmetric);
     }
   });

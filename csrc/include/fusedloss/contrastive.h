@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "fusedloss/numerics.h"
 
@@ -43,13 +44,21 @@ template <typename acc_t>
 struct ContrastiveRowState {
   acc_t* max;             // running max of the row's logits
   acc_t* sum_exp;         // running sum of exp(logit - max)
-  acc_t* positive_logit;  // logit at the positive column, once its tile is seen
+  acc_t* positive_logit;  // logit at the positive column once its tile is seen (NaN before)
 };
 
 // Logit of one tile entry: scale * dot, or -inf where the self mask applies.
 template <typename acc_t>
 FL_HOST_DEVICE acc_t contrastive_logit(acc_t dot, acc_t scale, bool masked) {
   return masked ? neg_infinity<acc_t>() : scale * dot;
+}
+
+// Column LSE at a row's positive. The CUDA path does not validate positives
+// (the Python layer builds them), so an invalid one yields NaN, never an
+// out-of-bounds read.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t positive_column_lse(const acc_t* col_lse, int64_t positive, int64_t num_cols) {
+  return positive >= 0 && positive < num_cols ? col_lse[positive] : std::numeric_limits<acc_t>::quiet_NaN();
 }
 
 // Loss of pair i: lse_row - positive logit, or (symmetric) the mean of that and
