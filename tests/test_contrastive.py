@@ -54,12 +54,13 @@ def test_info_nce_matches_reference_fp32(device, symmetric, num_negatives, norma
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["none", "sum"])
-def test_info_nce_reductions_and_upstream_weights(device, reduction):
+@pytest.mark.parametrize("tile_size", [1, 5, 1000])
+def test_info_nce_reductions_and_upstream_weights(device, reduction, tile_size):
     B, D = 19, 8
     q, n = features(B, D, device, seed=4), features(6, D, device, seed=6)
     k = features(D, B, device, seed=5).T  # non-contiguous
     kwargs = dict(negatives=n, temperature=0.5, symmetric=True, reduction=reduction)
-    ours = fusedloss.info_nce_loss(q, k, tile_size=5, **kwargs)
+    ours = fusedloss.info_nce_loss(q, k, tile_size=tile_size, **kwargs)
     expected = ref.info_nce_loss(q, k, **kwargs)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
     weight = torch.rand(ours.shape, device=device) if reduction == "none" else None
