@@ -293,3 +293,21 @@ def test_cuda_memory_is_not_quadratic(loss_name):
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 256 * 2**20
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_symmetric_with_self_mask_over_several_column_strips(device):
+    # The op's most general form: square, self-masked, symmetric, tiles wider
+    # than one CPU column strip (32) with a ragged last tile.
+    n, D = 100, 16
+    hidden = features(n, D, device, seed=90)
+    positives = (torch.arange(n, device=device) + n // 2) % n
+    scale = torch.tensor(3.0, device=device, requires_grad=True)
+    loss, _, _ = torch.ops.fusedloss.contrastive_forward(hidden, hidden, positives, scale, 0, True, 70)
+    logits = (scale * hidden @ hidden.T).masked_fill(torch.eye(n, dtype=torch.bool, device=device), float("-inf"))
+    expected = 0.5 * (F.cross_entropy(logits, positives, reduction="none")
+                      + torch.logsumexp(logits, 0)[positives] - logits.gather(1, positives[:, None]).squeeze(1))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    weight = torch.rand(n, device=device)
+    assert_all_close(grads(loss, [hidden, scale], weight), grads(expected, [hidden, scale], weight),
+                     rtol=1e-4, atol=1e-5)
