@@ -243,9 +243,10 @@ def test_opcheck(device, symmetric):
                           (rows, cols, positives, scale, self_offset, symmetric, 4))
     loss, row_lse, col_lse = torch.ops.fusedloss.contrastive_forward(
         rows.detach(), cols.detach(), positives, scale.detach(), self_offset, symmetric, 4)
-    torch.library.opcheck(torch.ops.fusedloss.contrastive_backward,
-                          (torch.rand_like(loss), rows.detach(), cols.detach(), positives, scale.detach(), row_lse,
-                           col_lse, self_offset, symmetric, 4, [True, True, True]))
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        torch.library.opcheck(torch.ops.fusedloss.contrastive_backward,
+                              (torch.rand_like(loss), rows.detach(), cols.detach(), positives, scale.detach(),
+                               row_lse, col_lse, self_offset, symmetric, 4, mask))
 
 
 def test_torch_compile_fullgraph():
