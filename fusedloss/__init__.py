@@ -1,5 +1,6 @@
 """fusedloss: large-vocabulary losses that never materialise the full logits."""
 from ._extension import built_with_cuda
+from .contrastive import ClipLoss, InfoNCELoss, NTXentLoss, clip_loss, info_nce_loss, nt_xent_loss
 from .linear_ce import LinearCrossEntropyLoss, linear_cross_entropy
 from . import reference
 from . import compat, samplers
@@ -8,6 +9,12 @@ from .sampled import NCELoss, SampledSoftmaxLoss, nce_loss, sampled_softmax_loss
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClipLoss",
+    "InfoNCELoss",
+    "NTXentLoss",
+    "clip_loss",
+    "info_nce_loss",
+    "nt_xent_loss",
     "LinearCrossEntropyLoss",
     "built_with_cuda",
     "linear_cross_entropy",

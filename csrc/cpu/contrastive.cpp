@@ -1,0 +1,164 @@
+// CPU kernels of the InfoNCE family: passes over one [R, tile] block of dot
+// products at a time (the GEMMs live in csrc/contrastive.cpp). Rows are
+// processed in parallel; the column-wise LSE walks the block in column strips
+// so that each row visit reads a contiguous, vectorisable run.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "fusedloss/contrastive.h"
+#include "vec_math.h"
+
+namespace fusedloss::cpu {
+
+namespace {
+// Rows per parallel task: enough work per task to amortise scheduling.
+int64_t row_grain(int64_t columns) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(columns, 1)); }
+
+// Columns per strip of the column-wise pass: the strip's running max and sum
+// stay in registers / L1 while the rows stream past.
+constexpr int64_t kColumnStrip = 32;
+}  // namespace
+
+template <typename acc_t>
+void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                           const int64_t* positives, ContrastiveRowState<acc_t> state) {
+  const int64_t columns = p.tile_cols;
+  const acc_t s = *scale;
+  at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const acc_t* y = tile + row * p.tile_stride;
+      // The mask is applied before the max: the self-similarity is usually the
+      // largest logit and would otherwise be a shift that underflows every term.
+      const int64_t masked = p.masked_tile_col(row);
+      acc_t m = neg_infinity<acc_t>();
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < columns; ++j) {
+        const acc_t v = contrastive_logit(y[j], s, j == masked);
+        m = v > m ? v : m;
+      }
+      if (m == neg_infinity<acc_t>()) continue;  // every column of this tile masked
+      acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < columns; ++j) {
+        const acc_t e = exp_vectorizable(s * y[j] - m);
+        sum += j == masked ? acc_t(0) : e;
+      }
+      const LseState<acc_t> merged =
+          lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]}, LseState<acc_t>{m, sum});
+      state.max[row] = merged.max;
+      state.sum_exp[row] = merged.sum;
+      const int64_t t = positives[row] - p.tile_start;
+      if (t >= 0 && t < columns) state.positive_logit[row] = s * y[t];
+    }
+  });
+}
+
+template <typename acc_t>
+void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                              acc_t* col_lse) {
+  const acc_t s = *scale;
+  const int64_t strips = (p.tile_cols + kColumnStrip - 1) / kColumnStrip;
+  at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t strip = begin; strip < end; ++strip) {
+      const int64_t c0 = strip * kColumnStrip;
+      const int64_t width = std::min(kColumnStrip, p.tile_cols - c0);
+      acc_t m[kColumnStrip], sum[kColumnStrip];
+      std::fill_n(m, kColumnStrip, neg_infinity<acc_t>());
+      std::fill_n(sum, kColumnStrip, acc_t(0));
+      // Two sweeps (max, then sum of exp) keep the inner loops branch-free.
+      for (int64_t row = 0; row < p.num_rows; ++row) {
+        const acc_t* y = tile + row * p.tile_stride + c0;
+        const int64_t masked = p.masked_tile_col(row) - c0;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          const acc_t v = contrastive_logit(y[j], s, j == masked);
+          m[j] = v > m[j] ? v : m[j];
+        }
+      }
+      for (int64_t row = 0; row < p.num_rows; ++row) {
+        const acc_t* y = tile + row * p.tile_stride + c0;
+        const int64_t masked = p.masked_tile_col(row) - c0;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          // exp computed unconditionally and then selected: a select vectorises, a branch not.
+          const acc_t e = exp_vectorizable(s * y[j] - m[j]);
+          sum[j] += j == masked ? acc_t(0) : e;
+        }
+      }
+      for (int64_t j = 0; j < width; ++j) {
+        col_lse[p.tile_start + c0 + j] = LseState<acc_t>{m[j], sum[j]}.value();
+      }
+    }
+  });
+}
+
+template <typename acc_t>
+void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives,
+                          ContrastiveRowState<acc_t> state, const acc_t* col_lse, acc_t* row_lse,
+                          acc_t* loss) {
+  at::parallel_for(0, p.num_rows, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const acc_t lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
+      row_lse[row] = lse;
+      const acc_t column = p.symmetric ? positive_column_lse(col_lse, positives[row], p.num_cols) : acc_t(0);
+      loss[row] = contrastive_pair_loss(lse, column, state.positive_logit[row], p.symmetric);
+    }
+  });
+}
+
+template <typename acc_t, typename grad_t>
+void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                           const int64_t* positives, const acc_t* row_lse, const acc_t* col_lse,
+                           const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits) {
+  const int64_t columns = p.tile_cols;
+  const acc_t s = *scale;
+  // One loop per variant, so that neither carries a conditional load.
+  const auto run = [&](auto symmetric_tag) {
+    constexpr bool kSymmetric = decltype(symmetric_tag)::value;
+    const acc_t* tile_col_lse = kSymmetric ? col_lse + p.tile_start : nullptr;
+    const acc_t* tile_col_grad = kSymmetric ? col_grad + p.tile_start : nullptr;
+    at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const acc_t* z = tile + row * p.tile_stride;
+        grad_t* dz = dlogits + row * p.tile_stride;
+        const acc_t lse = row_lse[row], g = row_grad[row];
+        const int64_t t = positives[row] - p.tile_start;
+        const int64_t masked = p.masked_tile_col(row);
+#pragma omp simd
+        for (int64_t j = 0; j < columns; ++j) {
+          const acc_t x = s * z[j];
+          acc_t col_prob = 0, col_g = 0;
+          if constexpr (kSymmetric) {
+            col_prob = exp_vectorizable(x - tile_col_lse[j]);
+            col_g = tile_col_grad[j];
+          }
+          const acc_t d =
+              contrastive_logit_grad(exp_vectorizable(x - lse), g, col_prob, col_g, j == t, kSymmetric);
+          // d logits / d dot = scale: the GEMMs consume raw operands.
+          dz[j] = static_cast<grad_t>(j == masked ? acc_t(0) : s * d);
+        }
+      }
+    });
+  };
+  if (p.symmetric) run(std::true_type{});
+  else run(std::false_type{});
+}
+
+#define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(acc_t)                                                    \
+  template void contrastive_tile_rows<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,       \
+                                             const int64_t*, ContrastiveRowState<acc_t>);                \
+  template void contrastive_tile_columns<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,    \
+                                                acc_t*);                                                 \
+  template void contrastive_finalize<acc_t>(const ContrastiveParams&, const int64_t*,                    \
+                                            ContrastiveRowState<acc_t>, const acc_t*, acc_t*, acc_t*);   \
+  template void contrastive_tile_grad<acc_t, acc_t>(const ContrastiveParams&, const acc_t*,              \
+                                                    const acc_t*, const int64_t*, const acc_t*,          \
+                                                    const acc_t*, const acc_t*, const acc_t*, acc_t*);
+
+FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(float)
+FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(double)
+#undef FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU
+
+}  // namespace fusedloss::cpu

@@ -1,0 +1,198 @@
+// CUDA kernels of the InfoNCE family. The row passes use one thread block per
+// row of the [R, tile] block of dot products (coalesced loads, shared-memory
+// reductions, as in linear_ce.cu). The column-wise LSE uses blocks of
+// 32 columns x 8 row lanes over slices of the rows, writing partial LSE states
+// that a second kernel merges in a fixed order: deterministic, no atomics. The
+// GEMMs that produce and consume the block run in cuBLAS (csrc/contrastive.cpp).
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "block_reduce.cuh"
+#include "fusedloss/contrastive.h"
+
+namespace fusedloss::cuda {
+
+namespace {
+
+constexpr int kColumnsPerBlock = 32;  // one warp across 32 adjacent columns
+constexpr int kRowLanes = 8;
+constexpr int64_t kRowsPerSlice = 512;  // rows each column block reduces
+constexpr int64_t kMaxSlices = 64;
+
+int64_t column_slices(int64_t num_rows) {
+  return std::min(kMaxSlices, std::max<int64_t>(1, (num_rows + kRowsPerSlice - 1) / kRowsPerSlice));
+}
+
+template <typename acc_t>
+__global__ void tile_rows_kernel(ContrastiveParams p, const acc_t* tile, const acc_t* scale,
+                                 const int64_t* positives, ContrastiveRowState<acc_t> state) {
+  const int64_t row = blockIdx.x;
+  const acc_t* y = tile + row * p.tile_stride;
+  const acc_t s = *scale;
+  const int64_t masked = p.masked_tile_col(row);
+  const int64_t t = positives[row] - p.tile_start;
+  LseState<acc_t> local = LseState<acc_t>::empty();
+  for (int64_t j = threadIdx.x; j < p.tile_cols; j += blockDim.x) {
+    const acc_t v = contrastive_logit(y[j], s, j == masked);
+    if (j != masked) local = lse_merge(local, LseState<acc_t>{v, acc_t(1)});
+    if (j == t) state.positive_logit[row] = v;
+  }
+  const LseState<acc_t> chunk = block_allreduce(local, LseMergeOp{});
+  if (threadIdx.x == 0) {
+    const LseState<acc_t> merged = lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]}, chunk);
+    state.max[row] = merged.max;
+    state.sum_exp[row] = merged.sum;
+  }
+}
+
+// Partial column LSE of rows [slice * rows_per_slice, ...) for 32 columns.
+template <typename acc_t>
+__global__ void tile_columns_partial_kernel(ContrastiveParams p, const acc_t* tile, const acc_t* scale,
+                                            int64_t rows_per_slice, LseState<acc_t>* partial) {
+  const int64_t col = blockIdx.x * int64_t(kColumnsPerBlock) + threadIdx.x;
+  const int64_t row_begin = blockIdx.y * rows_per_slice;
+  const int64_t row_end = min(p.num_rows, row_begin + rows_per_slice);
+  LseState<acc_t> local = LseState<acc_t>::empty();
+  if (col < p.tile_cols) {
+    const acc_t s = *scale;
+    for (int64_t row = row_begin + threadIdx.y; row < row_end; row += kRowLanes) {
+      if (p.masked_tile_col(row) == col) continue;
+      local = lse_merge(local, LseState<acc_t>{s * tile[row * p.tile_stride + col], acc_t(1)});
+    }
+  }
+  __shared__ LseState<acc_t> lanes[kRowLanes][kColumnsPerBlock];
+  lanes[threadIdx.y][threadIdx.x] = local;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < p.tile_cols) {
+    for (int lane = 1; lane < kRowLanes; ++lane) local = lse_merge(local, lanes[lane][threadIdx.x]);
+    partial[blockIdx.y * p.tile_cols + col] = local;
+  }
+}
+
+template <typename acc_t>
+__global__ void tile_columns_merge_kernel(ContrastiveParams p, const LseState<acc_t>* partial, int64_t slices,
+                                          acc_t* col_lse) {
+  const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (col >= p.tile_cols) return;
+  LseState<acc_t> merged = LseState<acc_t>::empty();
+  for (int64_t slice = 0; slice < slices; ++slice) merged = lse_merge(merged, partial[slice * p.tile_cols + col]);
+  col_lse[p.tile_start + col] = merged.value();
+}
+
+template <typename acc_t>
+__global__ void finalize_kernel(ContrastiveParams p, const int64_t* positives, ContrastiveRowState<acc_t> state,
+                                const acc_t* col_lse, acc_t* row_lse, acc_t* loss) {
+  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (row >= p.num_rows) return;
+  const acc_t lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
+  row_lse[row] = lse;
+  const acc_t column = p.symmetric ? positive_column_lse(col_lse, positives[row], p.num_cols) : acc_t(0);
+  loss[row] = contrastive_pair_loss(lse, column, state.positive_logit[row], p.symmetric);
+}
+
+template <typename acc_t, typename grad_t>
+__global__ void tile_grad_kernel(ContrastiveParams p, const acc_t* tile, const acc_t* scale,
+                                 const int64_t* positives, const acc_t* row_lse, const acc_t* col_lse,
+                                 const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits) {
+  const int64_t row = blockIdx.x;
+  const acc_t* z = tile + row * p.tile_stride;
+  grad_t* dz = dlogits + row * p.tile_stride;
+  const acc_t s = *scale;
+  const acc_t lse = row_lse[row], g = row_grad[row];
+  const int64_t t = positives[row] - p.tile_start;
+  const int64_t masked = p.masked_tile_col(row);
+  for (int64_t j = threadIdx.x; j < p.tile_cols; j += blockDim.x) {
+    acc_t d = 0;
+    if (j != masked) {
+      const acc_t x = s * z[j];
+      const int64_t col = p.tile_start + j;
+      const acc_t col_prob = p.symmetric ? exp_acc(x - col_lse[col]) : acc_t(0);
+      const acc_t col_g = p.symmetric ? col_grad[col] : acc_t(0);
+      // d logits / d dot = scale: the GEMMs consume raw operands.
+      d = s * contrastive_logit_grad(exp_acc(x - lse), g, col_prob, col_g, j == t, p.symmetric);
+    }
+    dz[j] = static_cast<grad_t>(d);
+  }
+}
+
+cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+}  // namespace
+
+int64_t contrastive_column_scratch_elems(int64_t num_rows, int64_t tile_cols) {
+  // Each partial is an LseState (two acc_t).
+  return 2 * column_slices(num_rows) * tile_cols;
+}
+
+template <typename acc_t>
+void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                           const int64_t* positives, ContrastiveRowState<acc_t> state, void* stream) {
+  if (p.num_rows == 0) return;
+  tile_rows_kernel<acc_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(p, tile, scale, positives,
+                                                                                  state);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t>
+void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale, acc_t* col_lse,
+                              acc_t* scratch, void* stream) {
+  if (p.num_rows == 0 || p.tile_cols == 0) return;
+  const int64_t slices = column_slices(p.num_rows);
+  const int64_t rows_per_slice = (p.num_rows + slices - 1) / slices;
+  auto* partial = reinterpret_cast<LseState<acc_t>*>(scratch);
+  const dim3 grid((p.tile_cols + kColumnsPerBlock - 1) / kColumnsPerBlock, slices);
+  const dim3 block(kColumnsPerBlock, kRowLanes);
+  tile_columns_partial_kernel<acc_t><<<grid, block, 0, as_stream(stream)>>>(p, tile, scale, rows_per_slice,
+                                                                                partial);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int threads = 256;
+  tile_columns_merge_kernel<acc_t><<<(p.tile_cols + threads - 1) / threads, threads, 0, as_stream(stream)>>>(
+      p, partial, slices, col_lse);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t>
+void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives, ContrastiveRowState<acc_t> state,
+                          const acc_t* col_lse, acc_t* row_lse, acc_t* loss, void* stream) {
+  if (p.num_rows == 0) return;
+  const int threads = 256;
+  const int64_t blocks = (p.num_rows + threads - 1) / threads;
+  finalize_kernel<acc_t><<<blocks, threads, 0, as_stream(stream)>>>(p, positives, state, col_lse, row_lse, loss);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t, typename grad_t>
+void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                           const int64_t* positives, const acc_t* row_lse, const acc_t* col_lse,
+                           const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits, void* stream) {
+  if (p.num_rows == 0) return;
+  tile_grad_kernel<acc_t, grad_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(
+      p, tile, scale, positives, row_lse, col_lse, row_grad, col_grad, dlogits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE(acc_t)                                                    \
+  template void contrastive_tile_rows<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,         \
+                                             const int64_t*, ContrastiveRowState<acc_t>, void*);           \
+  template void contrastive_tile_columns<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,      \
+                                                acc_t*, acc_t*, void*);                                    \
+  template void contrastive_finalize<acc_t>(const ContrastiveParams&, const int64_t*,                      \
+                                            ContrastiveRowState<acc_t>, const acc_t*, acc_t*, acc_t*, void*);
+#define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD(acc_t, grad_t)                                             \
+  template void contrastive_tile_grad<acc_t, grad_t>(const ContrastiveParams&, const acc_t*, const acc_t*, \
+                                                     const int64_t*, const acc_t*, const acc_t*,           \
+                                                     const acc_t*, const acc_t*, grad_t*, void*);
+FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE(float)
+FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE(double)
+FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD(float, float)
+FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD(double, double)
+FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD(float, c10::BFloat16)
+FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD(float, c10::Half)
+#undef FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE
+#undef FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD
+
+}  // namespace fusedloss::cuda

@@ -1,0 +1,133 @@
+// InfoNCE family (InfoNCE, SimCLR NT-Xent, CLIP): the parameters and the
+// per-tile kernels shared by the CPU and CUDA backends.
+//
+// Design (see docs/contrastive.md): R query rows Q [R, D] are scored against C key
+// columns K [C, D], logits = scale * Q K^T. The driver (csrc/contrastive.cpp)
+// walks the columns in tiles, forming one [R, tile] block of raw dot products
+// with a GEMM; the kernels declared here fold that block into a per-row online
+// log-sum-exp and, for the symmetric loss, into the complete column-wise LSE of
+// the tile's columns (the block holds every row). The block is only read: the
+// kernels apply the scale and the mask on the fly, so the forward moves each
+// dot product through memory once per pass. The R x C matrix never exists.
+//
+// Row i's positive is column positives[i] (any layout: i, i + offset for a
+// slice of gathered keys, (i + N) mod 2N for NT-Xent); with mask_self, column
+// i + self_offset is excluded from row i's softmax (and from that column's).
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "fusedloss/numerics.h"
+
+namespace fusedloss {
+
+struct ContrastiveParams {
+  int64_t num_rows;     // R: query rows
+  int64_t num_cols;     // C: key columns (keys, then any extra negatives)
+  int64_t tile_start;   // first column of the current tile
+  int64_t tile_cols;    // columns in the current tile
+  int64_t tile_stride;  // elements between consecutive rows of the tile
+  int64_t self_offset;  // row i masks column i + self_offset (when mask_self)
+  bool mask_self;
+  bool symmetric;       // add the column-wise (key -> query) term
+
+  // Column of the tile masked for `row`, or -1.
+  FL_HOST_DEVICE int64_t masked_tile_col(int64_t row) const {
+    const int64_t c = row + self_offset - tile_start;
+    return mask_self && c >= 0 && c < tile_cols ? c : -1;
+  }
+};
+
+// Per-row running statistics of the forward pass, one array each of length R.
+template <typename acc_t>
+struct ContrastiveRowState {
+  acc_t* max;             // running max of the row's logits
+  acc_t* sum_exp;         // running sum of exp(logit - max)
+  acc_t* positive_logit;  // logit at the positive column once its tile is seen (NaN before)
+};
+
+// Logit of one tile entry: scale * dot, or -inf where the self mask applies.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t contrastive_logit(acc_t dot, acc_t scale, bool masked) {
+  return masked ? neg_infinity<acc_t>() : scale * dot;
+}
+
+// Column LSE at a row's positive. The CUDA path does not validate positives
+// (the Python layer builds them), so an invalid one yields NaN, never an
+// out-of-bounds read.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t positive_column_lse(const acc_t* col_lse, int64_t positive, int64_t num_cols) {
+  return positive >= 0 && positive < num_cols ? col_lse[positive] : std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// Loss of pair i: lse_row - positive logit, or (symmetric) the mean of that and
+// the column term lse_col[positive] - positive logit.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t contrastive_pair_loss(acc_t row_lse, acc_t col_lse, acc_t positive_logit,
+                                           bool symmetric) {
+  const acc_t row_term = row_lse - positive_logit;
+  return symmetric ? acc_t(0.5) * (row_term + col_lse - positive_logit) : row_term;
+}
+
+// d loss / d logit for one entry, given its row and column softmax
+// probabilities. With symmetric, row_grad is half the pair's upstream gradient
+// and the positive carries the one-hot of both terms (2 * row_grad).
+template <typename acc_t>
+FL_HOST_DEVICE acc_t contrastive_logit_grad(acc_t row_prob, acc_t row_grad, acc_t col_prob,
+                                            acc_t col_grad, bool is_positive, bool symmetric) {
+  // Branch-free so that the CPU loop vectorises.
+  const acc_t one_hot = is_positive ? (symmetric ? acc_t(2) * row_grad : row_grad) : acc_t(0);
+  return row_grad * row_prob + col_grad * col_prob - one_hot;
+}
+
+namespace cpu {
+// Merge the logits of a tile of raw dot products [R, tile_cols] into the row
+// state (and record each row's positive logit when its column is here).
+template <typename acc_t>
+void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                           const int64_t* positives, ContrastiveRowState<acc_t> state);
+// Column-wise LSE over all R rows of a tile: writes col_lse[tile_start + j].
+template <typename acc_t>
+void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                              acc_t* col_lse);
+// row_lse[R] and the per-row loss[R]: lse - positive, or the mean of the row
+// and the column term of the pair when symmetric.
+template <typename acc_t>
+void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives,
+                          ContrastiveRowState<acc_t> state, const acc_t* col_lse, acc_t* row_lse,
+                          acc_t* loss);
+// scale * dLoss/dlogits of one tile of raw dot products, given the per-row
+// upstream gradient of the row term (row_grad[R]) and, when symmetric, the
+// summed upstream gradient of the column terms per column (col_grad[C]).
+// `dlogits` may alias `tile`.
+template <typename acc_t, typename grad_t>
+void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                           const int64_t* positives, const acc_t* row_lse, const acc_t* col_lse,
+                           const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits);
+}  // namespace cpu
+
+#ifdef FUSEDLOSS_WITH_CUDA
+namespace cuda {
+template <typename acc_t>
+void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                           const int64_t* positives, ContrastiveRowState<acc_t> state, void* stream);
+// Elements of acc_t scratch contrastive_tile_columns needs (partial LSE states
+// of row slices, reduced deterministically by a second kernel).
+int64_t contrastive_column_scratch_elems(int64_t num_rows, int64_t tile_cols);
+template <typename acc_t>
+void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                              acc_t* col_lse, acc_t* scratch, void* stream);
+template <typename acc_t>
+void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives,
+                          ContrastiveRowState<acc_t> state, const acc_t* col_lse, acc_t* row_lse,
+                          acc_t* loss, void* stream);
+template <typename acc_t, typename grad_t>
+void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                           const int64_t* positives, const acc_t* row_lse, const acc_t* col_lse,
+                           const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits,
+                           void* stream);
+}  // namespace cuda
+#endif
+
+}  // namespace fusedloss

@@ -1,0 +1,266 @@
+"""InfoNCE family: InfoNCE (in-batch + extra negatives), SimCLR's NT-Xent and
+CLIP's symmetric loss, without ever materialising the B x B similarity matrix.
+
+All three are one fused op, ``fusedloss::contrastive_forward``: query rows
+Q [R, D] scored against key columns K [C, D] with logits ``scale * Q @ K.T``,
+row i's positive at column ``positives[i]``, optionally its own column masked
+(NT-Xent), optionally the column-wise (key -> query) term (CLIP, symmetric
+InfoNCE). The kernels walk the columns in tiles with an online log-sum-exp per
+row; a tile holds every row, so the column-wise LSE of its columns is complete
+in the same pass. The backward recomputes each tile (see docs/contrastive.md).
+
+``normalize=True`` L2-normalises in Python with ``F.normalize`` (autograd
+through it; O(B*D) extra memory, nothing quadratic).
+"""
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from . import _common
+from ._extension import C as _C  # noqa: F401  (registers torch.ops.fusedloss)
+
+_ops = torch.ops.fusedloss
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fusedloss::contrastive_forward")
+def _contrastive_forward_fake(rows, cols, positives, scale, self_offset, symmetric, tile_size):
+    acc = _acc_dtype(rows.dtype)
+    num_rows = rows.shape[0]
+    col_stats = cols.shape[0] if symmetric else 0
+    return (rows.new_empty(num_rows, dtype=acc), rows.new_empty(num_rows, dtype=acc),
+            rows.new_empty(col_stats, dtype=acc))
+
+
+@torch.library.register_fake("fusedloss::contrastive_backward")
+def _contrastive_backward_fake(grad_loss, rows, cols, positives, scale, row_lse, col_lse, self_offset, symmetric,
+                               tile_size, output_mask):
+    grad_rows = torch.empty_like(rows) if output_mask[0] else rows.new_empty(0)
+    grad_cols = torch.empty_like(cols) if output_mask[1] else cols.new_empty(0)
+    grad_scale = scale.new_empty(()) if output_mask[2] else rows.new_empty(0, dtype=_acc_dtype(rows.dtype))
+    return grad_rows, grad_cols, grad_scale
+
+
+def _setup_context(ctx, inputs, output):
+    rows, cols, positives, scale, *options = inputs
+    _, row_lse, col_lse = output
+    ctx.save_for_backward(rows, cols, positives, scale, row_lse, col_lse)
+    ctx.options = options
+
+
+def _backward(ctx, grad_loss, _grad_row_lse, _grad_col_lse):
+    rows, cols, positives, scale, row_lse, col_lse = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]]
+    grad_rows, grad_cols, grad_scale = _ops.contrastive_backward(
+        grad_loss, rows, cols, positives, scale, row_lse, col_lse, *ctx.options, mask
+    )
+    return (
+        grad_rows if mask[0] else None,
+        grad_cols if mask[1] else None,
+        None,
+        grad_scale if mask[2] else None,
+        *([None] * len(ctx.options)),
+    )
+
+
+torch.library.register_autograd("fusedloss::contrastive_forward", _backward, setup_context=_setup_context)
+
+
+def _check_features(name, t, like=None):
+    """Shape/dtype/device checks the Python layer must do itself because it
+    reshapes (concatenates, normalises) before the op sees the tensors."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, D], got shape {tuple(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+    if like is not None:
+        other, other_name = like
+        if t.shape[1] != other.shape[1]:
+            raise ValueError(f"{name} has D={t.shape[1]} features but {other_name} has D={other.shape[1]}")
+        if t.dtype != other.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} differs from {other_name} dtype {other.dtype}")
+        if t.device != other.device:
+            raise ValueError(f"{name} is on {t.device} but {other_name} is on {other.device}")
+
+
+def _check_tile_size(tile_size):
+    if tile_size is not None and (not isinstance(tile_size, numbers.Integral) or tile_size <= 0):
+        raise ValueError(f"tile_size must be a positive integer or None, got {tile_size!r}")
+
+
+def _positive_scalar(value, name, features):
+    """A float or a 0-dim tensor that must be > 0, as a 0-dim tensor on the
+    features' device (tensors keep their autograd graph)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() != 0:
+            raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {tuple(value.shape)}")
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.device != features.device:
+            raise ValueError(f"{name} is on {value.device} but the features are on {features.device}")
+        # One host sync on CUDA, skipped while compiling / capturing (like the
+        # target-range checks of the other losses).
+        if _common.should_check_values(value) and not bool(value.detach() > 0):
+            raise ValueError(f"{name} must be positive, got {value.item()}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return torch.tensor(float(value), dtype=_acc_dtype(features.dtype), device=features.device)
+
+
+def _fused(rows, cols, positives, scale, *, self_offset, symmetric, reduction, tile_size):
+    scale = scale.to(_acc_dtype(rows.dtype))
+    loss, _, _ = _ops.contrastive_forward(rows, cols, positives, scale, self_offset, symmetric, int(tile_size or 0))
+    return _common.reduce_rows(loss, None, reduction, loss.shape)
+
+
+def info_nce_loss(query, key, *, negatives=None, temperature=0.07, normalize=False, symmetric=False,
+                  reduction="mean", tile_size=None):
+    """InfoNCE with in-batch negatives (plus optional extra negatives).
+
+    Args:
+        query: [B, D]; key: [B, D], row i of each is a positive pair.
+        negatives: optional [M, D] extra negatives shared by every query; they
+            take no part in the key -> query term.
+        temperature: float or 0-dim tensor (> 0, receives a gradient);
+            logits are ``query @ key.T / temperature``.
+        normalize: L2-normalise queries, keys and negatives first.
+        symmetric: per pair, the mean of the query -> key term (CE over the
+            B + M columns) and the key -> query term (CE over the B queries).
+        reduction: ``"none"`` ([B] per pair), ``"sum"`` or ``"mean"`` (over B).
+        tile_size: key columns per tile (default: sized to a fixed workspace).
+
+    Returns the loss in fp32 (fp64 for fp64 inputs).
+    """
+    _common.check_reduction(reduction)
+    _check_tile_size(tile_size)
+    _check_features("query", query)
+    _check_features("key", key, like=(query, "query"))
+    if key.shape[0] != query.shape[0]:
+        raise ValueError(f"query has B={query.shape[0]} rows but key has {key.shape[0]}; "
+                         "row i of each must be a positive pair")
+    if negatives is not None:
+        _check_features("negatives", negatives, like=(query, "query"))
+    scale = 1.0 / _positive_scalar(temperature, "temperature", query)
+    query, key, negatives = _common.autocast_inputs(query.device.type, query, key, negatives)
+    if normalize:
+        query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
+        negatives = None if negatives is None else F.normalize(negatives, dim=-1)
+    cols = key if negatives is None else torch.cat([key, negatives])
+    positives = torch.arange(query.shape[0], device=query.device)
+    return _fused(query, cols, positives, scale, self_offset=None, symmetric=symmetric, reduction=reduction,
+                  tile_size=tile_size)
+
+
+def nt_xent_loss(hidden, *, temperature=0.5, normalize=True, reduction="mean", tile_size=None):
+    """SimCLR's NT-Xent on hidden [2N, D], rows i and i + N being two views.
+
+    Each of the 2N rows is an anchor: its positive is the other view, its
+    negatives the other 2N - 2 rows (its own similarity is masked out).
+    ``reduction="none"`` gives the 2N per-anchor losses, ``"mean"`` their mean
+    (SimCLR's ``objective.py`` returns twice that).
+    """
+    _common.check_reduction(reduction)
+    _check_tile_size(tile_size)
+    _check_features("hidden", hidden)
+    if hidden.shape[0] % 2 or hidden.shape[0] == 0:
+        raise ValueError(f"hidden must have an even, non-zero number of rows [2N, D] (views i and i+N), "
+                         f"got {hidden.shape[0]}")
+    scale = 1.0 / _positive_scalar(temperature, "temperature", hidden)
+    (hidden,) = _common.autocast_inputs(hidden.device.type, hidden)
+    if normalize:
+        hidden = F.normalize(hidden, dim=-1)
+    rows = hidden.shape[0]
+    positives = (torch.arange(rows, device=hidden.device) + rows // 2) % rows
+    return _fused(hidden, hidden, positives, scale, self_offset=0, symmetric=False, reduction=reduction,
+                  tile_size=tile_size)
+
+
+def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", tile_size=None):
+    """CLIP's symmetric loss: per pair, the mean of the image -> text and the
+    text -> image cross-entropy of ``logit_scale * image @ text.T`` (targets on
+    the diagonal). ``logit_scale`` is the multiplier (already exponentiated), a
+    float or a 0-dim tensor that receives a gradient. Features are used as
+    given (CLIP models normalise them). ``"mean"`` equals
+    ``(F.cross_entropy(X, y) + F.cross_entropy(X.T, y)) / 2``.
+    """
+    _common.check_reduction(reduction)
+    _check_tile_size(tile_size)
+    _check_features("image_features", image_features)
+    _check_features("text_features", text_features, like=(image_features, "image_features"))
+    if text_features.shape[0] != image_features.shape[0]:
+        raise ValueError(f"image_features has B={image_features.shape[0]} rows but text_features has "
+                         f"{text_features.shape[0]}")
+    scale = _positive_scalar(logit_scale, "logit_scale", image_features)
+    image_features, text_features = _common.autocast_inputs(image_features.device.type, image_features,
+                                                            text_features)
+    positives = torch.arange(image_features.shape[0], device=image_features.device)
+    return _fused(image_features, text_features, positives, scale, self_offset=None, symmetric=True,
+                  reduction=reduction, tile_size=tile_size)
+
+
+class InfoNCELoss(torch.nn.Module):
+    """Module form of :func:`info_nce_loss`; call as ``loss(query, key, negatives=None)``.
+    ``temperature`` may be a float or a 0-dim tensor / Parameter (learnable)."""
+
+    def __init__(self, temperature=0.07, *, normalize=False, symmetric=False, reduction="mean", tile_size=None):
+        super().__init__()
+        _common.check_reduction(reduction)
+        self.temperature = temperature
+        self.normalize = normalize
+        self.symmetric = symmetric
+        self.reduction = reduction
+        self.tile_size = tile_size
+
+    def forward(self, query, key, negatives=None):
+        return info_nce_loss(query, key, negatives=negatives, temperature=self.temperature,
+                             normalize=self.normalize, symmetric=self.symmetric, reduction=self.reduction,
+                             tile_size=self.tile_size)
+
+    def extra_repr(self):
+        return (f"temperature={self.temperature}, normalize={self.normalize}, symmetric={self.symmetric}, "
+                f"reduction={self.reduction!r}")
+
+
+class NTXentLoss(torch.nn.Module):
+    """Module form of :func:`nt_xent_loss`; call as ``loss(hidden)``."""
+
+    def __init__(self, temperature=0.5, *, normalize=True, reduction="mean", tile_size=None):
+        super().__init__()
+        _common.check_reduction(reduction)
+        self.temperature = temperature
+        self.normalize = normalize
+        self.reduction = reduction
+        self.tile_size = tile_size
+
+    def forward(self, hidden):
+        return nt_xent_loss(hidden, temperature=self.temperature, normalize=self.normalize,
+                            reduction=self.reduction, tile_size=self.tile_size)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}"
+
+
+class ClipLoss(torch.nn.Module):
+    """Module form of :func:`clip_loss`; call as ``loss(image_features, text_features, logit_scale)``."""
+
+    def __init__(self, *, reduction="mean", tile_size=None):
+        super().__init__()
+        _common.check_reduction(reduction)
+        self.reduction = reduction
+        self.tile_size = tile_size
+
+    def forward(self, image_features, text_features, logit_scale):
+        return clip_loss(image_features, text_features, logit_scale, reduction=self.reduction,
+                         tile_size=self.tile_size)
+
+    def extra_repr(self):
+        return f"reduction={self.reduction!r}"
