@@ -1,4 +1,12 @@
-import json, sys, time, torch, fusedloss
+"""Quick GPU check of linear_cross_entropy (bf16): fused vs reference vs the bare
+GEMMs, time (CUDA events, median of 5) and peak extra memory, plus accuracy
+against an fp32 reference. Produced benchmarks/results/gpu-h100-linear-ce-quick.json;
+`python -m fusedloss.bench --preset gpu` is the full benchmark."""
+import json
+
+import torch
+
+import fusedloss
 from fusedloss import reference
 def timeit(fn, reps=5):
     fn(); torch.cuda.synchronize()
@@ -7,7 +15,6 @@ def timeit(fn, reps=5):
         s=torch.cuda.Event(enable_timing=True); e=torch.cuda.Event(enable_timing=True)
         s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e))
     ts.sort(); return ts[len(ts)//2]
-out=[]
 for (n,d,v) in [(8192,4096,128256),(8192,2304,256000)]:
     x=(torch.randn(n,d,device='cuda')).bfloat16().requires_grad_()
     w=(torch.randn(v,d,device='cuda')/d**0.5).bfloat16().requires_grad_()
@@ -35,5 +42,5 @@ for (n,d,v) in [(8192,4096,128256),(8192,2304,256000)]:
     xo=x.detach().float().requires_grad_(); wo=w.detach().float().requires_grad_()
     lo=reference.linear_cross_entropy(xo,wo,t); lo.backward()
     row['loss_abs_err']=abs(l.item()-lo.item()); row['gx_max_err']=(gx-xo.grad).abs().max().item(); row['gw_max_err']=(gw-wo.grad).abs().max().item()
-    print(json.dumps(row), flush=True); out.append(row)
+    print(json.dumps(row), flush=True)
     del x,w,t; torch.cuda.empty_cache()
