@@ -25,7 +25,7 @@ Extension = CUDAExtension if with_cuda else CppExtension
 ext = Extension(
     name="fusedloss._C",
     sources=[os.path.relpath(s, ROOT) for s in build_config.sources(ROOT, with_cuda)],
-    include_dirs=build_config.include_dirs(ROOT),
+    include_dirs=build_config.include_dirs(ROOT) + (build_config.cuda_library_include_dirs() if with_cuda else []),
     extra_compile_args=build_config.compile_args(with_cuda, debug),
     extra_link_args=build_config.link_args(),
 )

@@ -71,7 +71,9 @@ def link_args():
 
 def want_cuda(torch_cuda_version, cuda_home):
     """Build CUDA kernels when torch is a CUDA build and a toolkit exists (never
-    gated on a visible GPU, so GPU-less builders still compile the kernels)."""
+    gated on a visible GPU, so GPU-less builders still compile the kernels).
+    A toolkit means nvcc plus the runtime headers: a lone `nvcc` shim on PATH
+    makes torch guess CUDA_HOME=/usr/local, which has neither."""
     if os.environ.get(CPU_ONLY_ENV, "0") == "1":
         return False
     if os.environ.get(FORCE_CUDA_ENV, "0") == "1":
@@ -80,4 +82,21 @@ def want_cuda(torch_cuda_version, cuda_home):
         torch_cuda_version is not None
         and cuda_home is not None
         and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+        and os.path.exists(os.path.join(cuda_home, "include", "cuda_runtime.h"))
     )
+
+
+def cuda_library_include_dirs():
+    """Include dirs of the CUDA math libraries shipped as pip wheels
+    (nvidia/cu13/include: cublas_v2.h, cusparse.h), which ATen's CUDA headers
+    include but a bare toolkit install may lack."""
+    import site
+    import sysconfig
+
+    roots = [sysconfig.get_paths()["purelib"]] + site.getsitepackages()
+    found = []
+    for root in roots:
+        for inc in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
+            if os.path.exists(os.path.join(inc, "cublas_v2.h")) and inc not in found:
+                found.append(inc)
+    return found

@@ -42,7 +42,8 @@ def _jit_build():
     return load(
         name="fusedloss_C",
         sources=_build_config.sources(_ROOT, with_cuda),
-        extra_include_paths=_build_config.include_dirs(_ROOT),
+        extra_include_paths=_build_config.include_dirs(_ROOT)
+        + (_build_config.cuda_library_include_dirs() if with_cuda else []),
         extra_cflags=args["cxx"],
         extra_cuda_cflags=args.get("nvcc"),
         extra_ldflags=_build_config.link_args(),

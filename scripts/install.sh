@@ -19,9 +19,6 @@ if [ -x "$NVCC" ] && [ "${FUSEDLOSS_CPU_ONLY:-0}" != "1" ]; then
   export CUDA_HOME=$(dirname "$(dirname "$NVCC")")
   export FUSEDLOSS_FORCE_CUDA=1
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-  # cublas_v2.h / cusparse.h, included by ATen's CUDA headers, ship in the nvidia wheels.
-  NV_INCLUDE=$(python -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))')
-  export CPLUS_INCLUDE_PATH=$NV_INCLUDE${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}
   echo "fusedloss: building CPU + CUDA kernels (arch $TORCH_CUDA_ARCH_LIST, $NVCC)"
 else
   export FUSEDLOSS_CPU_ONLY=1
