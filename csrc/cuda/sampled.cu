@@ -65,6 +65,10 @@ __global__ void accumulate_chunk_kernel(SampledParams p, SampledColumns<acc_t> c
   for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
     if (sampled_column_masked(p, cols, row, j)) continue;
     const acc_t z = sampled_column_logit(cols, row, j, y[j]);
+    // The CPU kernels mark masked columns with -inf, so a logit that is -inf
+    // itself (a -inf bias) is skipped there; skip it here too (NCE would
+    // otherwise compute 0 * -inf = NaN, softmax count it in M and sum_logits).
+    if (z == neg_infinity<acc_t>()) continue;
     if (nce) {
       nce_sum += sampled_nce_term(p, z);
     } else {
@@ -115,8 +119,9 @@ __global__ void chunk_grad_kernel(SampledParams p, SampledColumns<acc_t> cols, c
   grad_t* dz = dlogits + row * p.logits_stride;
   const acc_t g = grad_loss[row], lse = stats[row], unmasked = stats[p.num_rows + row];
   for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
-    const bool masked = sampled_column_masked(p, cols, row, j);
     const acc_t y = sampled_column_logit(cols, row, j, z[j]);
+    // -inf logits count as masked, as in the forward and the CPU kernels.
+    const bool masked = sampled_column_masked(p, cols, row, j) || y == neg_infinity<acc_t>();
     dz[j] = masked ? grad_t(0) : static_cast<grad_t>(g * sampled_column_grad(p, y, lse, unmasked, ExpAcc{}));
   }
 }
