@@ -59,16 +59,8 @@ void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const ac
 template <typename acc_t>
 void linear_ce_finalize(const LinearCEParams& p, const int64_t* target,
                         LinearCERowState<acc_t> state, acc_t* lse, acc_t* loss) {
-  const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss),
-                                       acc_t(p.num_classes)};
   at::parallel_for(0, p.num_rows, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const acc_t row_lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
-      lse[row] = row_lse;
-      loss[row] = target[row] == p.ignore_index
-                      ? acc_t(0)
-                      : terms.row_loss(row_lse, state.target_logit[row], state.sum_logits[row]);
-    }
+    for (int64_t row = begin; row < end; ++row) linear_ce_finalize_row(p, row, target, state, lse, loss);
   });
 }
 

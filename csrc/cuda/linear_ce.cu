@@ -45,13 +45,7 @@ template <typename acc_t>
 __global__ void finalize_kernel(LinearCEParams p, const int64_t* target, LinearCERowState<acc_t> state,
                                 acc_t* lse, acc_t* loss) {
   const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (row >= p.num_rows) return;
-  const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss), acc_t(p.num_classes)};
-  const acc_t row_lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
-  lse[row] = row_lse;
-  loss[row] = target[row] == p.ignore_index
-                  ? acc_t(0)
-                  : terms.row_loss(row_lse, state.target_logit[row], state.sum_logits[row]);
+  if (row < p.num_rows) linear_ce_finalize_row(p, row, target, state, lse, loss);
 }
 
 template <typename acc_t, typename grad_t>

@@ -41,6 +41,19 @@ struct LinearCERowState {
   acc_t* target_logit;  // y at the target column, once its chunk is seen
 };
 
+// lse[row] from the row state and the row's loss (0 when the target is ignored);
+// the one formula behind the CPU and CUDA finalize kernels.
+template <typename acc_t>
+FL_HOST_DEVICE void linear_ce_finalize_row(const LinearCEParams& p, int64_t row, const int64_t* target,
+                                           LinearCERowState<acc_t> state, acc_t* lse, acc_t* loss) {
+  const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss), acc_t(p.num_classes)};
+  const acc_t row_lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
+  lse[row] = row_lse;
+  loss[row] = target[row] == p.ignore_index
+                  ? acc_t(0)
+                  : terms.row_loss(row_lse, state.target_logit[row], state.sum_logits[row]);
+}
+
 namespace cpu {
 // Fold one chunk of raw logits [N, chunk_columns] (bias not yet added) into the
 // row state. The tile may be overwritten with softcap(logits + bias) (always on
