@@ -25,6 +25,12 @@ formed on any rank. See docs/distributed.md.
   statistics over all ranks' queries: queries are gathered too and the local
   keys are scored against them (a second call of the op, roles swapped).
 
+- :func:`sampled_softmax_loss` / :func:`nce_loss` with a vocabulary-sharded
+  weight: candidates are drawn on group rank 0 and broadcast; the (few) weight
+  rows of the true and candidate classes are assembled on every rank from
+  their owners (one all-reduce of [U, D]) and scored with the single-device
+  fused op; their gradients go back to the owning shard only.
+
 Cross-rank consistency (batch sizes, feature sizes, shard layout) is checked
 with one small all-gather of sizes; an invalid argument on any rank makes every
 rank raise, instead of leaving the others waiting in a collective.
@@ -35,11 +41,12 @@ import torch.nn.functional as F
 
 from . import _common
 from . import contrastive as _contrastive
+from . import sampled as _sampled
 from ._extension import C as _C  # noqa: F401  (registers torch.ops.fusedloss)
 
 _ops = torch.ops.fusedloss
 
-__all__ = ["clip_loss", "info_nce_loss", "linear_cross_entropy"]
+__all__ = ["clip_loss", "info_nce_loss", "linear_cross_entropy", "nce_loss", "sampled_softmax_loss"]
 
 
 def _acc_dtype(dtype):
@@ -411,3 +418,136 @@ def linear_cross_entropy(input, weight_shard, target, bias_shard=None, *, vocab_
                                         group, int(ignore_index), float(label_smoothing), float(z_loss),
                                         float(softcap or 0.0), int(chunk_size or 0))
     return _common.reduce_rows(loss, flat_target != ignore_index, reduction, target.shape)
+
+
+# ---------------------------------------------------------------------------
+# Sampled softmax / NCE with a vocabulary-sharded weight
+
+
+class _OwnedRows(torch.autograd.Function):
+    """Rows ``classes`` of the sharded table, assembled on every rank: the owner
+    of each row contributes it, an all-reduce sums. The loss built from them is
+    replicated, so each rank's gradient of the assembled rows is already the
+    full one: the backward keeps the owned rows' share, with no collective."""
+
+    @staticmethod
+    def forward(ctx, shard, classes, vocab_start, group):
+        local = classes - vocab_start
+        # Masks and clamped indices rather than boolean indexing: no host sync.
+        owned = ((local >= 0) & (local < shard.shape[0])).view(-1, *([1] * (shard.dim() - 1)))
+        local = local.clamp(0, shard.shape[0] - 1)
+        out = torch.where(owned, shard.index_select(0, local), torch.zeros((), dtype=shard.dtype,
+                                                                           device=shard.device))
+        dist.all_reduce(out, group=group)
+        ctx.save_for_backward(local, owned)
+        ctx.shard_shape = shard.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        local, owned = ctx.saved_tensors
+        grad_shard = grad.new_zeros(ctx.shard_shape).index_add_(0, local, grad * owned)
+        return grad_shard, None, None, None
+
+
+def _broadcast_from_first(tensors, group):
+    src = dist.get_global_rank(group if group is not None else dist.group.WORLD, 0)
+    out = []
+    for t in tensors:
+        t = t.contiguous()
+        dist.broadcast(t, src=src, group=group)
+        out.append(t)
+    return out
+
+
+def _sharded_sampled(fn, mode, input, weight_shard, target, num_sampled, bias_shard, vocab_start, num_classes, group,
+                     sampler, unique, sampled_values, remove_accidental_hits, subtract_log_q, label_smoothing,
+                     reduction, generator, chunk_size):
+    device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
+    true_classes = None
+
+    def local_check():
+        nonlocal true_classes
+        _common.check_reduction(reduction)
+        if not isinstance(input, torch.Tensor) or input.dim() != 2:
+            raise ValueError(f"{fn}: input must be [N, D]")
+        true_classes = _sampled._true_classes(target, input.shape[0])
+        # The shard checks of the linear CE apply unchanged (per-row targets only).
+        _check_shard_args(input, weight_shard, true_classes[:, 0], bias_shard, vocab_start, num_classes,
+                          label_smoothing, 0.0, None, chunk_size)
+        if sampled_values is not None:
+            _sampled._check_sampled_values(sampled_values, true_classes, input.shape[0], input.device)
+
+    ok = isinstance(input, torch.Tensor) and input.dim() == 2 and isinstance(weight_shard, torch.Tensor)
+    _, world, gathered = _validated(fn, group, device, local_check, [
+        input.shape[0] if ok else -1, input.shape[1] if ok else -1,
+        vocab_start if isinstance(vocab_start, int) else -1,
+        weight_shard.shape[0] if ok and weight_shard.dim() == 2 else -1,
+        -1 if num_classes is None else num_classes, int(bias_shard is not None),
+        true_classes.shape[1] if true_classes is not None else -1,
+        -1 if sampled_values is not None or num_sampled is None else int(num_sampled)])
+    _require_equal(fn, gathered, 0, "the number of input rows (input and target are replicated)")
+    _require_equal(fn, gathered, 1, "the feature size D")
+    _require_equal(fn, gathered, 5, "whether a bias is given")
+    _require_equal(fn, gathered, 6, "num_true")
+    _require_equal(fn, gathered, 7, "num_sampled")
+    num_classes = _check_shard_layout(fn, [g[2:5] for g in gathered], num_classes, world)
+    _common.check_index_range(true_classes, num_classes, "target")
+
+    hit_mask = None
+    if sampled_values is None:
+        if sampler == "in_batch":
+            sampled_values = _sampled.in_batch_candidates(true_classes)
+            hit_mask = _sampled.HIT_ALL_COPIES
+        else:
+            if num_sampled is None:
+                raise ValueError(f"{fn}: num_sampled is required unless sampled_values or sampler='in_batch' "
+                                 "is given")
+            drawn = _sampled._make_sampler(sampler, num_classes).sample(true_classes, num_sampled, unique=unique,
+                                                                        generator=generator)
+            # One draw for the whole group, whatever each rank's generator state.
+            sampled_values = _broadcast_from_first(drawn, group)
+    sampled, true_count, sampled_count = _sampled._check_sampled_values(sampled_values, true_classes,
+                                                                        input.shape[0], input.device)
+    _common.check_index_range(sampled, num_classes, "sampled candidates")
+
+    # Compact the U distinct classes the loss touches (true and candidates) to
+    # 0..U-1; equal ids stay equal, so accidental-hit masking is unchanged.
+    classes, inverse = torch.unique(torch.cat([true_classes.reshape(-1), sampled.reshape(-1)]),
+                                    return_inverse=True)
+    split = true_classes.numel()
+    compact_true = inverse[:split].view(true_classes.shape)
+    compact_sampled = inverse[split:].view(sampled.shape)
+    rows = _OwnedRows.apply(weight_shard, classes, vocab_start, group)
+    bias = None if bias_shard is None else _OwnedRows.apply(bias_shard, classes, vocab_start, group)
+    return _sampled._sampled_loss(
+        mode, input, rows, compact_true, None, bias, classes.shape[0], sampler, unique,
+        (compact_sampled, true_count, sampled_count), remove_accidental_hits, subtract_log_q, label_smoothing,
+        reduction, None, False, chunk_size, hit_mask=hit_mask)
+
+
+def sampled_softmax_loss(input, weight_shard, target, num_sampled, bias_shard=None, *, vocab_start, num_classes=None,
+                         group=None, sampler="log_uniform", unique=True, sampled_values=None,
+                         remove_accidental_hits=True, subtract_log_q=True, label_smoothing=0.0, reduction="mean",
+                         generator=None, chunk_size=None):
+    """:func:`fusedloss.sampled_softmax_loss` with the ``[num_classes, D]``
+    weight (and bias) sharded by rows as in :func:`linear_cross_entropy`
+    (``input`` and ``target`` replicated on every rank, shards tiling
+    [0, num_classes)). Candidates are drawn once, on group rank 0, and
+    broadcast (``sampled_values``, if given, must be the same on every rank).
+    Every rank returns the same loss and the full input gradient;
+    ``weight_shard`` / ``bias_shard`` get the gradient of their own rows.
+    Dense gradients only (no ``sparse_grad``)."""
+    return _sharded_sampled("sampled_softmax_loss", _sampled.SOFTMAX, input, weight_shard, target, num_sampled,
+                            bias_shard, vocab_start, num_classes, group, sampler, unique, sampled_values,
+                            remove_accidental_hits, subtract_log_q, label_smoothing, reduction, generator, chunk_size)
+
+
+def nce_loss(input, weight_shard, target, num_sampled, bias_shard=None, *, vocab_start, num_classes=None, group=None,
+             sampler="log_uniform", unique=True, sampled_values=None, remove_accidental_hits=False,
+             subtract_log_q=True, reduction="mean", generator=None, chunk_size=None):
+    """:func:`fusedloss.nce_loss` with a vocabulary-sharded weight; see
+    :func:`sampled_softmax_loss` of this module."""
+    return _sharded_sampled("nce_loss", _sampled.NCE, input, weight_shard, target, num_sampled, bias_shard,
+                            vocab_start, num_classes, group, sampler, unique, sampled_values, remove_accidental_hits,
+                            subtract_log_q, 0.0, reduction, generator, chunk_size)

@@ -174,6 +174,70 @@ def _check_linear_ce(rank, world):
 
 
 # ---------------------------------------------------------------------------
+# Sampled softmax / NCE with a vocabulary-sharded weight
+
+
+SAMPLED_CASES = [
+    # (loss, kwargs, num_true, bias, how the candidates come)
+    ("softmax", dict(reduction="mean", label_smoothing=0.1), 1, True, "drawn"),
+    ("nce", dict(reduction="none"), 2, False, "in_batch"),
+    ("softmax", dict(reduction="sum", subtract_log_q=False), 2, True, "given_per_row"),
+    ("nce", dict(reduction="mean", remove_accidental_hits=True, sampler="uniform", unique=False), 1, True, "drawn"),
+]
+
+
+def _check_sampled(rank, world):
+    num_classes, dim, rows, num_sampled = 23, 6, 8, 5
+    for index, (loss_name, kwargs, num_true, with_bias, candidates) in enumerate(SAMPLED_CASES):
+        gen = torch.Generator().manual_seed(10 + index)
+        x = torch.randn(rows, dim, generator=gen)
+        weight = torch.randn(num_classes, dim, generator=gen)
+        bias = torch.randn(num_classes, generator=gen) if with_bias else None
+        target = torch.randint(0, num_classes, (rows, num_true), generator=gen)
+        upstream = torch.rand(rows, generator=gen)
+        kwargs = dict(kwargs)
+        sampler_name = kwargs.pop("sampler", "log_uniform")
+        unique = kwargs.get("unique", True)
+        extra = {}
+        if candidates == "in_batch":
+            extra = dict(sampler="in_batch")
+            ref_extra = dict(sampler="in_batch")
+        elif candidates == "given_per_row":
+            sampled = torch.randint(0, num_classes, (rows, num_sampled), generator=gen)
+            values = (sampled, torch.rand(rows, num_true, generator=gen) + 0.5,
+                      torch.rand(rows, num_sampled, generator=gen) + 0.5)
+            extra = ref_extra = dict(sampled_values=values)
+        else:
+            # Each rank seeds differently: rank 0's draw must be the one used.
+            sampler = fusedloss.samplers.LogUniformSampler(num_classes) if sampler_name == "log_uniform" \
+                else fusedloss.samplers.UniformSampler(num_classes)
+            values = sampler.sample(target, num_sampled, unique=unique, generator=torch.Generator().manual_seed(99))
+            extra = dict(sampler=sampler_name, generator=torch.Generator().manual_seed(99 + rank))
+            ref_extra = dict(sampled_values=values)
+        single = fusedloss.sampled_softmax_loss if loss_name == "softmax" else fusedloss.nce_loss
+        sharded = fdist.sampled_softmax_loss if loss_name == "softmax" else fdist.nce_loss
+
+        ref_x, ref_w = _leaf(x), _leaf(weight)
+        ref_b = _leaf(bias) if with_bias else None
+        ref = single(ref_x, ref_w, target, num_sampled, ref_b, chunk_size=3, **kwargs, **ref_extra)
+        (ref * upstream if kwargs["reduction"] == "none" else ref).sum().backward()
+
+        start, end = _shard_bounds(rank, world, num_classes)
+        local_x, local_w = _leaf(x), _leaf(weight[start:end])
+        local_b = _leaf(bias[start:end]) if with_bias else None
+        loss = sharded(local_x, local_w, target, num_sampled, local_b, vocab_start=start, chunk_size=2, **kwargs,
+                       **extra)
+        (loss * upstream if kwargs["reduction"] == "none" else loss).sum().backward()
+
+        where = _context(f"sampled {loss_name} {kwargs} {candidates} rank {rank}/{world}")
+        torch.testing.assert_close(loss.detach(), ref.detach(), **TOL, msg=where)
+        torch.testing.assert_close(local_x.grad, ref_x.grad, **TOL, msg=where)
+        torch.testing.assert_close(local_w.grad, ref_w.grad[start:end], **TOL, msg=where)
+        if with_bias:
+            torch.testing.assert_close(local_b.grad, ref_b.grad[start:end], **TOL, msg=where)
+
+
+# ---------------------------------------------------------------------------
 # Bad inputs: every rank must raise (none may be left waiting in a collective)
 
 
@@ -223,6 +287,11 @@ def _check_bad_inputs(rank, world):
     else:
         with pytest.raises(ValueError, match="invalid arguments"):
             fdist.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="num_sampled must be the same"):
+        fdist.sampled_softmax_loss(torch.randn(4, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 2 + rank,
+                                   vocab_start=4 * rank)
+    with pytest.raises(ValueError, match="do not tile"):
+        fdist.nce_loss(torch.randn(4, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 2, vocab_start=0)
     # The group is still usable after all of the above.
     loss = fdist.clip_loss(torch.randn(2, 3), torch.randn(2, 3), 1.0)
     assert torch.isfinite(loss)
@@ -230,7 +299,7 @@ def _check_bad_inputs(rank, world):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_matches_single_process(tmp_path, world):
-    _spawn(tmp_path, world, _check_contrastive, _check_linear_ce)
+    _spawn(tmp_path, world, _check_contrastive, _check_linear_ce, _check_sampled)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -248,6 +317,9 @@ def test_uninitialised_process_group():
         fdist.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3))
     with pytest.raises(RuntimeError, match="not initialised"):
         fdist.clip_loss(torch.randn(4, 3), torch.randn(4, 3), 1.0)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        fdist.sampled_softmax_loss(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.long), 2,
+                                   vocab_start=0)
     with pytest.raises(RuntimeError, match="not initialised"):
         fdist.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.long),
                                    vocab_start=0)
