@@ -10,24 +10,32 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fusedloss
+from conftest import DEVICES, requires_cuda
 from fusedloss import distributed as fdist
 
 ops = torch.ops.fusedloss
 TOL = dict(rtol=1e-5, atol=2e-6)
 
 
-def _entry(rank, world, init_method, checks):
+def _entry(rank, world, init_method, device, checks):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=init_method, rank=rank,
+                            world_size=world)
     try:
         for check in checks:
-            check(rank, world)
+            check(rank, world, device)
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, world, *checks):
-    mp.spawn(_entry, args=(world, f"file://{tmp_path}/pg_init", checks), nprocs=world, join=True)
+def _spawn(tmp_path, world, *checks, device="cpu"):
+    mp.spawn(_entry, args=(world, f"file://{tmp_path}/pg_init", device, checks), nprocs=world, join=True)
+
+
+def _tol(device):
+    return TOL if device == "cpu" else dict(rtol=1e-4, atol=1e-5)
 
 
 def _context(where):
@@ -36,6 +44,11 @@ def _context(where):
 
 def _leaf(t):
     return t.detach().clone().requires_grad_(True)
+
+
+def _to(device, *tensors):
+    return [None if t is None else (t.to(device) if isinstance(t, torch.Tensor) else _to(device, *t))
+            for t in tensors]
 
 
 def _sum_over_ranks(t):
@@ -67,19 +80,21 @@ CONTRASTIVE_CASES = [
 ]
 
 
-def _check_contrastive(rank, world):
+def _check_contrastive(rank, world, device):
+    tol = _tol(device)
     batch, dim, extra = 5, 8, 3
     for index, (name, kwargs, with_negatives, tensor_scale) in enumerate(CONTRASTIVE_CASES):
         gen = torch.Generator().manual_seed(index)  # the same data on every rank
         full = [torch.randn(world * batch, dim, generator=gen) for _ in range(2)]
         full_neg = torch.randn(world * extra, dim, generator=gen) if with_negatives else None
         weights = torch.rand(world * batch, generator=gen)
+        full, full_neg, weights = _to(device, full, full_neg, weights)
         scale_value = 0.2 if name == "info_nce" else 4.0
         reduction = kwargs["reduction"]
 
         # Single process on the concatenated tensors.
         ref_in = [_leaf(t) for t in full] + ([_leaf(full_neg)] if with_negatives else [])
-        ref_scale = _leaf(torch.tensor(scale_value)) if tensor_scale else scale_value
+        ref_scale = _leaf(torch.tensor(scale_value, device=device)) if tensor_scale else scale_value
         call_kwargs = {k: v for k, v in kwargs.items() if k != "reduction"}
         if name == "info_nce":
             ref_rows = fusedloss.info_nce_loss(ref_in[0], ref_in[1], negatives=ref_in[2] if with_negatives else None,
@@ -94,7 +109,7 @@ def _check_contrastive(rank, world):
         local = [_leaf(full[0][rows]), _leaf(full[1][rows])]
         if with_negatives:
             local.append(_leaf(full_neg[rank * extra:(rank + 1) * extra]))
-        scale = _leaf(torch.tensor(scale_value)) if tensor_scale else scale_value
+        scale = _leaf(torch.tensor(scale_value, device=device)) if tensor_scale else scale_value
         if name == "info_nce":
             loss = fdist.info_nce_loss(local[0], local[1], negatives=local[2] if with_negatives else None,
                                        temperature=scale, tile_size=3, **kwargs)
@@ -104,15 +119,15 @@ def _check_contrastive(rank, world):
         objective.sum().backward()
 
         where = _context(f"{name} {kwargs} negatives={with_negatives} rank {rank}/{world}")
-        torch.testing.assert_close(objective.detach(), ref[rank].detach(), **TOL, msg=where)
-        torch.testing.assert_close(local[0].grad, ref_in[0].grad[rows], **TOL, msg=where)
-        torch.testing.assert_close(local[1].grad, ref_in[1].grad[rows], **TOL, msg=where)
+        torch.testing.assert_close(objective.detach(), ref[rank].detach(), **tol, msg=where)
+        torch.testing.assert_close(local[0].grad, ref_in[0].grad[rows], **tol, msg=where)
+        torch.testing.assert_close(local[1].grad, ref_in[1].grad[rows], **tol, msg=where)
         if with_negatives:
-            torch.testing.assert_close(local[2].grad, ref_in[2].grad[rank * extra:(rank + 1) * extra], **TOL,
+            torch.testing.assert_close(local[2].grad, ref_in[2].grad[rank * extra:(rank + 1) * extra], **tol,
                                        msg=where)
         if tensor_scale:
             # Each rank holds d(its loss)/d(scale); DDP would combine them.
-            torch.testing.assert_close(_sum_over_ranks(scale.grad), ref_scale.grad, **TOL, msg=where)
+            torch.testing.assert_close(_sum_over_ranks(scale.grad), ref_scale.grad, **tol, msg=where)
 
 
 # ---------------------------------------------------------------------------
@@ -135,14 +150,15 @@ LINEAR_CE_CASES = [
 ]
 
 
-def _check_linear_ce(rank, world):
+def _check_linear_ce(rank, world, device):
+    tol = _tol(device)
     num_classes, dim = 11, 6
-    for case in LINEAR_CE_CASES:
+    for index, case in enumerate(LINEAR_CE_CASES):
         case = dict(case)
         batch_shape = case.pop("batch_shape", (7,))
         reduction, with_bias = case.pop("reduction"), case.pop("bias")
         same_shard, all_ignored = case.pop("same_shard_targets", False), case.pop("all_ignored", False)
-        gen = torch.Generator().manual_seed(len(batch_shape) * 100 + num_classes)
+        gen = torch.Generator().manual_seed(20 + index)
         x = torch.randn(*batch_shape, dim, generator=gen)
         weight = torch.randn(num_classes, dim, generator=gen)
         bias = torch.randn(num_classes, generator=gen) if with_bias else None
@@ -151,6 +167,7 @@ def _check_linear_ce(rank, world):
         if all_ignored:
             target.fill_(-100)
         upstream = torch.rand(batch_shape, generator=gen)
+        x, weight, bias, target, upstream = _to(device, x, weight, bias, target, upstream)
 
         ref_x, ref_w = _leaf(x), _leaf(weight)
         ref_b = _leaf(bias) if with_bias else None
@@ -166,11 +183,11 @@ def _check_linear_ce(rank, world):
         (loss * upstream if reduction == "none" else loss).sum().backward()
 
         where = _context(f"linear_ce {case} {reduction} rank {rank}/{world}")
-        torch.testing.assert_close(loss.detach(), ref.detach(), **TOL, msg=where)
-        torch.testing.assert_close(local_x.grad, ref_x.grad, **TOL, msg=where)
-        torch.testing.assert_close(local_w.grad, ref_w.grad[start:end], **TOL, msg=where)
+        torch.testing.assert_close(loss.detach(), ref.detach(), **tol, msg=where)
+        torch.testing.assert_close(local_x.grad, ref_x.grad, **tol, msg=where)
+        torch.testing.assert_close(local_w.grad, ref_w.grad[start:end], **tol, msg=where)
         if with_bias:
-            torch.testing.assert_close(local_b.grad, ref_b.grad[start:end], **TOL, msg=where)
+            torch.testing.assert_close(local_b.grad, ref_b.grad[start:end], **tol, msg=where)
 
 
 # ---------------------------------------------------------------------------
@@ -186,7 +203,8 @@ SAMPLED_CASES = [
 ]
 
 
-def _check_sampled(rank, world):
+def _check_sampled(rank, world, device):
+    tol = _tol(device)
     num_classes, dim, rows, num_sampled = 23, 6, 8, 5
     for index, (loss_name, kwargs, num_true, with_bias, candidates) in enumerate(SAMPLED_CASES):
         gen = torch.Generator().manual_seed(10 + index)
@@ -195,6 +213,7 @@ def _check_sampled(rank, world):
         bias = torch.randn(num_classes, generator=gen) if with_bias else None
         target = torch.randint(0, num_classes, (rows, num_true), generator=gen)
         upstream = torch.rand(rows, generator=gen)
+        x, weight, bias, target, upstream = _to(device, x, weight, bias, target, upstream)
         kwargs = dict(kwargs)
         sampler_name = kwargs.pop("sampler", "log_uniform")
         unique = kwargs.get("unique", True)
@@ -206,13 +225,14 @@ def _check_sampled(rank, world):
             sampled = torch.randint(0, num_classes, (rows, num_sampled), generator=gen)
             values = (sampled, torch.rand(rows, num_true, generator=gen) + 0.5,
                       torch.rand(rows, num_sampled, generator=gen) + 0.5)
-            extra = ref_extra = dict(sampled_values=values)
+            extra = ref_extra = dict(sampled_values=tuple(_to(device, *values)))
         else:
             # Each rank seeds differently: rank 0's draw must be the one used.
             sampler = fusedloss.samplers.LogUniformSampler(num_classes) if sampler_name == "log_uniform" \
                 else fusedloss.samplers.UniformSampler(num_classes)
-            values = sampler.sample(target, num_sampled, unique=unique, generator=torch.Generator().manual_seed(99))
-            extra = dict(sampler=sampler_name, generator=torch.Generator().manual_seed(99 + rank))
+            values = sampler.sample(target, num_sampled, unique=unique,
+                                    generator=torch.Generator(device).manual_seed(99))
+            extra = dict(sampler=sampler_name, generator=torch.Generator(device).manual_seed(99 + rank))
             ref_extra = dict(sampled_values=values)
         single = fusedloss.sampled_softmax_loss if loss_name == "softmax" else fusedloss.nce_loss
         sharded = fdist.sampled_softmax_loss if loss_name == "softmax" else fdist.nce_loss
@@ -230,11 +250,11 @@ def _check_sampled(rank, world):
         (loss * upstream if kwargs["reduction"] == "none" else loss).sum().backward()
 
         where = _context(f"sampled {loss_name} {kwargs} {candidates} rank {rank}/{world}")
-        torch.testing.assert_close(loss.detach(), ref.detach(), **TOL, msg=where)
-        torch.testing.assert_close(local_x.grad, ref_x.grad, **TOL, msg=where)
-        torch.testing.assert_close(local_w.grad, ref_w.grad[start:end], **TOL, msg=where)
+        torch.testing.assert_close(loss.detach(), ref.detach(), **tol, msg=where)
+        torch.testing.assert_close(local_x.grad, ref_x.grad, **tol, msg=where)
+        torch.testing.assert_close(local_w.grad, ref_w.grad[start:end], **tol, msg=where)
         if with_bias:
-            torch.testing.assert_close(local_b.grad, ref_b.grad[start:end], **TOL, msg=where)
+            torch.testing.assert_close(local_b.grad, ref_b.grad[start:end], **tol, msg=where)
 
 
 # ---------------------------------------------------------------------------
@@ -247,7 +267,7 @@ def _lce(rank, start, size, num_classes=None, rows=4, dim=3, target=None):
     return fdist.linear_cross_entropy(x, torch.randn(size, dim), target, vocab_start=start, num_classes=num_classes)
 
 
-def _check_bad_inputs(rank, world):
+def _check_bad_inputs(rank, world, device):
     last = rank == world - 1
     with pytest.raises(ValueError, match="do not tile .*rows in all"):
         _lce(rank, 4 * rank, 3, num_classes=4 * world - 1)
@@ -307,6 +327,13 @@ def test_distributed_bad_inputs(tmp_path, world):
     _spawn(tmp_path, world, _check_bad_inputs)
 
 
+@requires_cuda
+def test_distributed_cuda_nccl_single_rank(tmp_path):
+    """NCCL needs one GPU per rank; a one-rank group still runs every CUDA
+    code path (the shard ops, the collectives, the cross-rank checks)."""
+    _spawn(tmp_path, 1, _check_contrastive, _check_linear_ce, _check_sampled, device="cuda")
+
+
 # ---------------------------------------------------------------------------
 # In-process tests (no process group needed)
 
@@ -330,8 +357,9 @@ def _shards(num_classes, count):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("softcap", [0.0, 3.0])
-def test_shard_ops_combine_to_the_full_op(softcap):
+def test_shard_ops_combine_to_the_full_op(softcap, device):
     """The shard ops, combined by hand as the ranks would, give the
     single-device forward and backward (checks the C++ extension without a
     process group)."""
@@ -342,9 +370,10 @@ def test_shard_ops_combine_to_the_full_op(softcap):
     b = torch.randn(classes, generator=gen, dtype=torch.float64)
     target = torch.randint(0, classes, (rows,), generator=gen)
     target[2] = -100
+    grad_loss = torch.rand(rows, generator=gen, dtype=torch.float64)
+    x, w, b, target, grad_loss = _to(device, x, w, b, target, grad_loss)
     eps, z = 0.1, 1e-3
     loss, lse = ops.linear_ce_forward(x, w, target, b, -100, eps, z, softcap, 4)
-    grad_loss = torch.rand(rows, generator=gen, dtype=torch.float64)
     full_grads = ops.linear_ce_backward(grad_loss, x, w, target, b, lse, -100, eps, z, softcap, 4, [True] * 3)
 
     stats = [ops.linear_ce_shard_forward(x, w[s:e], target, b[s:e], -100, softcap, s, classes, 3)
