@@ -75,17 +75,18 @@ def _group_geometry(fn, group):
     return rank, dist.get_world_size(group)
 
 
-def _validated(fn, group, device, local_check, sizes):
-    """Run ``local_check()`` (argument validation of this rank), then all-gather
+def _validated(fn, group, device, local_check, num_sizes):
+    """Run ``local_check()`` (argument validation of this rank, returning
+    ``num_sizes`` integers to compare across ranks), then all-gather
     ``[failed, world_size, *sizes]`` so that every rank learns whether any rank
     failed and raises too (otherwise the healthy ranks would hang in the next
     collective). Returns ``(rank, world_size, gathered)`` with ``gathered`` a
     list of per-rank size lists."""
     rank, world = _group_geometry(fn, group)
-    error = None
+    error, sizes = None, [-1] * num_sizes
     try:
-        local_check()
-    except (TypeError, ValueError, IndexError) as exc:
+        sizes = local_check()
+    except Exception as exc:  # re-raised below, after the peers have heard of it
         error = exc
     mine = torch.tensor([int(error is not None), world, *sizes], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
@@ -201,12 +202,9 @@ def info_nce_loss(query, key, *, negatives=None, temperature=0.07, normalize=Fal
         _contrastive._check_tile_size(tile_size)
         _check_pairs(query, key, "query", "key", negatives)
         scale = 1.0 / _contrastive._positive_scalar(temperature, "temperature", query)
+        return [*query.shape, -1 if negatives is None else negatives.shape[0], int(symmetric), int(normalize)]
 
-    rank, _, gathered = _validated(fn, group, device, local_check, [
-        query.shape[0] if isinstance(query, torch.Tensor) else -1,
-        query.shape[-1] if isinstance(query, torch.Tensor) else -1,
-        -1 if not isinstance(negatives, torch.Tensor) else negatives.shape[0],
-        int(symmetric), int(normalize)])
+    rank, _, gathered = _validated(fn, group, device, local_check, 5)
     _require_equal(fn, gathered, 0, "the local batch size B (query rows)")
     _require_equal(fn, gathered, 1, "the feature size D")
     _require_equal(fn, gathered, 2, "the number of extra negatives (None counts as -1)")
@@ -240,10 +238,9 @@ def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", g
         _contrastive._check_tile_size(tile_size)
         _check_pairs(image_features, text_features, "image_features", "text_features")
         scale = _contrastive._positive_scalar(logit_scale, "logit_scale", image_features)
+        return list(image_features.shape)
 
-    rank, _, gathered = _validated(fn, group, device, local_check, [
-        image_features.shape[0] if isinstance(image_features, torch.Tensor) else -1,
-        image_features.shape[-1] if isinstance(image_features, torch.Tensor) else -1])
+    rank, _, gathered = _validated(fn, group, device, local_check, 2)
     _require_equal(fn, gathered, 0, "the local batch size B")
     _require_equal(fn, gathered, 1, "the feature size D")
     image_features, text_features = _common.autocast_inputs(image_features.device.type, image_features,
@@ -293,48 +290,48 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                 grad_bias if mask[2] else None, *([None] * 9))
 
 
-def _check_shard_args(input, weight_shard, target, bias_shard, vocab_start, num_classes, label_smoothing, z_loss,
+def _check_shard_args(fn, input, weight_shard, target, bias_shard, vocab_start, num_classes, label_smoothing, z_loss,
                       softcap, chunk_size):
     """This rank's argument checks, before any collective."""
     if not isinstance(input, torch.Tensor) or input.dim() < 1:
-        raise ValueError("linear_cross_entropy: input must be a tensor of shape [..., D]")
+        raise ValueError(f"{fn}: input must be a tensor of shape [..., D]")
     if not isinstance(weight_shard, torch.Tensor) or weight_shard.dim() != 2:
-        raise ValueError("linear_cross_entropy: weight_shard must be a 2-D tensor [V_local, D]")
+        raise ValueError(f"{fn}: weight_shard must be a 2-D tensor [V_local, D]")
     if weight_shard.shape[0] == 0:
-        raise ValueError("linear_cross_entropy: weight_shard has no rows (V_local=0)")
+        raise ValueError(f"{fn}: weight_shard has no rows (V_local=0)")
     if weight_shard.shape[1] != input.shape[-1]:
-        raise ValueError(f"linear_cross_entropy: input has D={input.shape[-1]} features but weight_shard has "
+        raise ValueError(f"{fn}: input has D={input.shape[-1]} features but weight_shard has "
                          f"D={weight_shard.shape[1]} (weight_shard must be [V_local, D])")
     if not input.dtype.is_floating_point or weight_shard.dtype != input.dtype:
-        raise TypeError(f"linear_cross_entropy: input ({input.dtype}) and weight_shard ({weight_shard.dtype}) must "
+        raise TypeError(f"{fn}: input ({input.dtype}) and weight_shard ({weight_shard.dtype}) must "
                         "have the same floating-point dtype")
     if weight_shard.device != input.device:
-        raise ValueError(f"linear_cross_entropy: weight_shard is on {weight_shard.device} but input is on "
+        raise ValueError(f"{fn}: weight_shard is on {weight_shard.device} but input is on "
                          f"{input.device}")
     if bias_shard is not None:
         if not isinstance(bias_shard, torch.Tensor) or tuple(bias_shard.shape) != (weight_shard.shape[0],):
-            raise ValueError(f"linear_cross_entropy: bias_shard must be [V_local]=[{weight_shard.shape[0]}]")
+            raise ValueError(f"{fn}: bias_shard must be [V_local]=[{weight_shard.shape[0]}]")
         if bias_shard.dtype != input.dtype or bias_shard.device != input.device:
-            raise TypeError("linear_cross_entropy: bias_shard must have the dtype and device of input")
+            raise TypeError(f"{fn}: bias_shard must have the dtype and device of input")
     target = _common.as_index_tensor(target)
     if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"linear_cross_entropy: target shape {tuple(target.shape)} must equal input.shape[:-1] = "
+        raise ValueError(f"{fn}: target shape {tuple(target.shape)} must equal input.shape[:-1] = "
                          f"{tuple(input.shape[:-1])}")
     if target.device != input.device:
-        raise ValueError(f"linear_cross_entropy: target is on {target.device} but input is on {input.device}")
+        raise ValueError(f"{fn}: target is on {target.device} but input is on {input.device}")
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-        raise ValueError(f"linear_cross_entropy: vocab_start must be a non-negative int, got {vocab_start!r}")
+        raise ValueError(f"{fn}: vocab_start must be a non-negative int, got {vocab_start!r}")
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or num_classes <= 0):
-        raise ValueError(f"linear_cross_entropy: num_classes must be a positive int or None, got {num_classes!r}")
+        raise ValueError(f"{fn}: num_classes must be a positive int or None, got {num_classes!r}")
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+        raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if not z_loss >= 0.0:
-        raise ValueError(f"linear_cross_entropy: z_loss must be >= 0, got {z_loss}")
+        raise ValueError(f"{fn}: z_loss must be >= 0, got {z_loss}")
     if softcap is not None and not softcap > 0:
-        raise ValueError(f"linear_cross_entropy: softcap must be a positive number or None, got {softcap}")
+        raise ValueError(f"{fn}: softcap must be a positive number or None, got {softcap}")
     if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"linear_cross_entropy: chunk_size must be positive, got {chunk_size}")
+        raise ValueError(f"{fn}: chunk_size must be positive, got {chunk_size}")
 
 
 def _check_shard_layout(fn, gathered, num_classes, world):
@@ -394,15 +391,12 @@ def linear_cross_entropy(input, weight_shard, target, bias_shard=None, *, vocab_
 
     def local_check():
         _common.check_reduction(reduction)
-        _check_shard_args(input, weight_shard, target, bias_shard, vocab_start, num_classes, label_smoothing, z_loss,
-                          softcap, chunk_size)
+        _check_shard_args(fn, input, weight_shard, target, bias_shard, vocab_start, num_classes, label_smoothing,
+                          z_loss, softcap, chunk_size)
+        return [target.numel(), input.shape[-1], vocab_start, weight_shard.shape[0],
+                -1 if num_classes is None else num_classes, int(bias_shard is not None)]
 
-    ok = isinstance(input, torch.Tensor) and input.dim() >= 1 and isinstance(weight_shard, torch.Tensor)
-    rows = input.numel() // max(input.shape[-1], 1) if ok else -1
-    _, world, gathered = _validated(fn, group, device, local_check, [
-        rows, input.shape[-1] if ok else -1, vocab_start if isinstance(vocab_start, int) else -1,
-        weight_shard.shape[0] if ok and weight_shard.dim() == 2 else -1,
-        -1 if num_classes is None else num_classes, int(bias_shard is not None)])
+    _, world, gathered = _validated(fn, group, device, local_check, 6)
     _require_equal(fn, gathered, 0, "the number of input rows (input and target are replicated)")
     _require_equal(fn, gathered, 1, "the feature size D")
     _require_equal(fn, gathered, 5, "whether a bias is given")
@@ -473,19 +467,15 @@ def _sharded_sampled(fn, mode, input, weight_shard, target, num_sampled, bias_sh
             raise ValueError(f"{fn}: input must be [N, D]")
         true_classes = _sampled._true_classes(target, input.shape[0])
         # The shard checks of the linear CE apply unchanged (per-row targets only).
-        _check_shard_args(input, weight_shard, true_classes[:, 0], bias_shard, vocab_start, num_classes,
+        _check_shard_args(fn, input, weight_shard, true_classes[:, 0], bias_shard, vocab_start, num_classes,
                           label_smoothing, 0.0, None, chunk_size)
         if sampled_values is not None:
             _sampled._check_sampled_values(sampled_values, true_classes, input.shape[0], input.device)
+        return [*input.shape, vocab_start, weight_shard.shape[0], -1 if num_classes is None else num_classes,
+                int(bias_shard is not None), true_classes.shape[1],
+                -1 if sampled_values is not None or num_sampled is None else int(num_sampled)]
 
-    ok = isinstance(input, torch.Tensor) and input.dim() == 2 and isinstance(weight_shard, torch.Tensor)
-    _, world, gathered = _validated(fn, group, device, local_check, [
-        input.shape[0] if ok else -1, input.shape[1] if ok else -1,
-        vocab_start if isinstance(vocab_start, int) else -1,
-        weight_shard.shape[0] if ok and weight_shard.dim() == 2 else -1,
-        -1 if num_classes is None else num_classes, int(bias_shard is not None),
-        true_classes.shape[1] if true_classes is not None else -1,
-        -1 if sampled_values is not None or num_sampled is None else int(num_sampled)])
+    _, world, gathered = _validated(fn, group, device, local_check, 8)
     _require_equal(fn, gathered, 0, "the number of input rows (input and target are replicated)")
     _require_equal(fn, gathered, 1, "the feature size D")
     _require_equal(fn, gathered, 5, "whether a bias is given")

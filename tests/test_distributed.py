@@ -312,6 +312,12 @@ def _check_bad_inputs(rank, world, device):
                                    vocab_start=4 * rank)
     with pytest.raises(ValueError, match="do not tile"):
         fdist.nce_loss(torch.randn(4, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 2, vocab_start=0)
+    if rank == 1:  # malformed on one rank only: no peer may be left waiting
+        with pytest.raises(ValueError, match="query must be 2-D"):
+            fdist.info_nce_loss(torch.randn(4), torch.randn(4))
+    else:
+        with pytest.raises(ValueError, match="rank 1 of the group got invalid arguments"):
+            fdist.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3))
     # The group is still usable after all of the above.
     loss = fdist.clip_loss(torch.randn(2, 3), torch.randn(2, 3), 1.0)
     assert torch.isfinite(loss)
