@@ -147,6 +147,8 @@ LINEAR_CE_CASES = [
     dict(reduction="none", bias=False, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, batch_shape=(2, 4)),
     dict(reduction="sum", bias=True, label_smoothing=0.2, same_shard_targets=True),
     dict(reduction="mean", bias=True, z_loss=1e-2, all_ignored=True),
+    # bf16: the partial input gradients are all-reduced in bf16.
+    dict(reduction="mean", bias=True, label_smoothing=0.1, dtype=torch.bfloat16),
 ]
 
 
@@ -158,6 +160,8 @@ def _check_linear_ce(rank, world, device):
         batch_shape = case.pop("batch_shape", (7,))
         reduction, with_bias = case.pop("reduction"), case.pop("bias")
         same_shard, all_ignored = case.pop("same_shard_targets", False), case.pop("all_ignored", False)
+        dtype = case.pop("dtype", torch.float32)
+        case_tol = tol if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
         gen = torch.Generator().manual_seed(20 + index)
         x = torch.randn(*batch_shape, dim, generator=gen)
         weight = torch.randn(num_classes, dim, generator=gen)
@@ -168,6 +172,7 @@ def _check_linear_ce(rank, world, device):
             target.fill_(-100)
         upstream = torch.rand(batch_shape, generator=gen)
         x, weight, bias, target, upstream = _to(device, x, weight, bias, target, upstream)
+        x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
 
         ref_x, ref_w = _leaf(x), _leaf(weight)
         ref_b = _leaf(bias) if with_bias else None
@@ -182,12 +187,12 @@ def _check_linear_ce(rank, world, device):
                                           chunk_size=2, **case)
         (loss * upstream if reduction == "none" else loss).sum().backward()
 
-        where = _context(f"linear_ce {case} {reduction} rank {rank}/{world}")
-        torch.testing.assert_close(loss.detach(), ref.detach(), **tol, msg=where)
-        torch.testing.assert_close(local_x.grad, ref_x.grad, **tol, msg=where)
-        torch.testing.assert_close(local_w.grad, ref_w.grad[start:end], **tol, msg=where)
+        where = _context(f"linear_ce {case} {reduction} {dtype} rank {rank}/{world}")
+        torch.testing.assert_close(loss.detach(), ref.detach(), **case_tol, msg=where)
+        torch.testing.assert_close(local_x.grad, ref_x.grad, **case_tol, msg=where)
+        torch.testing.assert_close(local_w.grad, ref_w.grad[start:end], **case_tol, msg=where)
         if with_bias:
-            torch.testing.assert_close(local_b.grad, ref_b.grad[start:end], **tol, msg=where)
+            torch.testing.assert_close(local_b.grad, ref_b.grad[start:end], **case_tol, msg=where)
 
 
 # ---------------------------------------------------------------------------
