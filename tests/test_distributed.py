@@ -262,6 +262,41 @@ def _check_sampled(rank, world, device):
             torch.testing.assert_close(local_b.grad, ref_b.grad[start:end], **tol, msg=where)
 
 
+def _check_subgroup(rank, world, device):
+    """A group that is not the default one: positives at group ranks, the
+    sampled candidates broadcast from the group's first rank, non-members refused."""
+    members = [world - 1, 0]
+    sub = dist.new_group(members)  # every process must call new_group
+    if rank not in members:
+        with pytest.raises(RuntimeError, match="not a member"):
+            fdist.clip_loss(torch.randn(2, 3), torch.randn(2, 3), 1.0, group=sub)
+        return
+    group_rank = dist.get_rank(sub)
+    gen = torch.Generator().manual_seed(5)
+    image, text = torch.randn(2 * 3, 4, generator=gen), torch.randn(2 * 3, 4, generator=gen)
+    ref_image, ref_text = _leaf(image), _leaf(text)
+    ref = fusedloss.clip_loss(ref_image, ref_text, 3.0, reduction="none").view(2, 3).mean(1)
+    ref.sum().backward()
+    rows = slice(3 * group_rank, 3 * group_rank + 3)
+    local_image, local_text = _leaf(image[rows]), _leaf(text[rows])
+    loss = fdist.clip_loss(local_image, local_text, 3.0, group=sub)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref[group_rank].detach(), **TOL)
+    torch.testing.assert_close(local_image.grad, ref_image.grad[rows], **TOL)
+    torch.testing.assert_close(local_text.grad, ref_text.grad[rows], **TOL)
+
+    # Sampled candidates come from group rank 0, whatever the others drew.
+    x, weight = torch.randn(4, 4, generator=gen), torch.randn(9, 4, generator=gen)
+    target = torch.randint(0, 9, (4,), generator=gen)
+    first = dist.get_global_rank(sub, 0)
+    values = fusedloss.samplers.UniformSampler(9).sample(target, 3, generator=torch.Generator().manual_seed(first))
+    ref = fusedloss.sampled_softmax_loss(x, weight, target, 3, sampled_values=values)
+    start, end = (0, 5) if group_rank == 0 else (5, 9)
+    loss = fdist.sampled_softmax_loss(x, weight[start:end], target, 3, vocab_start=start, group=sub,
+                                      sampler="uniform", generator=torch.Generator().manual_seed(rank))
+    torch.testing.assert_close(loss, ref, **TOL)
+
+
 # ---------------------------------------------------------------------------
 # Bad inputs: every rank must raise (none may be left waiting in a collective)
 
@@ -330,7 +365,7 @@ def _check_bad_inputs(rank, world, device):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_matches_single_process(tmp_path, world):
-    _spawn(tmp_path, world, _check_contrastive, _check_linear_ce, _check_sampled)
+    _spawn(tmp_path, world, _check_contrastive, _check_linear_ce, _check_sampled, _check_subgroup)
 
 
 @pytest.mark.parametrize("world", [2, 3])
