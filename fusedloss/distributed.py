@@ -116,9 +116,10 @@ def _require_equal(fn, gathered, index, what):
 # Contrastive losses with gathered negatives
 
 
-# torch 2.14 renamed the flat collectives; older releases only have the old names.
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+def _flat_collective(new_name, old_name):
+    """torch 2.14 renamed the flat collectives; older releases only have the
+    old names (resolved at call time: builds without distributed lack both)."""
+    return getattr(dist, new_name, None) or getattr(dist, old_name)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -131,14 +132,14 @@ class _GatherWithGrad(torch.autograd.Function):
         tensor = tensor.contiguous()
         ctx.group = group
         out = tensor.new_empty((dist.get_world_size(group) * tensor.shape[0], *tensor.shape[1:]))
-        _all_gather_flat(out, tensor, group=group)
+        _flat_collective("all_gather_single", "all_gather_into_tensor")(out, tensor, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
         out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:]))
-        _reduce_scatter_flat(out, grad, group=ctx.group)
+        _flat_collective("reduce_scatter_single", "reduce_scatter_tensor")(out, grad, group=ctx.group)
         return out, None
 
 
