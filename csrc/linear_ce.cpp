@@ -24,9 +24,12 @@ namespace {
 
 using at::Tensor;
 
+// `vocab_start` / `num_classes` describe a vocabulary shard: weight holds rows
+// [vocab_start, vocab_start + V_local) of a num_classes-row classifier (the
+// single-device ops pass 0 and V_local). Targets range over all num_classes.
 void check_linear_ce_args(const Tensor& input, const Tensor& weight, const Tensor& target,
                           const std::optional<Tensor>& bias, double label_smoothing, double z_loss,
-                          double softcap, int64_t ignore_index) {
+                          double softcap, int64_t ignore_index, int64_t vocab_start, int64_t num_classes) {
   TORCH_CHECK_VALUE(input.dim() == 2, "linear_cross_entropy: input must be [N, D] after flattening, got ",
                     input.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 2, "linear_cross_entropy: weight must be 2-D [V, D], got shape ",
@@ -56,6 +59,9 @@ void check_linear_ce_args(const Tensor& input, const Tensor& weight, const Tenso
     TORCH_CHECK_VALUE(bias->device() == input.device(), "linear_cross_entropy: bias is on ",
                       bias->device(), " but input is on ", input.device());
   }
+  TORCH_CHECK_VALUE(vocab_start >= 0 && vocab_start + weight.size(0) <= num_classes,
+                    "linear_cross_entropy: the weight shard covers classes [", vocab_start, ", ",
+                    vocab_start + weight.size(0), ") which is not inside [0, num_classes=", num_classes, ")");
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
                     "linear_cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
   TORCH_CHECK_VALUE(z_loss >= 0.0, "linear_cross_entropy: z_loss must be >= 0, got ", z_loss);
@@ -64,7 +70,6 @@ void check_linear_ce_args(const Tensor& input, const Tensor& weight, const Tenso
     // A host-side scan is free on the CPU; on CUDA the Python layer checks (one
     // sync, outside the op) and the kernels never index memory with a target.
     const int64_t* t = target.contiguous().data_ptr<int64_t>();
-    const int64_t num_classes = weight.size(0);
     for (int64_t i = 0; i < target.numel(); ++i) {
       TORCH_CHECK_INDEX(t[i] == ignore_index || (t[i] >= 0 && t[i] < num_classes),
                         "linear_cross_entropy: target[", i, "]=", t[i], " is outside [0, ", num_classes,
@@ -130,23 +135,30 @@ struct LinearCEProblem {
   LinearCEParams params;
   int64_t chunk_size;
 
+  int64_t vocab_start;  // vocabulary index of weight's first row (0 unless sharded)
+
   LinearCEProblem(const Tensor& input_, const Tensor& weight_, const Tensor& target_,
                   const std::optional<Tensor>& bias_, int64_t ignore_index, double label_smoothing,
-                  double z_loss, double softcap, int64_t requested_chunk) {
-    check_linear_ce_args(input_, weight_, target_, bias_, label_smoothing, z_loss, softcap, ignore_index);
+                  double z_loss, double softcap, int64_t requested_chunk, int64_t vocab_start_ = 0,
+                  std::optional<int64_t> num_classes = std::nullopt)
+      : vocab_start(vocab_start_) {
+    const int64_t total_classes = num_classes.value_or(weight_.dim() == 2 ? weight_.size(0) : 0);
+    check_linear_ce_args(input_, weight_, target_, bias_, label_smoothing, z_loss, softcap, ignore_index,
+                         vocab_start, total_classes);
     acc_dtype = accumulation_dtype(input_.scalar_type());
     operand_dtype = gemm_operand_dtype(input_);
     input = input_.contiguous().to(operand_dtype);
     weight = weight_.contiguous();
     target = target_.contiguous().view(-1);
     if (bias_.has_value()) bias = bias_->contiguous().to(acc_dtype);
-    const int64_t rows = input.size(0), classes = weight.size(0);
-    chunk_size = chunk_columns_for(rows, classes, requested_chunk, input.is_cuda());
-    params = LinearCEParams{rows, classes, 0, 0, 0, ignore_index, label_smoothing, z_loss, softcap, false};
+    const int64_t rows = input.size(0);
+    chunk_size = chunk_columns_for(rows, classes(), requested_chunk, input.is_cuda());
+    params = LinearCEParams{rows, total_classes, 0, 0, 0, ignore_index, label_smoothing, z_loss, softcap, false};
   }
 
   int64_t rows() const { return params.num_rows; }
-  int64_t classes() const { return params.num_classes; }
+  // Rows of the (local) weight: the columns the chunk loops walk.
+  int64_t classes() const { return weight.size(0); }
 
   // Raw logits of rows [row_start, row_start + row_count) against vocabulary
   // columns [start, start + columns), computed into the front of `workspace`;
@@ -157,7 +169,7 @@ struct LinearCEProblem {
     Tensor logits = workspace.narrow(0, 0, row_count * columns).view({row_count, columns});
     matmul_into(logits, input.narrow(0, row_start, row_count), weight_chunk.t(), /*accumulate=*/false);
     params.num_rows = row_count;
-    params.chunk_start = start;
+    params.chunk_start = vocab_start + start;
     params.chunk_columns = columns;
     params.logits_stride = columns;
     return logits;
@@ -201,20 +213,17 @@ void tile_grad(const ChunkKernels& kernels, const LinearCEProblem& prob, const T
   }
 }
 
-std::tuple<Tensor, Tensor> linear_ce_forward(const Tensor& input, const Tensor& weight, const Tensor& target,
-                                             const std::optional<Tensor>& bias, int64_t ignore_index,
-                                             double label_smoothing, double z_loss, double softcap,
-                                             int64_t chunk_size) {
-  c10::DeviceGuard guard(input.device());
-  LinearCEProblem prob(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size);
+// The chunked forward pass: fills the row state [4, N] (max, sum_exp,
+// sum_logits, target_logit), the per-row lse and loss of the weight's columns.
+void forward_chunks(LinearCEProblem& prob, Tensor& state, Tensor& lse, Tensor& loss) {
   const int64_t rows = prob.rows(), classes = prob.classes();
-  const auto acc_opts = input.options().dtype(prob.acc_dtype);
-  Tensor state = empty_row_state(rows, acc_opts);
-  Tensor lse = at::empty({rows}, acc_opts);
-  Tensor loss = at::empty({rows}, acc_opts);
-  if (rows == 0) return {loss, lse};
+  const auto acc_opts = prob.input.options().dtype(prob.acc_dtype);
+  state = empty_row_state(rows, acc_opts);
+  lse = at::empty({rows}, acc_opts);
+  loss = at::empty({rows}, acc_opts);
+  if (rows == 0) return;
   Tensor workspace = at::empty({rows * prob.chunk_size}, acc_opts);
-  const ChunkKernels kernels(input);
+  const ChunkKernels kernels(prob.input);
 
   AT_DISPATCH_FLOATING_TYPES(prob.acc_dtype, "linear_ce_forward", [&] {
     using acc_t = scalar_t;
@@ -228,15 +237,47 @@ std::tuple<Tensor, Tensor> linear_ce_forward(const Tensor& input, const Tensor& 
     }
     kernels.finalize(prob.params, tgt, row_state_at<acc_t>(state, 0), lse.data_ptr<acc_t>(), loss.data_ptr<acc_t>());
   });
+}
+
+std::tuple<Tensor, Tensor> linear_ce_forward(const Tensor& input, const Tensor& weight, const Tensor& target,
+                                             const std::optional<Tensor>& bias, int64_t ignore_index,
+                                             double label_smoothing, double z_loss, double softcap,
+                                             int64_t chunk_size) {
+  c10::DeviceGuard guard(input.device());
+  LinearCEProblem prob(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size);
+  Tensor state, lse, loss;
+  forward_chunks(prob, state, lse, loss);
   return {loss, lse};
+}
+
+// Vocabulary-parallel forward: the statistics of this shard's columns only,
+// which the caller combines across ranks (fusedloss/distributed.py). lse is the
+// shard-local log-sum-exp, target_logit is 0 where the target lies in another
+// shard, sum_logits sums the shard's (softcapped) logits. Targets range over
+// [0, num_classes).
+std::tuple<Tensor, Tensor, Tensor> linear_ce_shard_forward(const Tensor& input, const Tensor& weight,
+                                                           const Tensor& target, const std::optional<Tensor>& bias,
+                                                           int64_t ignore_index, double softcap,
+                                                           int64_t vocab_start, int64_t num_classes,
+                                                           int64_t chunk_size) {
+  c10::DeviceGuard guard(input.device());
+  LinearCEProblem prob(input, weight, target, bias, ignore_index, 0.0, 0.0, softcap, chunk_size, vocab_start,
+                       num_classes);
+  Tensor state, lse, loss;
+  forward_chunks(prob, state, lse, loss);
+  return {lse, state[3].clone(), state[2].clone()};
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
     const Tensor& grad_loss, const Tensor& input, const Tensor& weight, const Tensor& target,
     const std::optional<Tensor>& bias, const Tensor& lse, int64_t ignore_index, double label_smoothing,
-    double z_loss, double softcap, int64_t chunk_size, std::array<bool, 3> output_mask) {
+    double z_loss, double softcap, int64_t chunk_size, std::array<bool, 3> output_mask, int64_t vocab_start,
+    std::optional<int64_t> num_classes) {
   c10::DeviceGuard guard(input.device());
-  LinearCEProblem prob(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size);
+  // With a vocabulary shard, lse is the GLOBAL one (combined across ranks) and
+  // the gradient is that of this shard's columns of the full softmax.
+  LinearCEProblem prob(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
+                       vocab_start, num_classes);
   const int64_t rows = prob.rows(), classes = prob.classes();
   TORCH_CHECK_VALUE(grad_loss.numel() == rows && lse.numel() == rows,
                     "linear_ce_backward: grad_loss and lse must have N=", rows, " elements");
@@ -309,7 +350,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_sum_and_grad(
   if (rows > 0 && block < std::min(rows, kMinRowBlock) && row_block <= 0) {
     auto [loss, lse] = linear_ce_forward(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
     auto [gi, gw, gb] = linear_ce_backward(at::ones_like(loss), input, weight, target, bias, lse, ignore_index,
-                                           label_smoothing, z_loss, softcap, 0, output_mask);
+                                           label_smoothing, z_loss, softcap, 0, output_mask, 0, std::nullopt);
     return {loss.sum(), gi, gw, gb};
   }
   const bool need_input = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2] && bias.has_value();
@@ -360,7 +401,12 @@ TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
   m.def(
       "linear_ce_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor target, Tensor? bias, "
       "Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap, int chunk_size, "
-      "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "bool[3] output_mask, int vocab_start=0, int? num_classes=None) -> "
+      "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "linear_ce_shard_forward(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
+      "float softcap, int vocab_start, int num_classes, int chunk_size) -> "
+      "(Tensor lse, Tensor target_logit, Tensor sum_logits)");
   m.def(
       "linear_ce_sum_and_grad(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
       "float label_smoothing, float z_loss, float softcap, int row_block, bool[3] output_mask) -> "
@@ -370,6 +416,7 @@ TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
   m.impl("linear_ce_forward", &linear_ce_forward);
   m.impl("linear_ce_backward", &linear_ce_backward);
+  m.impl("linear_ce_shard_forward", &linear_ce_shard_forward);
   m.impl("linear_ce_sum_and_grad", &linear_ce_sum_and_grad);
 }
 
@@ -377,6 +424,7 @@ TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
 TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
   m.impl("linear_ce_forward", &linear_ce_forward);
   m.impl("linear_ce_backward", &linear_ce_backward);
+  m.impl("linear_ce_shard_forward", &linear_ce_shard_forward);
   m.impl("linear_ce_sum_and_grad", &linear_ce_sum_and_grad);
 }
 #endif

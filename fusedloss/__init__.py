@@ -4,6 +4,7 @@ from .contrastive import ClipLoss, InfoNCELoss, NTXentLoss, clip_loss, info_nce_
 from .linear_ce import LinearCrossEntropyLoss, linear_cross_entropy
 from . import reference
 from . import compat, samplers
+from . import distributed
 from .sampled import NCELoss, SampledSoftmaxLoss, nce_loss, sampled_softmax_loss
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "NCELoss",
     "SampledSoftmaxLoss",
     "compat",
+    "distributed",
     "nce_loss",
     "sampled_softmax_loss",
     "samplers",

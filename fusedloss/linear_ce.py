@@ -28,7 +28,7 @@ def _linear_ce_forward_fake(input, weight, target, bias, ignore_index, label_smo
 
 @torch.library.register_fake("fusedloss::linear_ce_backward")
 def _linear_ce_backward_fake(grad_loss, input, weight, target, bias, lse, ignore_index, label_smoothing,
-                             z_loss, softcap, chunk_size, output_mask):
+                             z_loss, softcap, chunk_size, output_mask, vocab_start=0, num_classes=None):
     grad_input = torch.empty_like(input) if output_mask[0] else input.new_empty(0)
     grad_weight = torch.empty_like(weight) if output_mask[1] else weight.new_empty(0)
     grad_bias = torch.empty_like(bias) if output_mask[2] and bias is not None else input.new_empty(0)

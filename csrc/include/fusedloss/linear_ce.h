@@ -18,8 +18,9 @@ namespace fusedloss {
 // processed. Everything a kernel needs except the typed pointers.
 struct LinearCEParams {
   int64_t num_rows;        // N: rows of input / targets
-  int64_t num_classes;     // V: rows of weight
-  int64_t chunk_start;     // first vocabulary column of the current chunk
+  int64_t num_classes;     // V: the softmax's whole vocabulary (all shards when vocabulary-parallel)
+  int64_t chunk_start;     // vocabulary index of the current chunk's first column (the shard's
+                           // vocab_start included), compared against targets
   int64_t chunk_columns;   // columns in the current chunk (<= chunk_size)
   int64_t logits_stride;   // elements between consecutive rows of the chunk tile
   int64_t ignore_index;    // targets equal to this contribute nothing

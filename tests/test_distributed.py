@@ -1,0 +1,454 @@
+"""fusedloss.distributed on CPU with gloo: 2 and 3 ranks spawned with
+torch.multiprocessing; every loss and gradient must equal the single-process
+op on the concatenated (or full, unsharded) tensors.
+
+Spawning is slow, so each spawned group runs a whole batch of checks (any
+failure inside a rank re-raises in the test with that rank's traceback)."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fusedloss
+from conftest import DEVICES, requires_cuda
+from fusedloss import distributed as fdist
+
+ops = torch.ops.fusedloss
+TOL = dict(rtol=1e-5, atol=2e-6)
+
+
+def _entry(rank, world, init_method, device, checks):
+    torch.set_num_threads(1)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=init_method, rank=rank,
+                            world_size=world)
+    try:
+        for check in checks:
+            check(rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path, world, *checks, device="cpu"):
+    mp.spawn(_entry, args=(world, f"file://{tmp_path}/pg_init", device, checks), nprocs=world, join=True)
+
+
+def _tol(device):
+    return TOL if device == "cpu" else dict(rtol=1e-4, atol=1e-5)
+
+
+def _context(where):
+    return lambda message: f"{where}: {message}"
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def _to(device, *tensors):
+    return [None if t is None else (t.to(device) if isinstance(t, torch.Tensor) else _to(device, *t))
+            for t in tensors]
+
+
+def _sum_over_ranks(t):
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t
+
+
+# ---------------------------------------------------------------------------
+# Contrastive: keys / negatives gathered from every rank
+
+
+def _reduce_like_ranks(rows, world, reduction, weights):
+    """The single-process counterpart of each rank's loss: [world] values."""
+    per_rank = rows.view(world, -1)
+    if reduction == "none":
+        return per_rank * weights.view(world, -1)
+    return per_rank.mean(1) if reduction == "mean" else per_rank.sum(1)
+
+
+CONTRASTIVE_CASES = [
+    # (name, kwargs, with negatives, temperature / logit_scale is a tensor)
+    ("info_nce", dict(reduction="mean"), False, False),
+    ("info_nce", dict(reduction="none", normalize=True), True, True),
+    ("info_nce", dict(reduction="sum", symmetric=True), True, True),
+    ("info_nce", dict(reduction="mean", symmetric=True, normalize=True), False, False),
+    ("clip", dict(reduction="mean"), False, True),
+    ("clip", dict(reduction="none"), False, False),
+]
+
+
+def _check_contrastive(rank, world, device):
+    tol = _tol(device)
+    batch, dim, extra = 5, 8, 3
+    for index, (name, kwargs, with_negatives, tensor_scale) in enumerate(CONTRASTIVE_CASES):
+        gen = torch.Generator().manual_seed(index)  # the same data on every rank
+        full = [torch.randn(world * batch, dim, generator=gen) for _ in range(2)]
+        full_neg = torch.randn(world * extra, dim, generator=gen) if with_negatives else None
+        weights = torch.rand(world * batch, generator=gen)
+        full, full_neg, weights = _to(device, full, full_neg, weights)
+        scale_value = 0.2 if name == "info_nce" else 4.0
+        reduction = kwargs["reduction"]
+
+        # Single process on the concatenated tensors.
+        ref_in = [_leaf(t) for t in full] + ([_leaf(full_neg)] if with_negatives else [])
+        ref_scale = _leaf(torch.tensor(scale_value, device=device)) if tensor_scale else scale_value
+        call_kwargs = {k: v for k, v in kwargs.items() if k != "reduction"}
+        if name == "info_nce":
+            ref_rows = fusedloss.info_nce_loss(ref_in[0], ref_in[1], negatives=ref_in[2] if with_negatives else None,
+                                               temperature=ref_scale, reduction="none", tile_size=4, **call_kwargs)
+        else:
+            ref_rows = fusedloss.clip_loss(ref_in[0], ref_in[1], ref_scale, reduction="none", tile_size=4)
+        ref = _reduce_like_ranks(ref_rows, world, reduction, weights)
+        ref.sum().backward()
+
+        # This rank's slice through the distributed op.
+        rows = slice(rank * batch, (rank + 1) * batch)
+        local = [_leaf(full[0][rows]), _leaf(full[1][rows])]
+        if with_negatives:
+            local.append(_leaf(full_neg[rank * extra:(rank + 1) * extra]))
+        scale = _leaf(torch.tensor(scale_value, device=device)) if tensor_scale else scale_value
+        if name == "info_nce":
+            loss = fdist.info_nce_loss(local[0], local[1], negatives=local[2] if with_negatives else None,
+                                       temperature=scale, tile_size=3, **kwargs)
+        else:
+            loss = fdist.clip_loss(local[0], local[1], scale, tile_size=3, **kwargs)
+        objective = loss * weights[rows] if reduction == "none" else loss
+        objective.sum().backward()
+
+        where = _context(f"{name} {kwargs} negatives={with_negatives} rank {rank}/{world}")
+        torch.testing.assert_close(objective.detach(), ref[rank].detach(), **tol, msg=where)
+        torch.testing.assert_close(local[0].grad, ref_in[0].grad[rows], **tol, msg=where)
+        torch.testing.assert_close(local[1].grad, ref_in[1].grad[rows], **tol, msg=where)
+        if with_negatives:
+            torch.testing.assert_close(local[2].grad, ref_in[2].grad[rank * extra:(rank + 1) * extra], **tol,
+                                       msg=where)
+        if tensor_scale:
+            # Each rank holds d(its loss)/d(scale); DDP would combine them.
+            torch.testing.assert_close(_sum_over_ranks(scale.grad), ref_scale.grad, **tol, msg=where)
+
+
+# ---------------------------------------------------------------------------
+# Vocabulary-parallel linear cross-entropy
+
+
+def _shard_bounds(rank, world, num_classes):
+    """Uneven shards, ranks in reverse vocabulary order (layouts need not follow rank order)."""
+    sizes = [num_classes // world + (i < num_classes % world) for i in range(world)]
+    index = world - 1 - rank
+    start = sum(sizes[:index])
+    return start, start + sizes[index]
+
+
+LINEAR_CE_CASES = [
+    dict(reduction="mean", bias=True),
+    dict(reduction="none", bias=False, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, batch_shape=(2, 4)),
+    dict(reduction="sum", bias=True, label_smoothing=0.2, same_shard_targets=True),
+    dict(reduction="mean", bias=True, z_loss=1e-2, all_ignored=True),
+    # bf16: the partial input gradients are all-reduced in bf16.
+    dict(reduction="mean", bias=True, label_smoothing=0.1, dtype=torch.bfloat16),
+]
+
+
+def _check_linear_ce(rank, world, device):
+    tol = _tol(device)
+    num_classes, dim = 11, 6
+    for index, case in enumerate(LINEAR_CE_CASES):
+        case = dict(case)
+        batch_shape = case.pop("batch_shape", (7,))
+        reduction, with_bias = case.pop("reduction"), case.pop("bias")
+        same_shard, all_ignored = case.pop("same_shard_targets", False), case.pop("all_ignored", False)
+        dtype = case.pop("dtype", torch.float32)
+        case_tol = tol if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+        gen = torch.Generator().manual_seed(20 + index)
+        x = torch.randn(*batch_shape, dim, generator=gen)
+        weight = torch.randn(num_classes, dim, generator=gen)
+        bias = torch.randn(num_classes, generator=gen) if with_bias else None
+        target = torch.randint(0, 3 if same_shard else num_classes, batch_shape, generator=gen)
+        target.view(-1)[1] = -100
+        if all_ignored:
+            target.fill_(-100)
+        upstream = torch.rand(batch_shape, generator=gen)
+        x, weight, bias, target, upstream = _to(device, x, weight, bias, target, upstream)
+        x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
+
+        ref_x, ref_w = _leaf(x), _leaf(weight)
+        ref_b = _leaf(bias) if with_bias else None
+        ref = fusedloss.linear_cross_entropy(ref_x, ref_w, target, ref_b, reduction=reduction, chunk_size=4, **case)
+        (ref * upstream if reduction == "none" else ref).sum().backward()
+
+        start, end = _shard_bounds(rank, world, num_classes)
+        local_x, local_w = _leaf(x), _leaf(weight[start:end])
+        local_b = _leaf(bias[start:end]) if with_bias else None
+        loss = fdist.linear_cross_entropy(local_x, local_w, target, local_b, vocab_start=start,
+                                          num_classes=num_classes if with_bias else None, reduction=reduction,
+                                          chunk_size=2, **case)
+        (loss * upstream if reduction == "none" else loss).sum().backward()
+
+        where = _context(f"linear_ce {case} {reduction} {dtype} rank {rank}/{world}")
+        torch.testing.assert_close(loss.detach(), ref.detach(), **case_tol, msg=where)
+        torch.testing.assert_close(local_x.grad, ref_x.grad, **case_tol, msg=where)
+        torch.testing.assert_close(local_w.grad, ref_w.grad[start:end], **case_tol, msg=where)
+        if with_bias:
+            torch.testing.assert_close(local_b.grad, ref_b.grad[start:end], **case_tol, msg=where)
+
+
+# ---------------------------------------------------------------------------
+# Sampled softmax / NCE with a vocabulary-sharded weight
+
+
+SAMPLED_CASES = [
+    # (loss, kwargs, num_true, bias, how the candidates come)
+    ("softmax", dict(reduction="mean", label_smoothing=0.1), 1, True, "drawn"),
+    ("nce", dict(reduction="none"), 2, False, "in_batch"),
+    ("softmax", dict(reduction="sum", subtract_log_q=False), 2, True, "given_per_row"),
+    ("nce", dict(reduction="mean", remove_accidental_hits=True, sampler="uniform", unique=False), 1, True, "drawn"),
+]
+
+
+def _check_sampled(rank, world, device):
+    tol = _tol(device)
+    num_classes, dim, rows, num_sampled = 23, 6, 8, 5
+    for index, (loss_name, kwargs, num_true, with_bias, candidates) in enumerate(SAMPLED_CASES):
+        gen = torch.Generator().manual_seed(10 + index)
+        x = torch.randn(rows, dim, generator=gen)
+        weight = torch.randn(num_classes, dim, generator=gen)
+        bias = torch.randn(num_classes, generator=gen) if with_bias else None
+        target = torch.randint(0, num_classes, (rows, num_true), generator=gen)
+        upstream = torch.rand(rows, generator=gen)
+        x, weight, bias, target, upstream = _to(device, x, weight, bias, target, upstream)
+        kwargs = dict(kwargs)
+        sampler_name = kwargs.pop("sampler", "log_uniform")
+        unique = kwargs.get("unique", True)
+        extra = {}
+        if candidates == "in_batch":
+            extra = dict(sampler="in_batch")
+            ref_extra = dict(sampler="in_batch")
+        elif candidates == "given_per_row":
+            sampled = torch.randint(0, num_classes, (rows, num_sampled), generator=gen)
+            values = (sampled, torch.rand(rows, num_true, generator=gen) + 0.5,
+                      torch.rand(rows, num_sampled, generator=gen) + 0.5)
+            extra = ref_extra = dict(sampled_values=tuple(_to(device, *values)))
+        else:
+            # Each rank seeds differently: rank 0's draw must be the one used.
+            sampler = fusedloss.samplers.LogUniformSampler(num_classes) if sampler_name == "log_uniform" \
+                else fusedloss.samplers.UniformSampler(num_classes)
+            values = sampler.sample(target, num_sampled, unique=unique,
+                                    generator=torch.Generator(device).manual_seed(99))
+            extra = dict(sampler=sampler_name, generator=torch.Generator(device).manual_seed(99 + rank))
+            ref_extra = dict(sampled_values=values)
+        single = fusedloss.sampled_softmax_loss if loss_name == "softmax" else fusedloss.nce_loss
+        sharded = fdist.sampled_softmax_loss if loss_name == "softmax" else fdist.nce_loss
+
+        ref_x, ref_w = _leaf(x), _leaf(weight)
+        ref_b = _leaf(bias) if with_bias else None
+        ref = single(ref_x, ref_w, target, num_sampled, ref_b, chunk_size=3, **kwargs, **ref_extra)
+        (ref * upstream if kwargs["reduction"] == "none" else ref).sum().backward()
+
+        start, end = _shard_bounds(rank, world, num_classes)
+        local_x, local_w = _leaf(x), _leaf(weight[start:end])
+        local_b = _leaf(bias[start:end]) if with_bias else None
+        loss = sharded(local_x, local_w, target, num_sampled, local_b, vocab_start=start, chunk_size=2, **kwargs,
+                       **extra)
+        (loss * upstream if kwargs["reduction"] == "none" else loss).sum().backward()
+
+        where = _context(f"sampled {loss_name} {kwargs} {candidates} rank {rank}/{world}")
+        torch.testing.assert_close(loss.detach(), ref.detach(), **tol, msg=where)
+        torch.testing.assert_close(local_x.grad, ref_x.grad, **tol, msg=where)
+        torch.testing.assert_close(local_w.grad, ref_w.grad[start:end], **tol, msg=where)
+        if with_bias:
+            torch.testing.assert_close(local_b.grad, ref_b.grad[start:end], **tol, msg=where)
+
+
+def _check_subgroup(rank, world, device):
+    """A group that is not the default one: positives at group ranks, the
+    sampled candidates broadcast from the group's first rank, non-members refused."""
+    members = [world - 1, 0]
+    sub = dist.new_group(members)  # every process must call new_group
+    if rank not in members:
+        with pytest.raises(RuntimeError, match="not a member"):
+            fdist.clip_loss(torch.randn(2, 3), torch.randn(2, 3), 1.0, group=sub)
+        return
+    group_rank = dist.get_rank(sub)
+    gen = torch.Generator().manual_seed(5)
+    image, text = torch.randn(2 * 3, 4, generator=gen), torch.randn(2 * 3, 4, generator=gen)
+    ref_image, ref_text = _leaf(image), _leaf(text)
+    ref = fusedloss.clip_loss(ref_image, ref_text, 3.0, reduction="none").view(2, 3).mean(1)
+    ref.sum().backward()
+    rows = slice(3 * group_rank, 3 * group_rank + 3)
+    local_image, local_text = _leaf(image[rows]), _leaf(text[rows])
+    loss = fdist.clip_loss(local_image, local_text, 3.0, group=sub)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref[group_rank].detach(), **TOL)
+    torch.testing.assert_close(local_image.grad, ref_image.grad[rows], **TOL)
+    torch.testing.assert_close(local_text.grad, ref_text.grad[rows], **TOL)
+
+    # Sampled candidates come from group rank 0, whatever the others drew.
+    x, weight = torch.randn(4, 4, generator=gen), torch.randn(9, 4, generator=gen)
+    target = torch.randint(0, 9, (4,), generator=gen)
+    first = dist.get_global_rank(sub, 0)
+    values = fusedloss.samplers.UniformSampler(9).sample(target, 3, generator=torch.Generator().manual_seed(first))
+    ref = fusedloss.sampled_softmax_loss(x, weight, target, 3, sampled_values=values)
+    start, end = (0, 5) if group_rank == 0 else (5, 9)
+    loss = fdist.sampled_softmax_loss(x, weight[start:end], target, 3, vocab_start=start, group=sub,
+                                      sampler="uniform", generator=torch.Generator().manual_seed(rank))
+    torch.testing.assert_close(loss, ref, **TOL)
+
+
+# ---------------------------------------------------------------------------
+# Bad inputs: every rank must raise (none may be left waiting in a collective)
+
+
+def _lce(rank, start, size, num_classes=None, rows=4, dim=3, target=None):
+    x = torch.randn(rows, dim)
+    target = torch.zeros(rows, dtype=torch.long) if target is None else target
+    return fdist.linear_cross_entropy(x, torch.randn(size, dim), target, vocab_start=start, num_classes=num_classes)
+
+
+def _check_bad_inputs(rank, world, device):
+    last = rank == world - 1
+    with pytest.raises(ValueError, match="do not tile .*rows in all"):
+        _lce(rank, 4 * rank, 3, num_classes=4 * world - 1)
+    if world == 3:  # [0, 2), [3, 6), [5, 8): the right total, a gap and an overlap
+        with pytest.raises(ValueError, match="do not tile .*leaves classes \\[2, 3\\) uncovered"):
+            _lce(rank, [0, 3, 5][rank], [2, 3, 3][rank], num_classes=8)
+    with pytest.raises(ValueError, match="overlaps"):
+        _lce(rank, 0, 4, num_classes=4 * world)
+    with pytest.raises(ValueError, match="vocab_start out of range"):
+        _lce(rank, 4 * rank + (1 if last else 0), 4, num_classes=4 * world)
+    with pytest.raises(ValueError, match="another world size"):
+        _lce(rank, 4 * rank, 4, num_classes=4 * (world + 1))
+    with pytest.raises(ValueError, match="num_classes .*same on every rank"):
+        _lce(rank, 4 * rank, 4, num_classes=4 * world if rank else None)
+    # A local error on one rank: that rank raises its own error, the others
+    # learn that a peer failed.
+    if rank == 0:
+        with pytest.raises(ValueError, match="vocab_start must be a non-negative int"):
+            _lce(rank, -1, 4)
+    else:
+        with pytest.raises(ValueError, match="rank 0 of the group got invalid arguments"):
+            _lce(rank, 4 * rank, 4)
+    with pytest.raises(ValueError, match="number of input rows"):
+        _lce(rank, 4 * rank, 4, rows=4 + rank)
+    with pytest.raises(IndexError, match="outside \\[0, "):
+        _lce(rank, 4 * rank, 4, target=torch.full((4,), 4 * world))
+
+    with pytest.raises(ValueError, match="local batch size"):
+        fdist.info_nce_loss(torch.randn(4 + rank, 3), torch.randn(4 + rank, 3))
+    with pytest.raises(ValueError, match="feature size"):
+        fdist.clip_loss(torch.randn(4, 3 + rank), torch.randn(4, 3 + rank), 1.0)
+    with pytest.raises(ValueError, match="extra negatives"):
+        fdist.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3), negatives=torch.randn(2, 3) if rank else None)
+    if rank == 0:
+        with pytest.raises(ValueError, match="temperature must be positive"):
+            fdist.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3), temperature=-1.0)
+    else:
+        with pytest.raises(ValueError, match="invalid arguments"):
+            fdist.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="num_sampled must be the same"):
+        fdist.sampled_softmax_loss(torch.randn(4, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 2 + rank,
+                                   vocab_start=4 * rank)
+    with pytest.raises(ValueError, match="do not tile"):
+        fdist.nce_loss(torch.randn(4, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 2, vocab_start=0)
+    if rank == 1:  # malformed on one rank only: no peer may be left waiting
+        with pytest.raises(ValueError, match="query must be 2-D"):
+            fdist.info_nce_loss(torch.randn(4), torch.randn(4))
+    else:
+        with pytest.raises(ValueError, match="rank 1 of the group got invalid arguments"):
+            fdist.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3))
+    # The group is still usable after all of the above.
+    loss = fdist.clip_loss(torch.randn(2, 3), torch.randn(2, 3), 1.0)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_matches_single_process(tmp_path, world):
+    _spawn(tmp_path, world, _check_contrastive, _check_linear_ce, _check_sampled, _check_subgroup)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_bad_inputs(tmp_path, world):
+    _spawn(tmp_path, world, _check_bad_inputs)
+
+
+@requires_cuda
+def test_distributed_cuda_nccl_single_rank(tmp_path):
+    """NCCL needs one GPU per rank; a one-rank group still runs every CUDA
+    code path (the shard ops, the collectives, the cross-rank checks)."""
+    _spawn(tmp_path, 1, _check_contrastive, _check_linear_ce, _check_sampled, device="cuda")
+
+
+# ---------------------------------------------------------------------------
+# In-process tests (no process group needed)
+
+
+def test_uninitialised_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="not initialised"):
+        fdist.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3))
+    with pytest.raises(RuntimeError, match="not initialised"):
+        fdist.clip_loss(torch.randn(4, 3), torch.randn(4, 3), 1.0)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        fdist.sampled_softmax_loss(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.long), 2,
+                                   vocab_start=0)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        fdist.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.long),
+                                   vocab_start=0)
+
+
+def _shards(num_classes, count):
+    bounds = torch.linspace(0, num_classes, count + 1).round().long().tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_shard_ops_combine_to_the_full_op(softcap, device):
+    """The shard ops, combined by hand as the ranks would, give the
+    single-device forward and backward (checks the C++ extension without a
+    process group)."""
+    gen = torch.Generator().manual_seed(0)
+    rows, dim, classes = 9, 5, 13
+    x = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
+    w = torch.randn(classes, dim, generator=gen, dtype=torch.float64)
+    b = torch.randn(classes, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, classes, (rows,), generator=gen)
+    target[2] = -100
+    grad_loss = torch.rand(rows, generator=gen, dtype=torch.float64)
+    x, w, b, target, grad_loss = _to(device, x, w, b, target, grad_loss)
+    eps, z = 0.1, 1e-3
+    loss, lse = ops.linear_ce_forward(x, w, target, b, -100, eps, z, softcap, 4)
+    full_grads = ops.linear_ce_backward(grad_loss, x, w, target, b, lse, -100, eps, z, softcap, 4, [True] * 3)
+
+    stats = [ops.linear_ce_shard_forward(x, w[s:e], target, b[s:e], -100, softcap, s, classes, 3)
+             for s, e in _shards(classes, 3)]
+    combined_lse = torch.logsumexp(torch.stack([s[0] for s in stats]), 0)
+    target_logit = sum(s[1] for s in stats)
+    sum_logits = sum(s[2] for s in stats)
+    combined = combined_lse - (1 - eps) * target_logit - eps * sum_logits / classes + z * combined_lse ** 2
+    torch.testing.assert_close(combined_lse, lse)
+    torch.testing.assert_close(torch.where(target == -100, 0.0, combined), loss)
+
+    grad_input = torch.zeros_like(x)
+    for s, e in _shards(classes, 3):
+        gi, gw, gb = ops.linear_ce_backward(grad_loss, x, w[s:e], target, b[s:e], lse, -100, eps, z, softcap, 2,
+                                            [True] * 3, s, classes)
+        grad_input += gi
+        torch.testing.assert_close(gw, full_grads[1][s:e])
+        torch.testing.assert_close(gb, full_grads[2][s:e])
+    torch.testing.assert_close(grad_input, full_grads[0])
+
+
+def test_shard_ops_opcheck_and_errors():
+    x, w, b = torch.randn(4, 3), torch.randn(5, 3), torch.randn(5)
+    target = torch.tensor([0, 7, 11, -100])
+    torch.library.opcheck(ops.linear_ce_shard_forward, (x, w, target, b, -100, 0.0, 6, 12, 2))
+    lse = torch.randn(4)
+    torch.library.opcheck(ops.linear_ce_backward, (torch.rand(4), x, w, target, b, lse, -100, 0.1, 0.0, 0.0, 2,
+                                                   [True, True, True], 6, 12))
+    with pytest.raises(ValueError, match="not inside \\[0, num_classes=10\\)"):
+        ops.linear_ce_shard_forward(x, w, target.clamp(max=9), b, -100, 0.0, 6, 10, 2)
+    with pytest.raises(IndexError, match="outside \\[0, 11\\)"):
+        ops.linear_ce_shard_forward(x, w, target, b, -100, 0.0, 6, 11, 2)
