@@ -70,21 +70,42 @@ def _linear_ce_sum_and_grad_fake(input, weight, target, bias, ignore_index, labe
 
 
 def _sum_setup_context(ctx, inputs, output):
+    input, weight, target, bias, *options = inputs
     _, grad_input, grad_weight, grad_bias = output
     # The gradients are op outputs that only this node consumes; marking them
     # non-differentiable keeps them out of the graph (no reference cycle).
     ctx.mark_non_differentiable(grad_input, grad_weight, grad_bias)
     ctx.grads = (grad_input, grad_weight, grad_bias)
-    ctx.has_bias = inputs[3] is not None
-    ctx.num_options = len(inputs) - 4
+    ctx.save_for_backward(input, weight, target, bias)
+    ctx.options = options  # ignore_index, label_smoothing, z_loss, softcap, row_block, output_mask
+
+
+def _is_traced(t):
+    """True under torch.compile / AOT autograd tracing (fake or functional tensors)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t) or torch._is_functional_tensor(t)
 
 
 def _sum_backward(ctx, grad_sum, *_unused):
-    # Out of place, so a retained graph can be differentiated again.
-    scale = lambda g: g * grad_sum if g.numel() else None  # noqa: E731
-    grad_input, grad_weight, grad_bias = ctx.grads
-    return (scale(grad_input), scale(grad_weight), None, scale(grad_bias) if ctx.has_bias else None,
-            *([None] * ctx.num_options))
+    *loss_options, _row_block, mask = ctx.options
+    if ctx.grads is not None:
+        # First backward: scale the forward's gradients in place and hand them
+        # over, so no second V x D buffer exists (out of place when traced:
+        # AOT autograd cannot partition a mutation of a forward output).
+        grads, ctx.grads = ctx.grads, None
+        in_place = not _is_traced(grad_sum)
+        grad_input, grad_weight, grad_bias = (g.mul_(grad_sum) if in_place else g * grad_sum for g in grads)
+    else:
+        # A retained graph differentiated again: recompute from the inputs.
+        input, weight, target, bias = ctx.saved_tensors
+        _, lse = _ops.linear_ce_forward(input, weight, target, bias, *loss_options, 0)
+        grad_rows = grad_sum.expand(input.shape[0]).contiguous()
+        grad_input, grad_weight, grad_bias = _ops.linear_ce_backward(
+            grad_rows, input, weight, target, bias, lse, *loss_options, 0, mask
+        )
+    return (grad_input if mask[0] else None, grad_weight if mask[1] else None, None,
+            grad_bias if mask[2] else None, *([None] * len(ctx.options)))
 
 
 torch.library.register_autograd("fusedloss::linear_ce_sum_and_grad", _sum_backward, setup_context=_sum_setup_context)
@@ -92,11 +113,13 @@ torch.library.register_autograd("fusedloss::linear_ce_sum_and_grad", _sum_backwa
 
 def _wants_single_pass(reduction, chunk_size, input, weight, bias):
     """Use the 6·N·D·V single-pass op (gradients formed in the forward) for a
-    reduced fp32/fp64 loss that will be differentiated; the recompute path
-    otherwise (reduction="none", half precision, or an explicit chunk_size)."""
+    reduced fp32/fp64 loss on the CPU that will be differentiated; the recompute
+    path otherwise (reduction="none", half precision, CUDA, or an explicit
+    chunk_size). On CUDA the recompute path is the one validated on hardware,
+    and the workspace the single pass needs there is large."""
     if reduction == "none" or chunk_size is not None or not torch.is_grad_enabled():
         return False
-    if input.dtype not in (torch.float32, torch.float64):
+    if input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
         return False
     return any(t is not None and t.requires_grad for t in (input, weight, bias))
 
@@ -119,10 +142,10 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
             (over non-ignored rows; 0 when every row is ignored).
         chunk_size: vocabulary columns per chunk of the recompute algorithm
             (default: sized to a fixed workspace, 32 MiB on the CPU and 512 MiB
-            on CUDA). For a reduced fp32/fp64 loss that requires grad, the
-            default instead forms the gradients during the forward in one pass
-            over row blocks (6·N·D·V FLOPs instead of 8); giving chunk_size
-            forces the recompute algorithm.
+            on CUDA). For a reduced fp32/fp64 loss on the CPU that requires
+            grad, the default instead forms the gradients during the forward in
+            one pass over row blocks (6·N·D·V FLOPs instead of 8); giving
+            chunk_size forces the recompute algorithm.
 
     Returns the loss in fp32 (fp64 for fp64 inputs).
     """
