@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Million-class training demo: a small skip-gram model over 1,000,000 classes.
+
+Synthetic Zipf-distributed data (item ids drawn from the log-uniform law, the
+way word frequencies fall off; the label is one of the next two ids), an
+embedding tower, and a 1M x D output layer trained with
+``fusedloss.sampled_softmax_loss``.  Prints the loss falling, steps/s and the
+resident memory, which stays flat; then measures the same step with the
+reference ops (``fusedloss.reference``), whose full-softmax version needs the
+[batch, 1M] logits and does not fit.
+
+If ``sampled_softmax_loss`` is not in this build yet, it falls back to the
+exact full softmax ``fusedloss.linear_cross_entropy`` at ``--fallback-classes``.
+
+    python benchmarks/train_million_class.py                   # CPU, a few minutes
+    python benchmarks/train_million_class.py --device cuda --batch 8192 --dim 256 --num-sampled 8192
+"""
+import argparse
+import ctypes
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
+import fusedloss  # noqa: E402
+from fusedloss.bench.cases import GiB, MiB, log_uniform_sampled_values  # noqa: E402
+from fusedloss.bench.measure import CudaPeak, RssPeak, _proc_status_kib  # noqa: E402
+from fusedloss.bench.runner import available_ram  # noqa: E402
+
+
+def _fixed_mmap_threshold():
+    """Return large freed blocks to the OS so the RSS readings show real usage."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classes", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--num-sampled", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=2.0)
+    p.add_argument("--loss", choices=("sampled_softmax", "nce"), default="sampled_softmax")
+    p.add_argument("--fallback-classes", type=int, default=20_000,
+                   help="class count for the full-softmax fallback when the sampled op is missing")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--ram-fraction", type=float, default=0.5,
+                   help="CPU: a reference step estimated above this fraction of available RAM is reported as OOM")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+class SkipGram(torch.nn.Module):
+    def __init__(self, classes, dim):
+        super().__init__()
+        self.embed = torch.nn.Embedding(classes, dim, sparse=True)
+        torch.nn.init.normal_(self.embed.weight, std=0.1)
+        self.tower = torch.nn.Linear(dim, dim)
+        self.out = torch.nn.Parameter(torch.randn(classes, dim) * 0.01)  # the classifier / output embeddings
+
+    def forward(self, ids):
+        return torch.tanh(self.tower(self.embed(ids)))
+
+
+def zipf_batch(batch, classes, gen, device):
+    """Context ids ~ log-uniform (Zipf-like); the label is one of the next two ids."""
+    u = torch.rand(batch, generator=gen, dtype=torch.float64)
+    ctx = (torch.exp(u * math.log(classes + 1)).floor().long() - 1).clamp_(0, classes - 1)
+    label = (ctx + 1 + torch.randint(0, 2, (batch,), generator=gen)) % classes
+    return ctx.to(device), label.to(device)
+
+
+def memory_now(device):
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return (_proc_status_kib("VmRSS") or 0) * 1024
+
+
+def pick_loss(args):
+    fn = getattr(fusedloss, f"{args.loss}_loss", None)
+    if fn is not None:
+        def loss(h, w, y, sampled_values=None, module=fusedloss):
+            return getattr(module, f"{args.loss}_loss")(h, w, y, args.num_sampled, num_classes=w.shape[0],
+                                                       sampled_values=sampled_values)
+        return loss, args.classes, f"fusedloss.{args.loss}_loss (K={args.num_sampled})"
+    print(f"note: fusedloss.{args.loss}_loss is not in this build; falling back to the exact full softmax "
+          f"fusedloss.linear_cross_entropy at {args.fallback_classes} classes")
+
+    def full(h, w, y, sampled_values=None, module=fusedloss):
+        return module.linear_cross_entropy(h, w, y)
+    return full, min(args.classes, args.fallback_classes), "fusedloss.linear_cross_entropy (full softmax)"
+
+
+def train(args, loss_fn, classes, device):
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    model = SkipGram(classes, args.dim).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+    print(f"{'step':>6} {'loss':>8} {'steps/s':>8} {'memory MiB':>11}")
+    t0, last, mem_log = time.perf_counter(), time.perf_counter(), []
+    first_loss = final_loss = None
+    running = 0.0
+    for step in range(1, args.steps + 1):
+        ctx, label = zipf_batch(args.batch, classes, gen, device)
+        loss = loss_fn(model(ctx), model.out, label)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += float(loss.detach())
+        if step % args.log_every == 0 or step == args.steps:
+            n = args.log_every if step % args.log_every == 0 else step % args.log_every
+            avg = running / n
+            first_loss = avg if first_loss is None else first_loss
+            final_loss, running = avg, 0.0
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            mem = memory_now(device)
+            mem_log.append(mem)
+            print(f"{step:>6} {avg:>8.4f} {n / (now - last):>8.2f} {mem / MiB:>11.1f}", flush=True)
+            last = now
+    total = time.perf_counter() - t0
+    print(f"\n{args.steps} steps in {total:.1f} s ({args.steps / total:.2f} steps/s); loss {first_loss:.3f} -> "
+          f"{final_loss:.3f}; memory {min(mem_log) / MiB:.0f}..{max(mem_log) / MiB:.0f} MiB (flat: the "
+          f"{classes:,}-class logits are never materialised)")
+    return model, gen
+
+
+def step_memory(device, fn):
+    """Peak memory above the current footprint of one fwd+bwd, or the OOM error."""
+    probe = CudaPeak(device) if device.type == "cuda" else RssPeak()
+    try:
+        with probe:
+            fn()
+    except torch.OutOfMemoryError:
+        return None
+    return probe.peak
+
+
+def compare_reference(args, model, loss_fn, classes, device, gen):
+    ctx, label = zipf_batch(args.batch, classes, gen, device)
+    h = model(ctx).detach().requires_grad_(True)
+    w = model.out.detach().requires_grad_(True)
+    values = None
+    if getattr(fusedloss, f"{args.loss}_loss", None) is not None:
+        g = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(args.seed + 1)
+        values = log_uniform_sampled_values(label, args.num_sampled, classes, g)
+
+    def step(module, full=False):
+        def run():
+            f = module.linear_cross_entropy if full else None
+            loss = f(h, w, label) if full else loss_fn(h, w, label, sampled_values=values, module=module)
+            torch.autograd.grad(loss, (h, w))
+        return run
+
+    print("\nOne training step's extra memory (above the model and optimizer):")
+    kind = args.loss if values is not None else "full softmax"
+    rows = [(f"fused {kind}", step(fusedloss))]
+    if values is not None:  # (in the fallback the reference is the full-softmax line below)
+        rows.append((f"reference {kind}", step(fusedloss.reference)))
+    for name, fn in rows:
+        peak = step_memory(device, fn)
+        print(f"  {name:<44} {'OOM' if peak is None else f'{peak / MiB:.1f} MiB'}")
+    # The same step with a plain full softmax over every class: [batch, classes] fp32
+    # logits, their softmax and gradient (x3), plus the dense weight gradient.
+    need = 3 * 4 * args.batch * classes + w.numel() * w.element_size()
+    budget = None if device.type == "cuda" else int((available_ram() or 0) * args.ram_fraction)
+    label_full = f"reference full softmax ({classes:,} classes)"
+    if budget is not None and need > budget:
+        print(f"  {label_full:<44} OOM (needs ~{need / GiB:.1f} GiB; budget {budget / GiB:.1f} GiB = "
+              f"{args.ram_fraction:g} x available RAM)")
+    else:
+        peak = step_memory(device, step(fusedloss.reference, full=True))
+        print(f"  {label_full:<44} {f'OOM (needs ~{need / GiB:.1f} GiB)' if peak is None else f'{peak / MiB:.1f} MiB'}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _fixed_mmap_threshold()
+    device = torch.device(args.device)
+    loss_fn, classes, name = pick_loss(args)
+    print(f"skip-gram over {classes:,} classes, dim {args.dim}, batch {args.batch}, {name}, on {device} "
+          f"({torch.get_num_threads()} threads)\n")
+    model, gen = train(args, loss_fn, classes, device)
+    compare_reference(args, model, loss_fn, classes, device, gen)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
