@@ -247,3 +247,18 @@ def test_log_uniform_sampled_values():
     _, all_exp, _ = cases.log_uniform_sampled_values(torch.arange(100), 64, 100, gen)
     assert math.isclose(float(all_exp.sum()), 64, rel_tol=1e-5)
     assert float(true_exp[0]) > float(true_exp[2])  # Zipfian: frequent classes first
+
+
+def test_million_class_demo_runs_tiny(capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "train_million_class.py")
+    spec = importlib.util.spec_from_file_location("train_million_class", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.main(["--classes", "2000", "--dim", "8", "--batch", "16", "--num-sampled", "32", "--steps", "4",
+                      "--log-every", "2", "--fallback-classes", "500", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "steps/s" in out and "reference full softmax" in out
