@@ -152,6 +152,7 @@ def _run_row_in_process(case, shape, dtype, variants, cfg, progress, label):
         results[v.name] = res
         if out is not None and v.compare:
             outputs[v.name] = out if v.kind == "reference" else _compare_now(out, outputs.get("reference"), res, dtype)
+        out = None  # free this variant's gradients before the next one runs
         if torch.device(cfg.device).type == "cuda":
             torch.cuda.empty_cache()
     return {v.name: results[v.name] for v in variants}, outputs
