@@ -16,7 +16,6 @@ exact full softmax ``fusedloss.linear_cross_entropy`` at ``--fallback-classes``.
     python benchmarks/train_million_class.py --device cuda --batch 8192 --dim 256 --num-sampled 8192
 """
 import argparse
-import ctypes
 import math
 import os
 import sys
@@ -27,16 +26,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 import fusedloss  # noqa: E402
 from fusedloss.bench.cases import GiB, MiB, log_uniform_sampled_values  # noqa: E402
-from fusedloss.bench.measure import CudaPeak, RssPeak, _proc_status_kib  # noqa: E402
+from fusedloss.bench.measure import (  # noqa: E402
+    CudaPeak, RssPeak, _proc_status_kib, return_heap_to_os)
 from fusedloss.bench.runner import available_ram  # noqa: E402
-
-
-def _fixed_mmap_threshold():
-    """Return large freed blocks to the OS so the RSS readings show real usage."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def parse_args(argv=None):
@@ -184,7 +176,7 @@ def compare_reference(args, model, loss_fn, classes, device, gen):
 
 def main(argv=None):
     args = parse_args(argv)
-    _fixed_mmap_threshold()
+    return_heap_to_os()  # so the RSS readings show real usage
     device = torch.device(args.device)
     loss_fn, classes, name = pick_loss(args)
     print(f"skip-gram over {classes:,} classes, dim {args.dim}, batch {args.batch}, {name}, on {device} "

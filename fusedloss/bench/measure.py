@@ -4,10 +4,11 @@ forward, backward and both; peak memory above the inputs.
 CUDA: CUDA events for time, ``torch.cuda.max_memory_allocated`` after a reset
 for memory.  CPU: wall clock, and peak RSS growth: the kernel's high-water mark
 (VmHWM) is reset through /proc/self/clear_refs after the inputs exist and the
-warm-up ran, so the reading is the growth caused by one fwd+bwd.  On the CPU the
-runner calls this in a fresh subprocess per variant (see ``worker.py``) so one
-variant's allocations cannot hide another's.
+timed runs finished, so the reading is the growth caused by one more fwd+bwd.
+On the CPU the runner calls this in a fresh subprocess per variant (see
+``worker.py``) so one variant's allocations cannot hide another's.
 """
+import ctypes
 import gc
 import json
 import os
@@ -23,10 +24,18 @@ import torch
 from . import cases as cases_mod
 from .variants import build_variants
 
-# glibc's dynamic mmap threshold would keep large freed blocks in the heap after
-# the warm-up and hide them from the measured step; a fixed threshold returns
-# every large block to the OS on free.
-SUBPROCESS_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+def return_heap_to_os():
+    """Make RSS track allocations: glibc keeps freed blocks in its heap (and its
+    dynamic mmap threshold grows to 32 MiB as big blocks are freed), so a step
+    that reuses them would show no growth.  Trim the heap, then fix the mmap
+    threshold so every block >= 128 KiB is mapped fresh and returned on free.
+    Called after the timed runs, which keep the allocator's normal behaviour."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 class OutOfMemory(Exception):
@@ -122,12 +131,16 @@ def measure_in_process(variant, inputs, leaves, device, repeat, warmup):
     try:
         for _ in range(warmup):
             run_step(variant, inputs, leaves)
-        probe = CudaPeak(device) if device.type == "cuda" else RssPeak()
-        with probe:
-            out, grads, first = run_step(variant, inputs, leaves, clock)
-        all_marks = [first] + [run_step(variant, inputs, leaves, clock)[2] for _ in range(repeat - 1)]
+        all_marks = [run_step(variant, inputs, leaves, clock)[2] for _ in range(repeat)]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            probe = CudaPeak(device)
+        else:
+            return_heap_to_os()
+            probe = RssPeak()
+        # one more untimed step for the memory peak (and the outputs to compare)
+        with probe:
+            out, grads, _ = run_step(variant, inputs, leaves)
     except torch.OutOfMemoryError as e:
         raise OutOfMemory(str(e).splitlines()[0]) from None
     except RuntimeError as e:  # the CPU allocator reports a failed malloc as RuntimeError
@@ -174,7 +187,7 @@ def run_worker_spec(spec):
 def measure_in_subprocess(spec, timeout=None):
     """Runs ``run_worker_spec`` in a fresh interpreter; a killed child (the
     kernel's OOM killer) is reported as OOM."""
-    env = dict(os.environ, **SUBPROCESS_ENV)
+    env = dict(os.environ)
     # The child must import this same fusedloss (e.g. a source checkout).
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH")] if p)
