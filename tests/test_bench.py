@@ -262,3 +262,17 @@ def test_million_class_demo_runs_tiny(capsys):
                       "--log-every", "2", "--fallback-classes", "500", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "steps/s" in out and "reference full softmax" in out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_uses_events_and_allocator_peak():
+    cfg = runner.Config(shapes=[("linear_ce", {"N": 256, "D": 64, "V": 4096}, torch.bfloat16)], device="cuda",
+                        repeat=2, warmup=1, progress=False, compile_reference=False)
+    [row] = runner.run(cfg)
+    fused, ref = row["variants"]["fused"], row["variants"]["reference"]
+    assert fused["status"] == "ok" and ref["status"] == "ok"
+    assert ref["peak_extra_bytes"] >= 256 * 4096 * 4  # the reference's fp32 logits
+    assert fused["within_tolerance"], fused
+    for peer in ("cut-cross-entropy", "liger-kernel"):
+        assert row["variants"][peer]["status"] in ("ok", "skipped", "error")

@@ -8,6 +8,11 @@ import torch
 
 from . import cases, presets, report, runner
 
+DESCRIPTION = """Time forward, backward and both, and the peak memory above the inputs, of every
+fusedloss op against its plain-PyTorch reference (fusedloss.reference), torch.compile
+of it and public peers, and check the loss and gradients against the reference.
+Exit status 1 when a row exceeds its dtype's tolerance or the fused op failed."""
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -54,7 +59,7 @@ def parse_shape(text, ops):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="fusedloss-bench", description=__doc__, epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="fusedloss-bench", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", help=f"comma-separated ops (default: all): {', '.join(cases.CASES)}")
     p.add_argument("--shapes", nargs="+", metavar="SHAPE", help="explicit shapes (see below); overrides --preset")

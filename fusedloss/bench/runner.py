@@ -194,6 +194,8 @@ def row_dtype(cfg, entry_dtype):
 def run(cfg):
     """Runs every row of ``cfg``; returns the list of row dicts (JSON-able)."""
     device = torch.device(cfg.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # CUDA events are recorded on the current device's stream
     isolate = cfg.isolate and device.type == "cpu"
     plan = []
     for op, shape, entry_dtype in cfg.shapes:
