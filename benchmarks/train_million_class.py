@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 import fusedloss  # noqa: E402
-from fusedloss.bench.cases import GiB, MiB, log_uniform_sampled_values  # noqa: E402
+from fusedloss.bench.cases import CASES, GiB, MiB, log_uniform_sampled_values  # noqa: E402
 from fusedloss.bench.measure import (  # noqa: E402
     CudaPeak, RssPeak, _proc_status_kib, return_heap_to_os)
 from fusedloss.bench.runner import available_ram  # noqa: E402
@@ -76,22 +76,25 @@ def memory_now(device):
     return (_proc_status_kib("VmRSS") or 0) * 1024
 
 
-def pick_loss(args):
-    fn = getattr(fusedloss, f"{args.loss}_loss", None)
-    if fn is not None:
-        def loss(h, w, y, sampled_values=None, module=fusedloss):
-            return getattr(module, f"{args.loss}_loss")(h, w, y, args.num_sampled, num_classes=w.shape[0],
-                                                       sampled_values=sampled_values)
-        return loss, args.classes, f"fusedloss.{args.loss}_loss (K={args.num_sampled})"
-    print(f"note: fusedloss.{args.loss}_loss is not in this build; falling back to the exact full softmax "
+def pick_op(args):
+    """(bench case, class count, description): the sampled op, or the exact
+    full-softmax fallback while the sampled op is not in the build."""
+    case = CASES[args.loss]
+    if case.skip_reason() is None:
+        return case, args.classes, f"fusedloss.{case.func} (K={args.num_sampled})"
+    print(f"note: fusedloss.{case.func} is not in this build; falling back to the exact full softmax "
           f"fusedloss.linear_cross_entropy at {args.fallback_classes} classes")
-
-    def full(h, w, y, sampled_values=None, module=fusedloss):
-        return module.linear_cross_entropy(h, w, y)
-    return full, min(args.classes, args.fallback_classes), "fusedloss.linear_cross_entropy (full softmax)"
+    classes = min(args.classes, args.fallback_classes)
+    return CASES["linear_ce"], classes, "fusedloss.linear_cross_entropy (full softmax)"
 
 
-def train(args, loss_fn, classes, device):
+def op_inputs(args, h, w, label, sampled_values=None):
+    """The bench adapters' input dict (sampled_values=None: the fused op samples itself)."""
+    return {"input": h, "weight": w, "target": label, "num_sampled": args.num_sampled,
+            "num_classes": w.shape[0], "sampled_values": sampled_values}
+
+
+def train(args, case, classes, device):
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     model = SkipGram(classes, args.dim).to(device)
@@ -102,7 +105,7 @@ def train(args, loss_fn, classes, device):
     running = 0.0
     for step in range(1, args.steps + 1):
         ctx, label = zipf_batch(args.batch, classes, gen, device)
-        loss = loss_fn(model(ctx), model.out, label)
+        loss = case.call(case.fused_fn(), op_inputs(args, model(ctx), model.out, label))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -137,27 +140,25 @@ def step_memory(device, fn):
     return probe.peak
 
 
-def compare_reference(args, model, loss_fn, classes, device, gen):
+def compare_reference(args, model, case, classes, device, gen):
     ctx, label = zipf_batch(args.batch, classes, gen, device)
     h = model(ctx).detach().requires_grad_(True)
     w = model.out.detach().requires_grad_(True)
     values = None
-    if getattr(fusedloss, f"{args.loss}_loss", None) is not None:
+    if case.op != "linear_ce":  # fused and reference see the same candidates
         g = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(args.seed + 1)
         values = log_uniform_sampled_values(label, args.num_sampled, classes, g)
+    x = op_inputs(args, h, w, label, values)
 
-    def step(module, full=False):
-        def run():
-            f = module.linear_cross_entropy if full else None
-            loss = f(h, w, label) if full else loss_fn(h, w, label, sampled_values=values, module=module)
-            torch.autograd.grad(loss, (h, w))
-        return run
+    def step(loss_fn):
+        return lambda: torch.autograd.grad(loss_fn(), (h, w))
 
+    full_ref = step(lambda: CASES["linear_ce"].call_reference(fusedloss.reference.linear_cross_entropy, x))
     print("\nOne training step's extra memory (above the model and optimizer):")
     kind = args.loss if values is not None else "full softmax"
-    rows = [(f"fused {kind}", step(fusedloss))]
+    rows = [(f"fused {kind}", step(lambda: case.call(case.fused_fn(), x)))]
     if values is not None:  # (in the fallback the reference is the full-softmax line below)
-        rows.append((f"reference {kind}", step(fusedloss.reference)))
+        rows.append((f"reference {kind}", step(lambda: case.call_reference(case.reference_fn(), x))))
     for name, fn in rows:
         peak = step_memory(device, fn)
         print(f"  {name:<44} {'OOM' if peak is None else f'{peak / MiB:.1f} MiB'}")
@@ -170,7 +171,7 @@ def compare_reference(args, model, loss_fn, classes, device, gen):
         print(f"  {label_full:<44} OOM (needs ~{need / GiB:.1f} GiB; budget {budget / GiB:.1f} GiB = "
               f"{args.ram_fraction:g} x available RAM)")
     else:
-        peak = step_memory(device, step(fusedloss.reference, full=True))
+        peak = step_memory(device, full_ref)
         print(f"  {label_full:<44} {f'OOM (needs ~{need / GiB:.1f} GiB)' if peak is None else f'{peak / MiB:.1f} MiB'}")
 
 
@@ -178,11 +179,11 @@ def main(argv=None):
     args = parse_args(argv)
     return_heap_to_os()  # so the RSS readings show real usage
     device = torch.device(args.device)
-    loss_fn, classes, name = pick_loss(args)
+    case, classes, name = pick_op(args)
     print(f"skip-gram over {classes:,} classes, dim {args.dim}, batch {args.batch}, {name}, on {device} "
           f"({torch.get_num_threads()} threads)\n")
-    model, gen = train(args, loss_fn, classes, device)
-    compare_reference(args, model, loss_fn, classes, device, gen)
+    model, gen = train(args, case, classes, device)
+    compare_reference(args, model, case, classes, device, gen)
     return 0
 
 

@@ -33,11 +33,15 @@ class Case:
     dims: Tuple[str, ...]   # shape dimension names, e.g. ("N", "D", "V")
     size_dim: str           # the x axis of the plot
     make_inputs: Callable   # (shape, dtype, device, generator) -> dict of tensors
-    call: Callable          # (loss function, inputs) -> scalar loss
+    call: Callable          # (fused loss function, inputs) -> scalar loss
     grad_names: Tuple[str, ...]
     logits_elems: Callable  # shape -> number of elements of the reference's logits/similarities
     logits_copies: int = 3  # fp32 [logits]-sized buffers the reference keeps alive (logits, softmax, grad)
     flops: Optional[Callable] = None  # shape -> useful fwd+bwd FLOPs (6NDV convention for linear CE)
+    ref_call: Optional[Callable] = None  # (reference function, inputs) -> loss, when it differs from call
+
+    def call_reference(self, fn, inputs):
+        return (self.ref_call or self.call)(fn, inputs)
 
     def fused_fn(self):
         return getattr(fusedloss, self.func, None)
@@ -148,6 +152,11 @@ def _sampled_call(fn, x):
               sampled_values=x["sampled_values"])
 
 
+def _sampled_ref_call(fn, x):
+    # The references take the candidates positionally (they never sample).
+    return fn(x["input"], x["weight"], x["target"], x["sampled_values"])
+
+
 # --------------------------------------------------------------- contrastive
 def _pair_inputs(s, dtype, device, gen):
     return {"query": _unit_rows((s["B"], s["D"]), dtype, device, gen),
@@ -156,7 +165,8 @@ def _pair_inputs(s, dtype, device, gen):
 
 def _clip_inputs(s, dtype, device, gen):
     x = _pair_inputs(s, dtype, device, gen)
-    scale = torch.empty((), device="meta") if str(device) == "meta" else torch.tensor(math.log(1 / 0.07))
+    # the multiplier (already exponentiated), at CLIP's initial value 1 / 0.07
+    scale = torch.empty((), device="meta") if str(device) == "meta" else torch.tensor(1 / 0.07)
     return {"image": x["query"], "text": x["key"], "logit_scale": scale.to(device=device, dtype=torch.float32)}
 
 
@@ -172,9 +182,9 @@ CASES: Dict[str, Case] = {c.op: c for c in [
          lambda fn, x: fn(x["input"], x["weight"], x["target"]),
          ("input", "weight"), lambda s: s["N"] * s["V"], flops=_linear_flops),
     Case("sampled_softmax", "sampled_softmax_loss", ("N", "D", "K", "C"), "C", _sampled_inputs,
-         _sampled_call, ("input", "weight"), lambda s: s["N"] * (s["K"] + 1)),
+         _sampled_call, ("input", "weight"), lambda s: s["N"] * (s["K"] + 1), ref_call=_sampled_ref_call),
     Case("nce", "nce_loss", ("N", "D", "K", "C"), "C", _sampled_inputs,
-         _sampled_call, ("input", "weight"), lambda s: s["N"] * (s["K"] + 1)),
+         _sampled_call, ("input", "weight"), lambda s: s["N"] * (s["K"] + 1), ref_call=_sampled_ref_call),
     Case("info_nce", "info_nce_loss", ("B", "D"), "B", _pair_inputs,
          lambda fn, x: fn(x["query"], x["key"], temperature=INFO_NCE_TEMPERATURE),
          ("query", "key"), lambda s: s["B"] * s["B"]),

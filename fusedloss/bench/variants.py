@@ -91,13 +91,13 @@ def build_variants(case, device, compile_reference=False):
     fused, ref = case.fused_fn(), case.reference_fn()
     out = [
         Variant("fused", "fused", fn=None if skip else (lambda x: case.call(fused, x)), skip=skip),
-        Variant("reference", "reference", fn=None if skip else (lambda x: case.call(ref, x)), skip=skip),
+        Variant("reference", "reference", fn=None if skip else (lambda x: case.call_reference(ref, x)), skip=skip),
     ]
     if skip:
         return out
     if compile_reference:
         compiled = torch.compile(ref)
-        out.append(Variant("torch.compile(reference)", "compile", fn=lambda x: case.call(compiled, x)))
+        out.append(Variant("torch.compile(reference)", "compile", fn=lambda x: case.call_reference(compiled, x)))
     else:
         out.append(Variant("torch.compile(reference)", "compile",
                            skip="off (on the CPU enable with --compile on; compilation is slow)"))
