@@ -41,9 +41,17 @@ def plot(rows, path, title=None):
     groups = series(rows)
     if not groups:
         raise PlotUnavailable("nothing to plot (no op ran)")
-    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 7), squeeze=False)
-    for col, ((op, size_dim, dtype, fixed), variants) in enumerate(sorted(groups.items())):
-        t_ax, m_ax = axes[0][col], axes[1][col]
+    # up to 3 ops per row of panels; each op gets a time panel above a memory panel
+    cols = min(3, len(groups))
+    bands = -(-len(groups) // cols)
+    fig, axes = plt.subplots(2 * bands, cols, figsize=(4.6 * cols, 6.4 * bands), squeeze=False)
+    for i in range(len(groups), bands * cols):  # empty slots of the last band
+        band, col = divmod(i, cols)
+        axes[2 * band][col].set_visible(False)
+        axes[2 * band + 1][col].set_visible(False)
+    for i, ((op, size_dim, dtype, fixed), variants) in enumerate(sorted(groups.items())):
+        band, col = divmod(i, cols)
+        t_ax, m_ax = axes[2 * band][col], axes[2 * band + 1][col]
         for name, points in variants.items():
             points.sort()
             color, marker, ls = VARIANT_STYLE.get(name, (None, "d", "-."))
