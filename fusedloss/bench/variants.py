@@ -100,7 +100,7 @@ def build_variants(case, device, compile_reference=False):
         out.append(Variant("torch.compile(reference)", "compile", fn=lambda x: case.call_reference(compiled, x)))
     else:
         out.append(Variant("torch.compile(reference)", "compile",
-                           skip="off (on the CPU enable with --compile on; compilation is slow)"))
+                           skip="off (--compile on enables it; slow to compile on the CPU)"))
     out += [_peer(name, module, device, build) for name, module, build in PEERS.get(case.op, [])]
     if case.op == "linear_ce":
         out.append(Variant("bare GEMMs", "baseline", fn=_gemm_baseline, compare=False,
