@@ -75,6 +75,9 @@ def _sum_setup_context(ctx, inputs, output):
     # The gradients are op outputs that only this node consumes; marking them
     # non-differentiable keeps them out of the graph (no reference cycle).
     ctx.mark_non_differentiable(grad_input, grad_weight, grad_bias)
+    # Otherwise autograd would hand backward zero-filled "gradients" of those
+    # outputs: a transient V x D buffer.
+    ctx.set_materialize_grads(False)
     ctx.grads = (grad_input, grad_weight, grad_bias)
     ctx.save_for_backward(input, weight, target, bias)
     ctx.options = options  # ignore_index, label_smoothing, z_loss, softcap, row_block, output_mask
@@ -89,6 +92,8 @@ def _is_traced(t):
 
 def _sum_backward(ctx, grad_sum, *_unused):
     *loss_options, _row_block, mask = ctx.options
+    if grad_sum is None:  # the loss itself was not differentiated
+        return (None,) * (4 + len(ctx.options))
     if ctx.grads is not None:
         # First backward: scale the forward's gradients in place and hand them
         # over, so no second V x D buffer exists (out of place when traced:
