@@ -4,6 +4,12 @@ import torch
 REDUCTIONS = ("none", "mean", "sum")
 
 
+def acc_dtype(dtype):
+    """dtype of the losses and statistics the ops return: fp64 stays fp64
+    (gradcheck), everything else accumulates and returns fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_reduction(reduction):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -23,13 +23,10 @@ from ._extension import C as _C  # noqa: F401  (registers torch.ops.fusedloss)
 _ops = torch.ops.fusedloss
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 @torch.library.register_fake("fusedloss::contrastive_forward")
 def _contrastive_forward_fake(rows, cols, positives, scale, self_offset, symmetric, tile_size):
-    acc = _acc_dtype(rows.dtype)
+    acc = _common.acc_dtype(rows.dtype)
     num_rows = rows.shape[0]
     col_stats = cols.shape[0] if symmetric else 0
     return (rows.new_empty(num_rows, dtype=acc), rows.new_empty(num_rows, dtype=acc),
@@ -41,7 +38,7 @@ def _contrastive_backward_fake(grad_loss, rows, cols, positives, scale, row_lse,
                                tile_size, output_mask):
     grad_rows = torch.empty_like(rows) if output_mask[0] else rows.new_empty(0)
     grad_cols = torch.empty_like(cols) if output_mask[1] else cols.new_empty(0)
-    grad_scale = scale.new_empty(()) if output_mask[2] else rows.new_empty(0, dtype=_acc_dtype(rows.dtype))
+    grad_scale = scale.new_empty(()) if output_mask[2] else rows.new_empty(0, dtype=_common.acc_dtype(rows.dtype))
     return grad_rows, grad_cols, grad_scale
 
 
@@ -113,11 +110,11 @@ def _positive_scalar(value, name, features):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
     if not value > 0:
         raise ValueError(f"{name} must be positive, got {value}")
-    return torch.tensor(float(value), dtype=_acc_dtype(features.dtype), device=features.device)
+    return torch.tensor(float(value), dtype=_common.acc_dtype(features.dtype), device=features.device)
 
 
 def _fused(rows, cols, positives, scale, *, self_offset, symmetric, reduction, tile_size):
-    scale = scale.to(_acc_dtype(rows.dtype))
+    scale = scale.to(_common.acc_dtype(rows.dtype))
     loss, _, _ = _ops.contrastive_forward(rows, cols, positives, scale, self_offset, symmetric, int(tile_size or 0))
     return _common.reduce_rows(loss, None, reduction, loss.shape)
 

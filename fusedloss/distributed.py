@@ -49,15 +49,12 @@ _ops = torch.ops.fusedloss
 __all__ = ["clip_loss", "info_nce_loss", "linear_cross_entropy", "nce_loss", "sampled_softmax_loss"]
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 @torch.library.register_fake("fusedloss::linear_ce_shard_forward")
 def _linear_ce_shard_forward_fake(input, weight, target, bias, ignore_index, softcap, vocab_start, num_classes,
                                   chunk_size):
     rows = input.shape[0]
-    acc = _acc_dtype(input.dtype)
+    acc = _common.acc_dtype(input.dtype)
     return tuple(input.new_empty(rows, dtype=acc) for _ in range(3))
 
 
@@ -150,7 +147,7 @@ def _gather(tensor, group):
 def _row_ce(rows, cols, positives, scale, tile_size):
     """Per-row cross-entropy of ``scale * rows @ cols.T`` against ``positives``
     with the fused (non-symmetric) contrastive op."""
-    loss, _, _ = _ops.contrastive_forward(rows, cols, positives, scale.to(_acc_dtype(rows.dtype)), None, False,
+    loss, _, _ = _ops.contrastive_forward(rows, cols, positives, scale.to(_common.acc_dtype(rows.dtype)), None, False,
                                           int(tile_size or 0))
     return loss
 

@@ -14,15 +14,12 @@ from ._extension import C as _C  # noqa: F401  (registers torch.ops.fusedloss)
 _ops = torch.ops.fusedloss
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 @torch.library.register_fake("fusedloss::linear_ce_forward")
 def _linear_ce_forward_fake(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
                             chunk_size):
     rows = input.shape[0]
-    acc = _acc_dtype(input.dtype)
+    acc = _common.acc_dtype(input.dtype)
     return input.new_empty(rows, dtype=acc), input.new_empty(rows, dtype=acc)
 
 

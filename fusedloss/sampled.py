@@ -30,15 +30,12 @@ SOFTMAX, NCE = 0, 1
 HIT_NONE, HIT_ALL_COPIES, HIT_LAST_COPY = 0, 1, 2
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 @torch.library.register_fake("fusedloss::sampled_forward")
 def _sampled_forward_fake(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, mode, hit_mask,
                           label_smoothing, true_label, chunk_size, sparse_grad):
     rows = input.shape[0]
-    acc = _acc_dtype(input.dtype)
+    acc = _common.acc_dtype(input.dtype)
     return input.new_empty(rows, dtype=acc), input.new_empty(2, rows, dtype=acc)
 
 
@@ -194,7 +191,7 @@ def _sampled_loss(mode, input, weight, target, num_sampled, bias, num_classes, s
     sampled, true_count, sampled_count = _check_sampled_values(sampled_values, true_classes, rows, input.device)
     _common.check_index_range(sampled, num_classes, "sampled candidates")
 
-    acc = _acc_dtype(input.dtype)
+    acc = _common.acc_dtype(input.dtype)
     # Expected counts carry no gradient (TensorFlow's stop_gradient); log Q is
     # taken in fp32 whatever the input dtype, so bf16 inputs need no bf16 counts.
     true_log_q = torch.log(true_count.detach().to(acc)) if subtract_log_q else None

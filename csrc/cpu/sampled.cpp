@@ -129,20 +129,8 @@ void sampled_accumulate_chunk(const SampledParams& p, const SampledColumns<acc_t
 
 template <typename acc_t>
 void sampled_finalize(const SampledParams& p, SampledRowState<acc_t> state, acc_t* loss, acc_t* stats) {
-  const bool nce = p.mode == static_cast<int64_t>(SampledMode::kNCE);
   at::parallel_for(0, p.num_rows, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      if (nce) {
-        loss[row] = state.nce_loss[row];
-        stats[row] = 0;
-        stats[p.num_rows + row] = 0;
-        continue;
-      }
-      const acc_t lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
-      loss[row] = sampled_softmax_row_loss(p, lse, state.true_sum[row], state.sum_logits[row], state.columns[row]);
-      stats[row] = lse;
-      stats[p.num_rows + row] = state.columns[row];
-    }
+    for (int64_t row = begin; row < end; ++row) sampled_finalize_row(p, row, state, loss, stats);
   });
 }
 

@@ -98,17 +98,7 @@ __global__ void accumulate_chunk_kernel(SampledParams p, SampledColumns<acc_t> c
 template <typename acc_t>
 __global__ void finalize_kernel(SampledParams p, SampledRowState<acc_t> state, acc_t* loss, acc_t* stats) {
   const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (row >= p.num_rows) return;
-  if (p.mode == static_cast<int64_t>(SampledMode::kNCE)) {
-    loss[row] = state.nce_loss[row];
-    stats[row] = 0;
-    stats[p.num_rows + row] = 0;
-    return;
-  }
-  const acc_t lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
-  loss[row] = sampled_softmax_row_loss(p, lse, state.true_sum[row], state.sum_logits[row], state.columns[row]);
-  stats[row] = lse;
-  stats[p.num_rows + row] = state.columns[row];
+  if (row < p.num_rows) sampled_finalize_row(p, row, state, loss, stats);
 }
 
 template <typename acc_t, typename grad_t>

@@ -183,4 +183,22 @@ FL_HOST_DEVICE acc_t sampled_softmax_row_loss(const SampledParams& p, acc_t lse,
   return loss;
 }
 
+// Row `row`'s loss and backward statistics (stats[row] = lse, stats[N + row] =
+// the number of unmasked columns; zeros for NCE, whose backward needs neither):
+// the one formula behind the CPU and CUDA finalize kernels.
+template <typename acc_t>
+FL_HOST_DEVICE void sampled_finalize_row(const SampledParams& p, int64_t row, SampledRowState<acc_t> state,
+                                         acc_t* loss, acc_t* stats) {
+  if (p.mode == static_cast<int64_t>(SampledMode::kNCE)) {
+    loss[row] = state.nce_loss[row];
+    stats[row] = 0;
+    stats[p.num_rows + row] = 0;
+    return;
+  }
+  const acc_t lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
+  loss[row] = sampled_softmax_row_loss(p, lse, state.true_sum[row], state.sum_logits[row], state.columns[row]);
+  stats[row] = lse;
+  stats[p.num_rows + row] = state.columns[row];
+}
+
 }  // namespace fusedloss
