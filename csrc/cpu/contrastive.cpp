@@ -45,10 +45,7 @@ void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const 
         const acc_t e = exp_vectorizable(s * y[j] - m);
         sum += j == masked ? acc_t(0) : e;
       }
-      const LseState<acc_t> merged =
-          lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]}, LseState<acc_t>{m, sum});
-      state.max[row] = merged.max;
-      state.sum_exp[row] = merged.sum;
+      lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum});
       const int64_t t = positives[row] - p.tile_start;
       if (t >= 0 && t < columns) state.positive_logit[row] = s * y[t];
     }

@@ -44,11 +44,7 @@ void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const ac
 #pragma omp simd reduction(+ : chunk_sum_exp)
       for (int64_t j = 0; j < columns; ++j) chunk_sum_exp += exp_vectorizable(y[j] - chunk_max);
 
-      const LseState<acc_t> merged =
-          lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]},
-                    LseState<acc_t>{chunk_max, chunk_sum_exp});
-      state.max[row] = merged.max;
-      state.sum_exp[row] = merged.sum;
+      lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{chunk_max, chunk_sum_exp});
       state.sum_logits[row] += chunk_sum_logits;
       const int64_t t = target[row] - p.chunk_start;
       if (t >= 0 && t < columns) state.target_logit[row] = y[t];

@@ -116,10 +116,7 @@ void sampled_accumulate_chunk(const SampledParams& p, const SampledColumns<acc_t
           sum_exp += y[j] == skip ? acc_t(0) : e;
         }
       }
-      const LseState<acc_t> merged =
-          lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]}, LseState<acc_t>{m, sum_exp});
-      state.max[row] = merged.max;
-      state.sum_exp[row] = merged.sum;
+      lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum_exp});
       state.sum_logits[row] += s;
       state.columns[row] += unmasked;
       if (p.is_true_chunk) state.true_sum[row] += s;

@@ -43,9 +43,7 @@ __global__ void tile_rows_kernel(ContrastiveParams p, const acc_t* tile, const a
   }
   const LseState<acc_t> chunk = block_allreduce(local, LseMergeOp{});
   if (threadIdx.x == 0) {
-    const LseState<acc_t> merged = lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]}, chunk);
-    state.max[row] = merged.max;
-    state.sum_exp[row] = merged.sum;
+    lse_merge_into(state.max[row], state.sum_exp[row], chunk);
   }
 }
 

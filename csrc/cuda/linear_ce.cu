@@ -34,9 +34,7 @@ __global__ void accumulate_chunk_kernel(LinearCEParams p, acc_t* logits, const a
   const LseState<acc_t> chunk = block_allreduce(local, LseMergeOp{});
   const acc_t chunk_sum = block_allreduce(local_sum, SumOp{});
   if (threadIdx.x == 0) {
-    const LseState<acc_t> merged = lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]}, chunk);
-    state.max[row] = merged.max;
-    state.sum_exp[row] = merged.sum;
+    lse_merge_into(state.max[row], state.sum_exp[row], chunk);
     state.sum_logits[row] += chunk_sum;
   }
 }

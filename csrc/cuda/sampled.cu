@@ -86,9 +86,7 @@ __global__ void accumulate_chunk_kernel(SampledParams p, SampledColumns<acc_t> c
   const acc_t chunk_sum = block_allreduce(sum, SumOp{});
   const acc_t chunk_unmasked = block_allreduce(unmasked, SumOp{});
   if (threadIdx.x == 0) {
-    const LseState<acc_t> merged = lse_merge(LseState<acc_t>{state.max[row], state.sum_exp[row]}, chunk);
-    state.max[row] = merged.max;
-    state.sum_exp[row] = merged.sum;
+    lse_merge_into(state.max[row], state.sum_exp[row], chunk);
     state.sum_logits[row] += chunk_sum;
     state.columns[row] += chunk_unmasked;
     if (p.is_true_chunk) state.true_sum[row] += chunk_sum;

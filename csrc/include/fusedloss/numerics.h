@@ -53,6 +53,15 @@ FL_HOST_DEVICE LseState<acc_t> lse_merge(LseState<acc_t> a, LseState<acc_t> b) {
   return {b.max, b.sum + a.sum * exp_acc(a.max - b.max)};
 }
 
+// Merge a chunk's partial log-sum-exp into a row's running state kept as two
+// arrays (max, sum): how every row kernel folds one tile into its row.
+template <typename acc_t>
+FL_HOST_DEVICE void lse_merge_into(acc_t& max, acc_t& sum, LseState<acc_t> part) {
+  const LseState<acc_t> merged = lse_merge(LseState<acc_t>{max, sum}, part);
+  max = merged.max;
+  sum = merged.sum;
+}
+
 // Gemma-style logit softcap: y = cap * tanh(x / cap); cap <= 0 disables it.
 template <typename acc_t>
 FL_HOST_DEVICE acc_t softcap_apply(acc_t x, acc_t cap) {
