@@ -1,4 +1,4 @@
-"""Named shape sets.  ``cpu`` (the default on a CPU) finishes in about a minute
+"""Named shape sets.  ``cpu`` (the default on a CPU) finishes in about 2.5 minutes
 on 2 cores; ``gpu`` (the default on CUDA) holds the headline GPU shapes; the
 others sweep one axis for the plots.  Entries are (op, shape, dtype or None)."""
 import torch
