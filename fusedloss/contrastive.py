@@ -86,6 +86,18 @@ def _check_features(name, t, like=None):
             raise ValueError(f"{name} is on {t.device} but {other_name} is on {other.device}")
 
 
+def check_pairs(first, second, first_name, second_name, negatives=None):
+    """[B, D] positive pairs (row i of each), plus optional [M, D] negatives:
+    the validation shared by the single-device and distributed losses."""
+    _check_features(first_name, first)
+    _check_features(second_name, second, like=(first, first_name))
+    if second.shape[0] != first.shape[0]:
+        raise ValueError(f"{first_name} has B={first.shape[0]} rows but {second_name} has {second.shape[0]}; "
+                         "row i of each must be a positive pair")
+    if negatives is not None:
+        _check_features("negatives", negatives, like=(first, first_name))
+
+
 def _check_tile_size(tile_size):
     if tile_size is not None and (not isinstance(tile_size, numbers.Integral) or tile_size <= 0):
         raise ValueError(f"tile_size must be a positive integer or None, got {tile_size!r}")
@@ -139,13 +151,7 @@ def info_nce_loss(query, key, *, negatives=None, temperature=0.07, normalize=Fal
     """
     _common.check_reduction(reduction)
     _check_tile_size(tile_size)
-    _check_features("query", query)
-    _check_features("key", key, like=(query, "query"))
-    if key.shape[0] != query.shape[0]:
-        raise ValueError(f"query has B={query.shape[0]} rows but key has {key.shape[0]}; "
-                         "row i of each must be a positive pair")
-    if negatives is not None:
-        _check_features("negatives", negatives, like=(query, "query"))
+    check_pairs(query, key, "query", "key", negatives)
     scale = 1.0 / _positive_scalar(temperature, "temperature", query)
     query, key, negatives = _common.autocast_inputs(query.device.type, query, key, negatives)
     if normalize:
@@ -191,11 +197,7 @@ def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", t
     """
     _common.check_reduction(reduction)
     _check_tile_size(tile_size)
-    _check_features("image_features", image_features)
-    _check_features("text_features", text_features, like=(image_features, "image_features"))
-    if text_features.shape[0] != image_features.shape[0]:
-        raise ValueError(f"image_features has B={image_features.shape[0]} rows but text_features has "
-                         f"{text_features.shape[0]}")
+    check_pairs(image_features, text_features, "image_features", "text_features")
     scale = _positive_scalar(logit_scale, "logit_scale", image_features)
     image_features, text_features = _common.autocast_inputs(image_features.device.type, image_features,
                                                             text_features)

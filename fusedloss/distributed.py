@@ -167,16 +167,6 @@ def _gathered_contrastive(fn, query, key, negatives, scale, symmetric, reduction
     return _common.reduce_rows(loss, None, reduction, loss.shape)
 
 
-def _check_pairs(first, second, first_name, second_name, negatives=None):
-    _contrastive._check_features(first_name, first)
-    _contrastive._check_features(second_name, second, like=(first, first_name))
-    if second.shape[0] != first.shape[0]:
-        raise ValueError(f"{first_name} has B={first.shape[0]} rows but {second_name} has {second.shape[0]}; "
-                         "row i of each must be a positive pair")
-    if negatives is not None:
-        _contrastive._check_features("negatives", negatives, like=(first, first_name))
-
-
 def info_nce_loss(query, key, *, negatives=None, temperature=0.07, normalize=False, symmetric=False,
                   reduction="mean", group=None, tile_size=None):
     """InfoNCE against the keys (and extra negatives) of every rank in ``group``.
@@ -198,7 +188,7 @@ def info_nce_loss(query, key, *, negatives=None, temperature=0.07, normalize=Fal
         nonlocal scale
         _common.check_reduction(reduction)
         _contrastive._check_tile_size(tile_size)
-        _check_pairs(query, key, "query", "key", negatives)
+        _contrastive.check_pairs(query, key, "query", "key", negatives)
         scale = 1.0 / _contrastive._positive_scalar(temperature, "temperature", query)
         return [*query.shape, -1 if negatives is None else negatives.shape[0], int(symmetric), int(normalize)]
 
@@ -234,7 +224,7 @@ def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", g
         nonlocal scale
         _common.check_reduction(reduction)
         _contrastive._check_tile_size(tile_size)
-        _check_pairs(image_features, text_features, "image_features", "text_features")
+        _contrastive.check_pairs(image_features, text_features, "image_features", "text_features")
         scale = _contrastive._positive_scalar(logit_scale, "logit_scale", image_features)
         return list(image_features.shape)
 
