@@ -88,7 +88,7 @@ struct TileKernels {
 
   // CUDA reduces columns in row slices through `scratch`; the CPU needs none.
   template <typename acc_t>
-  void columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale, acc_t* col_lse,
+  void columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale, LseArray<acc_t> col_lse,
                acc_t* scratch) const {
 #ifdef FUSEDLOSS_WITH_CUDA
     if (cuda) return cuda::contrastive_tile_columns(p, tile, scale, col_lse, scratch, stream);
@@ -106,7 +106,7 @@ struct TileKernels {
 
   template <typename acc_t>
   void finalize(const ContrastiveParams& p, const int64_t* positives, ContrastiveRowState<acc_t> state,
-                const acc_t* col_lse, acc_t* row_lse, acc_t* loss) const {
+                LseArray<const acc_t> col_lse, LseArray<acc_t> row_lse, acc_t* loss) const {
 #ifdef FUSEDLOSS_WITH_CUDA
     if (cuda) return cuda::contrastive_finalize(p, positives, state, col_lse, row_lse, loss, stream);
 #endif
@@ -115,8 +115,8 @@ struct TileKernels {
 
   template <typename acc_t, typename grad_t>
   void grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale, const int64_t* positives,
-            const acc_t* row_lse, const acc_t* col_lse, const acc_t* row_grad, const acc_t* col_grad,
-            grad_t* dlogits) const {
+            LseArray<const acc_t> row_lse, LseArray<const acc_t> col_lse, const acc_t* row_grad,
+            const acc_t* col_grad, grad_t* dlogits) const {
 #ifdef FUSEDLOSS_WITH_CUDA
     if (cuda) {
       return cuda::contrastive_tile_grad(p, tile, scale, positives, row_lse, col_lse, row_grad, col_grad, dlogits,
@@ -182,10 +182,11 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_forward(const Tensor& rows, const
   Tensor state = at::zeros({3, num_rows}, acc_opts);
   state[0].fill_(-std::numeric_limits<double>::infinity());
   state[2].fill_(std::numeric_limits<double>::quiet_NaN());  // a positive never seen poisons its row
-  Tensor row_lse = at::empty({num_rows}, acc_opts);
+  // Row and column lse as LseParts [2, count] (max, log-sum).
+  Tensor row_lse = at::empty({2, num_rows}, acc_opts);
   Tensor loss = at::empty({num_rows}, acc_opts);
   // Only the symmetric loss needs column statistics.
-  Tensor col_lse = at::empty({symmetric ? num_cols : 0}, acc_opts);
+  Tensor col_lse = at::empty({2, symmetric ? num_cols : 0}, acc_opts);
   if (num_rows == 0) return {loss, row_lse, col_lse};
   Tensor workspace = at::empty({num_rows * prob.tile_size}, acc_opts);
   const TileKernels kernels(rows);
@@ -202,11 +203,12 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_forward(const Tensor& rows, const
       kernels.rows(prob.params, tile.data_ptr<acc_t>(), s, pos, row_state);
       // The tile holds every row, so its columns' LSEs are complete here.
       if (symmetric) {
-        kernels.columns(prob.params, tile.data_ptr<acc_t>(), s, col_lse.data_ptr<acc_t>(), scratch.data_ptr<acc_t>());
+        kernels.columns(prob.params, tile.data_ptr<acc_t>(), s, lse_array_at<acc_t>(col_lse),
+                        scratch.data_ptr<acc_t>());
       }
     }
-    kernels.finalize(prob.params, pos, row_state, symmetric ? col_lse.data_ptr<acc_t>() : nullptr,
-                     row_lse.data_ptr<acc_t>(), loss.data_ptr<acc_t>());
+    kernels.finalize(prob.params, pos, row_state, lse_array_at<const acc_t>(col_lse),
+                     lse_array_at<acc_t>(row_lse), loss.data_ptr<acc_t>());
   });
   return {loss, row_lse, col_lse};
 }
@@ -220,18 +222,18 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_backward(const Tensor& grad_loss,
   c10::DeviceGuard guard(rows.device());
   ContrastiveProblem prob(rows, cols, positives, scale, self_offset, symmetric, tile_size);
   const int64_t num_rows = prob.params.num_rows, num_cols = prob.params.num_cols;
-  TORCH_CHECK_VALUE(grad_loss.numel() == num_rows && row_lse.numel() == num_rows,
-                    "contrastive_backward: grad_loss and row_lse must have R=", num_rows, " elements");
-  TORCH_CHECK_VALUE(col_lse.numel() == (symmetric ? num_cols : 0), "contrastive_backward: col_lse must have ",
-                    symmetric ? num_cols : 0, " elements, got ", col_lse.numel());
+  TORCH_CHECK_VALUE(grad_loss.numel() == num_rows && row_lse.numel() == 2 * num_rows,
+                    "contrastive_backward: grad_loss must have R=", num_rows, " elements and row_lse [2, R]");
+  TORCH_CHECK_VALUE(col_lse.numel() == 2 * (symmetric ? num_cols : 0), "contrastive_backward: col_lse must be [2, ",
+                    symmetric ? num_cols : 0, "], got ", col_lse.sizes());
   const bool need_rows = output_mask[0], need_cols = output_mask[1], need_scale = output_mask[2];
   const auto acc_opts = rows.options().dtype(prob.acc_dtype);
   // A symmetric pair loss is the mean of its row and its column term.
   const Tensor row_grad = grad_loss.reshape({num_rows}).to(prob.acc_dtype).mul(symmetric ? 0.5 : 1.0).contiguous();
-  const Tensor lse_rows = row_lse.reshape({num_rows}).to(prob.acc_dtype).contiguous();
-  Tensor lse_cols, col_grad;
+  const Tensor lse_rows = row_lse.reshape({2, num_rows}).to(prob.acc_dtype).contiguous();
+  const Tensor lse_cols = col_lse.reshape({2, symmetric ? num_cols : 0}).to(prob.acc_dtype).contiguous();
+  Tensor col_grad;
   if (symmetric) {
-    lse_cols = col_lse.to(prob.acc_dtype).contiguous();
     col_grad = at::zeros({num_cols}, acc_opts).index_add_(0, prob.positives, row_grad);
   }
 
@@ -257,14 +259,14 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_backward(const Tensor& grad_loss,
       using acc_t = scalar_t;
       const int64_t* pos = prob.positives.data_ptr<int64_t>();
       const acc_t* s = prob.scale.data_ptr<acc_t>();
-      const acc_t* lse_cols_ptr = symmetric ? lse_cols.data_ptr<acc_t>() : nullptr;
+      const LseArray<const acc_t> lse_cols_ptr = lse_array_at<const acc_t>(lse_cols);
       const acc_t* col_grad_ptr = symmetric ? col_grad.data_ptr<acc_t>() : nullptr;
       for (int64_t start = 0; start < num_cols; start += prob.tile_size) {
         const int64_t columns = std::min(prob.tile_size, num_cols - start);
         Tensor tile = prob.tile_dots(workspace, start, columns);
         Tensor dlogits = dlogits_workspace.narrow(0, 0, num_rows * columns).view({num_rows, columns});
         const auto run_grad = [&](auto* dlogits_ptr) {
-          kernels.grad(prob.params, tile.data_ptr<acc_t>(), s, pos, lse_rows.data_ptr<acc_t>(), lse_cols_ptr,
+          kernels.grad(prob.params, tile.data_ptr<acc_t>(), s, pos, lse_array_at<const acc_t>(lse_rows), lse_cols_ptr,
                        row_grad.data_ptr<acc_t>(), col_grad_ptr, dlogits_ptr);
         };
         if (prob.operand_dtype == prob.acc_dtype) {

@@ -69,8 +69,10 @@ void check_linear_ce_args(const Tensor& input, const Tensor& weight, const Tenso
   if (input.is_cpu()) {
     // A host-side scan is free on the CPU; on CUDA the Python layer checks (one
     // sync, outside the op) and the kernels never index memory with a target.
-    const int64_t* t = target.contiguous().data_ptr<int64_t>();
-    for (int64_t i = 0; i < target.numel(); ++i) {
+    // Keep the contiguous copy alive while scanning it (a strided target).
+    const Tensor flat = target.contiguous();
+    const int64_t* t = flat.data_ptr<int64_t>();
+    for (int64_t i = 0; i < flat.numel(); ++i) {
       TORCH_CHECK_INDEX(t[i] == ignore_index || (t[i] >= 0 && t[i] < num_classes),
                         "linear_cross_entropy: target[", i, "]=", t[i], " is outside [0, ", num_classes,
                         ") and is not ignore_index=", ignore_index);
@@ -101,7 +103,7 @@ struct ChunkKernels {
   }
 
   template <typename acc_t>
-  void finalize(const LinearCEParams& p, const int64_t* target, LinearCERowState<acc_t> state, acc_t* lse,
+  void finalize(const LinearCEParams& p, const int64_t* target, LinearCERowState<acc_t> state, LseArray<acc_t> lse,
                 acc_t* loss) const {
 #ifdef FUSEDLOSS_WITH_CUDA
     if (cuda) return cuda::linear_ce_finalize(p, target, state, lse, loss, stream);
@@ -111,7 +113,7 @@ struct ChunkKernels {
 
   template <typename acc_t, typename grad_t>
   void grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias, const int64_t* target,
-            const acc_t* lse, const acc_t* grad_loss, grad_t* dlogits) const {
+            LseArray<const acc_t> lse, const acc_t* grad_loss, grad_t* dlogits) const {
 #ifdef FUSEDLOSS_WITH_CUDA
     if (cuda) return cuda::linear_ce_chunk_grad(p, logits, bias, target, lse, grad_loss, dlogits, stream);
 #endif
@@ -147,9 +149,10 @@ struct LinearCEProblem {
                          vocab_start, total_classes);
     acc_dtype = accumulation_dtype(input_.scalar_type());
     operand_dtype = gemm_operand_dtype(input_);
-    input = input_.contiguous().to(operand_dtype);
-    weight = weight_.contiguous();
     target = target_.contiguous().view(-1);
+    // An ignored row takes no part in any GEMM (see zero_rows_where).
+    input = zero_rows_where(input_.contiguous().to(operand_dtype), target.eq(ignore_index));
+    weight = weight_.contiguous();
     if (bias_.has_value()) bias = bias_->contiguous().to(acc_dtype);
     const int64_t rows = input.size(0);
     chunk_size = chunk_columns_for(rows, classes(), requested_chunk, input.is_cuda());
@@ -199,10 +202,10 @@ template <typename acc_t>
 void tile_grad(const ChunkKernels& kernels, const LinearCEProblem& prob, const Tensor& logits, Tensor& dlogits,
                int64_t row_start, int64_t column_start, const Tensor& lse, const Tensor& grad_rows) {
   const int64_t* tgt = prob.target.data_ptr<int64_t>() + row_start;
-  const acc_t* lse_ptr = lse.data_ptr<acc_t>() + row_start;
+  const LseArray<const acc_t> row_lse = lse_array_at<const acc_t>(lse, row_start);
   const acc_t* grad_ptr = grad_rows.data_ptr<acc_t>() + row_start;
   const auto run = [&](auto* out) {
-    kernels.grad(prob.params, logits.data_ptr<acc_t>(), prob.bias_chunk<acc_t>(column_start), tgt, lse_ptr,
+    kernels.grad(prob.params, logits.data_ptr<acc_t>(), prob.bias_chunk<acc_t>(column_start), tgt, row_lse,
                  grad_ptr, out);
   };
   if (dlogits.scalar_type() == prob.acc_dtype) {
@@ -214,12 +217,13 @@ void tile_grad(const ChunkKernels& kernels, const LinearCEProblem& prob, const T
 }
 
 // The chunked forward pass: fills the row state [4, N] (max, sum_exp,
-// sum_logits, target_logit), the per-row lse and loss of the weight's columns.
+// sum_logits, target_logit), the per-row lse parts [2, N] (max, log-sum) and
+// loss of the weight's columns.
 void forward_chunks(LinearCEProblem& prob, Tensor& state, Tensor& lse, Tensor& loss) {
   const int64_t rows = prob.rows(), classes = prob.classes();
   const auto acc_opts = prob.input.options().dtype(prob.acc_dtype);
   state = empty_row_state(rows, acc_opts);
-  lse = at::empty({rows}, acc_opts);
+  lse = at::empty({2, rows}, acc_opts);
   loss = at::empty({rows}, acc_opts);
   if (rows == 0) return;
   Tensor workspace = at::empty({rows * prob.chunk_size}, acc_opts);
@@ -235,7 +239,8 @@ void forward_chunks(LinearCEProblem& prob, Tensor& state, Tensor& lse, Tensor& l
       kernels.accumulate(prob.params, logits.data_ptr<acc_t>(), prob.bias_chunk<acc_t>(start), tgt,
                          row_state_at<acc_t>(state, 0));
     }
-    kernels.finalize(prob.params, tgt, row_state_at<acc_t>(state, 0), lse.data_ptr<acc_t>(), loss.data_ptr<acc_t>());
+    kernels.finalize(prob.params, tgt, row_state_at<acc_t>(state, 0), lse_array_at<acc_t>(lse, 0),
+                     loss.data_ptr<acc_t>());
   });
 }
 
@@ -251,8 +256,8 @@ std::tuple<Tensor, Tensor> linear_ce_forward(const Tensor& input, const Tensor& 
 }
 
 // Vocabulary-parallel forward: the statistics of this shard's columns only,
-// which the caller combines across ranks (fusedloss/distributed.py). lse is the
-// shard-local log-sum-exp, target_logit is 0 where the target lies in another
+// which the caller combines across ranks (fusedloss/distributed.py). lse holds
+// the shard-local log-sum-exp parts [2, N] (max, log-sum), target_logit is 0 where the target lies in another
 // shard, sum_logits sums the shard's (softcapped) logits. Targets range over
 // [0, num_classes).
 std::tuple<Tensor, Tensor, Tensor> linear_ce_shard_forward(const Tensor& input, const Tensor& weight,
@@ -279,12 +284,12 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
   LinearCEProblem prob(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
                        vocab_start, num_classes);
   const int64_t rows = prob.rows(), classes = prob.classes();
-  TORCH_CHECK_VALUE(grad_loss.numel() == rows && lse.numel() == rows,
-                    "linear_ce_backward: grad_loss and lse must have N=", rows, " elements");
+  TORCH_CHECK_VALUE(grad_loss.numel() == rows && lse.numel() == 2 * rows,
+                    "linear_ce_backward: grad_loss must have N=", rows, " elements and lse [2, N]");
   const bool need_input = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2] && bias.has_value();
   const auto acc_opts = input.options().dtype(prob.acc_dtype);
   const Tensor grad_rows = grad_loss.reshape({rows}).to(prob.acc_dtype).contiguous();
-  const Tensor lse_rows = lse.reshape({rows}).to(prob.acc_dtype).contiguous();
+  const Tensor lse_rows = lse.reshape({2, rows}).to(prob.acc_dtype).contiguous();
 
   Tensor grad_input_acc = need_input ? at::zeros({rows, input.size(1)}, acc_opts) : Tensor();
   Tensor grad_weight = need_weight ? at::empty_like(weight, at::MemoryFormat::Contiguous) : at::empty({0}, weight.options());
@@ -359,7 +364,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_sum_and_grad(
   Tensor grad_weight = need_weight ? at::zeros({classes, input.size(1)}, acc_opts) : at::empty({0}, acc_opts);
   Tensor grad_bias = need_bias ? at::zeros({classes}, acc_opts) : at::empty({0}, acc_opts);
   Tensor state = empty_row_state(rows, acc_opts);
-  Tensor lse = at::empty({rows}, acc_opts);
+  Tensor lse = at::empty({2, rows}, acc_opts);
   Tensor loss = at::empty({rows}, acc_opts);
   const Tensor unit_grad = at::ones({rows}, acc_opts);
   if (rows == 0) return {loss.sum(), grad_input, grad_weight, grad_bias};
@@ -376,7 +381,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_sum_and_grad(
       prob.params.tile_transformed = true;
       kernels.accumulate(prob.params, logits.data_ptr<acc_t>(), prob.bias_chunk<acc_t>(0), tgt,
                          row_state_at<acc_t>(state, row_start));
-      kernels.finalize(prob.params, tgt, row_state_at<acc_t>(state, row_start), lse.data_ptr<acc_t>() + row_start,
+      kernels.finalize(prob.params, tgt, row_state_at<acc_t>(state, row_start), lse_array_at<acc_t>(lse, row_start),
                        loss.data_ptr<acc_t>() + row_start);
       tile_grad<acc_t>(kernels, prob, logits, logits, row_start, 0, lse, unit_grad);
       prob.params.tile_transformed = false;

@@ -380,7 +380,7 @@ std::tuple<Tensor, Tensor> sampled_forward(const Tensor& input, const Tensor& we
   Tensor state = at::zeros({6, rows}, acc_opts);
   state[0].fill_(-std::numeric_limits<double>::infinity());
   Tensor loss = at::empty({rows}, acc_opts);
-  Tensor stats = at::empty({2, rows}, acc_opts);
+  Tensor stats = at::empty({3, rows}, acc_opts);
   if (rows == 0) return {loss, stats};
   Tensor workspace = at::empty({rows * prob.max_chunk_columns()}, acc_opts);
   const SampledKernels kernels(input);
@@ -406,8 +406,8 @@ std::tuple<Tensor, Tensor, Tensor> sampled_backward(
   const SampledOptions opts{mode, hit_mask, label_smoothing, true_label, chunk_size};
   const SampledProblem prob(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, opts);
   const int64_t rows = prob.params.num_rows, dim = prob.params.dim, classes = weight.size(0);
-  TORCH_CHECK_VALUE(grad_loss.numel() == rows && stats.numel() == 2 * rows,
-                    "sampled_backward: grad_loss must have N=", rows, " elements and stats [2, N]");
+  TORCH_CHECK_VALUE(grad_loss.numel() == rows && stats.numel() == 3 * rows,
+                    "sampled_backward: grad_loss must have N=", rows, " elements and stats [3, N]");
   const bool need_input = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2] && bias.has_value();
   const auto acc_opts = input.options().dtype(prob.acc_dtype);
   const Tensor grad_rows = grad_loss.reshape({rows}).to(prob.acc_dtype).contiguous();
@@ -437,7 +437,10 @@ std::tuple<Tensor, Tensor, Tensor> sampled_backward(
     Tensor dlogits_workspace = prob.operand_dtype == prob.acc_dtype
                                    ? workspace
                                    : at::empty({workspace.numel()}, input.options().dtype(prob.operand_dtype));
-    const Tensor input_acc = need_weight ? prob.input.to(prob.acc_dtype) : Tensor();
+    // Rows with zero upstream gradient feed the weight gradient nothing, even
+    // holding inf/NaN (see zero_rows_where).
+    const Tensor input_for_weight = need_weight ? zero_rows_where(prob.input, grad_rows.eq(0)) : Tensor();
+    const Tensor input_acc = need_weight ? input_for_weight.to(prob.acc_dtype) : Tensor();
     const SampledKernels kernels(input);
     FUSEDLOSS_DISPATCH_SAMPLED(input.scalar_type(), "sampled_backward", [&] {
       for (const ColumnChunk& c : prob.chunks) {
@@ -473,7 +476,7 @@ std::tuple<Tensor, Tensor, Tensor> sampled_backward(
         if (need_input) matmul_into(grad_input_acc, dlogits, gathered, /*accumulate=*/true);
         if (need_weight) {
           Tensor chunk_grad = at::empty({c.columns, dim}, acc_opts);
-          matmul_into(chunk_grad, dlogits.t(), prob.input, /*accumulate=*/false);
+          matmul_into(chunk_grad, dlogits.t(), input_for_weight, /*accumulate=*/false);
           kernels.scatter_rows<acc_t>(grad_weight_acc, map, chunk_grad);
         }
         if (need_bias) kernels.scatter_rows<acc_t>(grad_bias_acc, map, dlogits.sum(0, false, prob.acc_dtype));

@@ -29,8 +29,9 @@ def _contrastive_forward_fake(rows, cols, positives, scale, self_offset, symmetr
     acc = _common.acc_dtype(rows.dtype)
     num_rows = rows.shape[0]
     col_stats = cols.shape[0] if symmetric else 0
-    return (rows.new_empty(num_rows, dtype=acc), rows.new_empty(num_rows, dtype=acc),
-            rows.new_empty(col_stats, dtype=acc))
+    # The lse outputs are LseParts [2, count] (max, log-sum), see numerics.h.
+    return (rows.new_empty(num_rows, dtype=acc), rows.new_empty(2, num_rows, dtype=acc),
+            rows.new_empty(2, col_stats, dtype=acc))
 
 
 @torch.library.register_fake("fusedloss::contrastive_backward")
@@ -50,6 +51,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_row_lse, _grad_col_lse):
+    _common.forbid_double_backward("contrastive loss", grad_loss)
     rows, cols, positives, scale, row_lse, col_lse = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]]
     grad_rows, grad_cols, grad_scale = _ops.contrastive_backward(
@@ -99,8 +101,7 @@ def check_pairs(first, second, first_name, second_name, negatives=None):
 
 
 def _check_tile_size(tile_size):
-    if tile_size is not None and (not isinstance(tile_size, numbers.Integral) or tile_size <= 0):
-        raise ValueError(f"tile_size must be a positive integer or None, got {tile_size!r}")
+    _common.check_optional_positive_int(tile_size, "tile_size")
 
 
 def _positive_scalar(value, name, features):
@@ -115,14 +116,15 @@ def _positive_scalar(value, name, features):
             raise ValueError(f"{name} is on {value.device} but the features are on {features.device}")
         # One host sync on CUDA, skipped while compiling / capturing (like the
         # target-range checks of the other losses).
-        if _common.should_check_values(value) and not bool(value.detach() > 0):
-            raise ValueError(f"{name} must be positive, got {value.item()}")
+        if _common.should_check_values(value):
+            v = value.detach()
+            if not bool((v > 0) & torch.isfinite(v)):
+                raise ValueError(f"{name} must be positive and finite, got {v.item()}")
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return torch.tensor(float(value), dtype=_common.acc_dtype(features.dtype), device=features.device)
+    value = _common.check_finite(value, name, positive=True)
+    return torch.tensor(value, dtype=_common.acc_dtype(features.dtype), device=features.device)
 
 
 def _fused(rows, cols, positives, scale, *, self_offset, symmetric, reduction, tile_size):

@@ -55,7 +55,8 @@ def _linear_ce_shard_forward_fake(input, weight, target, bias, ignore_index, sof
                                   chunk_size):
     rows = input.shape[0]
     acc = _common.acc_dtype(input.dtype)
-    return tuple(input.new_empty(rows, dtype=acc) for _ in range(3))
+    # lse parts [2, N] (max, log-sum), target logit [N], sum of logits [N].
+    return input.new_empty(2, rows, dtype=acc), input.new_empty(rows, dtype=acc), input.new_empty(rows, dtype=acc)
 
 
 # ---------------------------------------------------------------------------
@@ -247,25 +248,30 @@ class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, target, vocab_start, num_classes, group, ignore_index, label_smoothing,
                 z_loss, softcap, chunk_size):
-        lse_local, target_logit, sum_logits = _ops.linear_ce_shard_forward(
+        (local_max, local_log_sum), target_logit, sum_logits = _ops.linear_ce_shard_forward(
             input, weight, target, bias, ignore_index, softcap, vocab_start, num_classes, chunk_size)
-        # Global lse = max + log(sum_r exp(lse_r - max)); the target logit is 0
-        # on every shard but its owner, so a sum picks it.
-        global_max = lse_local.clone()
+        # Global lse = M + log(sum_r exp(max_r - M + log_sum_r)) with M the
+        # global max, kept as its two parts (M, log-sum) like the kernels' (see
+        # LseParts in numerics.h); the target logit is 0 on every shard but its
+        # owner, so a sum picks it.
+        global_max = local_max.clone()
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        stats = torch.stack([torch.exp(lse_local - global_max), target_logit, sum_logits])
+        stats = torch.stack([torch.exp(local_max - global_max + local_log_sum), target_logit, sum_logits])
         dist.all_reduce(stats, group=group)
-        lse = global_max + torch.log(stats[0])
-        loss = (lse - (1.0 - label_smoothing) * stats[1] - label_smoothing * stats[2] / num_classes
-                + z_loss * lse * lse)
+        lse_parts = torch.stack([global_max, torch.log(stats[0])])
+        lse = lse_parts.sum(0)
+        loss = lse - (1.0 - label_smoothing) * stats[1] + z_loss * lse * lse
+        if label_smoothing > 0:  # skipped at 0: a -inf column would make 0 * -inf = NaN
+            loss = loss - label_smoothing * stats[2] / num_classes
         loss = torch.where(target == ignore_index, torch.zeros_like(loss), loss)
-        ctx.save_for_backward(input, weight, bias, target, lse)
+        ctx.save_for_backward(input, weight, bias, target, lse_parts)
         ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
         ctx.shard = (vocab_start, num_classes, group)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        _common.forbid_double_backward("distributed.linear_cross_entropy", grad_loss)
         input, weight, bias, target, lse = ctx.saved_tensors
         vocab_start, num_classes, group = ctx.shard
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]

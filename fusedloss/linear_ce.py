@@ -20,7 +20,7 @@ def _linear_ce_forward_fake(input, weight, target, bias, ignore_index, label_smo
                             chunk_size):
     rows = input.shape[0]
     acc = _common.acc_dtype(input.dtype)
-    return input.new_empty(rows, dtype=acc), input.new_empty(rows, dtype=acc)
+    return input.new_empty(rows, dtype=acc), input.new_empty(2, rows, dtype=acc)
 
 
 @torch.library.register_fake("fusedloss::linear_ce_backward")
@@ -40,6 +40,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_lse):
+    _common.forbid_double_backward("linear_cross_entropy", grad_loss)
     input, weight, target, bias, lse = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
     grad_input, grad_weight, grad_bias = _ops.linear_ce_backward(
@@ -80,32 +81,24 @@ def _sum_setup_context(ctx, inputs, output):
     ctx.options = options  # ignore_index, label_smoothing, z_loss, softcap, row_block, output_mask
 
 
-def _is_traced(t):
-    """True under torch.compile / AOT autograd tracing (fake or functional tensors)."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return torch.compiler.is_compiling() or is_fake(t) or torch._is_functional_tensor(t)
-
-
 def _sum_backward(ctx, grad_sum, *_unused):
-    *loss_options, _row_block, mask = ctx.options
+    *_loss_options, _row_block, mask = ctx.options
     if grad_sum is None:  # the loss itself was not differentiated
         return (None,) * (4 + len(ctx.options))
+    _common.forbid_double_backward("linear_cross_entropy", grad_sum)
     if ctx.grads is not None:
         # First backward: scale the forward's gradients in place and hand them
         # over, so no second V x D buffer exists (out of place when traced:
         # AOT autograd cannot partition a mutation of a forward output).
         grads, ctx.grads = ctx.grads, None
-        in_place = not _is_traced(grad_sum)
+        in_place = not _common.is_traced(grad_sum)
         grad_input, grad_weight, grad_bias = (g.mul_(grad_sum) if in_place else g * grad_sum for g in grads)
     else:
-        # A retained graph differentiated again: recompute from the inputs.
+        # A retained graph differentiated again: rerun the same single pass, so
+        # that every backward is bit-identical (gradcheck's reentrancy test).
         input, weight, target, bias = ctx.saved_tensors
-        _, lse = _ops.linear_ce_forward(input, weight, target, bias, *loss_options, 0)
-        grad_rows = grad_sum.expand(input.shape[0]).contiguous()
-        grad_input, grad_weight, grad_bias = _ops.linear_ce_backward(
-            grad_rows, input, weight, target, bias, lse, *loss_options, 0, mask
-        )
+        _, *grads = _ops.linear_ce_sum_and_grad(input, weight, target, bias, *ctx.options)
+        grad_input, grad_weight, grad_bias = (g * grad_sum for g in grads)
     return (grad_input if mask[0] else None, grad_weight if mask[1] else None, None,
             grad_bias if mask[2] else None, *([None] * len(ctx.options)))
 
@@ -124,6 +117,32 @@ def _wants_single_pass(reduction, chunk_size, input, weight, bias):
     if input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
         return False
     return any(t is not None and t.requires_grad for t in (input, weight, bias))
+
+
+def _check_operands(input, weight, target, bias):
+    """Types, shapes and devices, before anything reads a target (a transposed
+    weight must be reported as a shape error, not as targets out of range).
+    Returns the target as int64."""
+    for t, name in ((input, "input"), (weight, "weight")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"linear_cross_entropy: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"linear_cross_entropy: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if input.dim() < 1 or input.shape[-1] == 0:
+        raise ValueError(f"linear_cross_entropy: input must be [..., D] with D > 0, got shape {tuple(input.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"linear_cross_entropy: weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"linear_cross_entropy: input has D={input.shape[-1]} features but weight has shape "
+                         f"{tuple(weight.shape)}; weight must be [V, D] (not transposed)")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"linear_cross_entropy: bias must be [V]=[{weight.shape[0]}], got {tuple(bias.shape)}")
+    target = _common.as_index_tensor(target)
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"linear_cross_entropy: target shape {tuple(target.shape)} must equal input.shape[:-1] = "
+                         f"{tuple(input.shape[:-1])}")
+    _common.check_same_device("linear_cross_entropy", input=input, weight=weight, target=target, bias=bias)
+    return target
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0,
@@ -152,23 +171,17 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     Returns the loss in fp32 (fp64 for fp64 inputs).
     """
     _common.check_reduction(reduction)
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
-    if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if not isinstance(input, torch.Tensor) or input.dim() < 1:
-        raise ValueError("input must be a tensor of shape [..., D]")
-    target = _common.as_index_tensor(target)
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(
-            f"target shape {tuple(target.shape)} must equal input.shape[:-1] = {tuple(input.shape[:-1])}"
-        )
+    softcap = _common.check_finite(softcap, "softcap", positive=True, allow_none=True)
+    z_loss = _common.check_finite(z_loss, "z_loss")
+    label_smoothing = _common.check_finite(label_smoothing, "label_smoothing")
+    chunk_size = _common.check_optional_positive_int(chunk_size, "chunk_size")
+    target = _check_operands(input, weight, target, bias)
     input, weight, bias = _common.autocast_inputs(input.device.type, input, weight, bias)
     rows = input.reshape(-1, input.shape[-1])
     flat_target = target.reshape(-1)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and flat_target.device == weight.device:
+    if flat_target.is_cuda:  # the C++ op scans CPU targets itself (free there)
         _common.check_index_range(flat_target, weight.shape[0], "target", ignore_index)
-    options = (int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0))
+    options = (int(ignore_index), label_smoothing, z_loss, softcap or 0.0)
     valid = flat_target != ignore_index
     if _wants_single_pass(reduction, chunk_size, input, weight, bias):
         mask = [input.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]

@@ -424,11 +424,11 @@ def test_shard_ops_combine_to_the_full_op(softcap, device):
 
     stats = [ops.linear_ce_shard_forward(x, w[s:e], target, b[s:e], -100, softcap, s, classes, 3)
              for s, e in _shards(classes, 3)]
-    combined_lse = torch.logsumexp(torch.stack([s[0] for s in stats]), 0)
+    combined_lse = torch.logsumexp(torch.stack([s[0].sum(0) for s in stats]), 0)  # lse parts: max + log-sum
     target_logit = sum(s[1] for s in stats)
     sum_logits = sum(s[2] for s in stats)
     combined = combined_lse - (1 - eps) * target_logit - eps * sum_logits / classes + z * combined_lse ** 2
-    torch.testing.assert_close(combined_lse, lse)
+    torch.testing.assert_close(combined_lse, lse.sum(0))
     torch.testing.assert_close(torch.where(target == -100, 0.0, combined), loss)
 
     grad_input = torch.zeros_like(x)
@@ -445,7 +445,7 @@ def test_shard_ops_opcheck_and_errors():
     x, w, b = torch.randn(4, 3), torch.randn(5, 3), torch.randn(5)
     target = torch.tensor([0, 7, 11, -100])
     torch.library.opcheck(ops.linear_ce_shard_forward, (x, w, target, b, -100, 0.0, 6, 12, 2))
-    lse = torch.randn(4)
+    lse = torch.randn(2, 4)  # LseParts: max, log-sum
     torch.library.opcheck(ops.linear_ce_backward, (torch.rand(4), x, w, target, b, lse, -100, 0.1, 0.0, 0.0, 2,
                                                    [True, True, True], 6, 12))
     with pytest.raises(ValueError, match="not inside \\[0, num_classes=10\\)"):

@@ -54,7 +54,7 @@ void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const 
 
 template <typename acc_t>
 void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
-                              acc_t* col_lse) {
+                              LseArray<acc_t> col_lse) {
   const acc_t s = *scale;
   const int64_t strips = (p.tile_cols + kColumnStrip - 1) / kColumnStrip;
   at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
@@ -85,7 +85,7 @@ void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, con
         }
       }
       for (int64_t j = 0; j < width; ++j) {
-        col_lse[p.tile_start + c0 + j] = LseState<acc_t>{m[j], sum[j]}.value();
+        col_lse.store(p.tile_start + c0 + j, LseState<acc_t>{m[j], sum[j]}.parts());
       }
     }
   });
@@ -93,34 +93,34 @@ void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, con
 
 template <typename acc_t>
 void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives,
-                          ContrastiveRowState<acc_t> state, const acc_t* col_lse, acc_t* row_lse,
-                          acc_t* loss) {
+                          ContrastiveRowState<acc_t> state, LseArray<const acc_t> col_lse,
+                          LseArray<acc_t> row_lse, acc_t* loss) {
   at::parallel_for(0, p.num_rows, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const acc_t lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
-      row_lse[row] = lse;
-      const acc_t column = p.symmetric ? positive_column_lse(col_lse, positives[row], p.num_cols) : acc_t(0);
-      loss[row] = contrastive_pair_loss(lse, column, state.positive_logit[row], p.symmetric);
+      contrastive_finalize_row(p, row, positives, state, col_lse, row_lse, loss);
     }
   });
 }
 
 template <typename acc_t, typename grad_t>
 void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
-                           const int64_t* positives, const acc_t* row_lse, const acc_t* col_lse,
-                           const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits) {
+                           const int64_t* positives, LseArray<const acc_t> row_lse,
+                           LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
+                           grad_t* dlogits) {
   const int64_t columns = p.tile_cols;
   const acc_t s = *scale;
   // One loop per variant, so that neither carries a conditional load.
   const auto run = [&](auto symmetric_tag) {
     constexpr bool kSymmetric = decltype(symmetric_tag)::value;
-    const acc_t* tile_col_lse = kSymmetric ? col_lse + p.tile_start : nullptr;
+    const acc_t* tile_col_max = kSymmetric ? col_lse.max + p.tile_start : nullptr;
+    const acc_t* tile_col_log_sum = kSymmetric ? col_lse.log_sum + p.tile_start : nullptr;
     const acc_t* tile_col_grad = kSymmetric ? col_grad + p.tile_start : nullptr;
     at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const acc_t* z = tile + row * p.tile_stride;
         grad_t* dz = dlogits + row * p.tile_stride;
-        const acc_t lse = row_lse[row], g = row_grad[row];
+        const LseParts<acc_t> lse = row_lse[row];
+        const acc_t g = row_grad[row];
         const int64_t t = positives[row] - p.tile_start;
         const int64_t masked = p.masked_tile_col(row);
 #pragma omp simd
@@ -128,11 +128,11 @@ void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const 
           const acc_t x = s * z[j];
           acc_t col_prob = 0, col_g = 0;
           if constexpr (kSymmetric) {
-            col_prob = exp_vectorizable(x - tile_col_lse[j]);
+            col_prob = exp_vectorizable((x - tile_col_max[j]) - tile_col_log_sum[j]);
             col_g = tile_col_grad[j];
           }
           const acc_t d =
-              contrastive_logit_grad(exp_vectorizable(x - lse), g, col_prob, col_g, j == t, kSymmetric);
+              contrastive_logit_grad(exp_vectorizable(lse.log_prob(x)), g, col_prob, col_g, j == t, kSymmetric);
           // d logits / d dot = scale: the GEMMs consume raw operands.
           dz[j] = static_cast<grad_t>(j == masked ? acc_t(0) : s * d);
         }
@@ -147,12 +147,14 @@ void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const 
   template void contrastive_tile_rows<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,       \
                                              const int64_t*, ContrastiveRowState<acc_t>);                \
   template void contrastive_tile_columns<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,    \
-                                                acc_t*);                                                 \
+                                                LseArray<acc_t>);                                        \
   template void contrastive_finalize<acc_t>(const ContrastiveParams&, const int64_t*,                    \
-                                            ContrastiveRowState<acc_t>, const acc_t*, acc_t*, acc_t*);   \
+                                            ContrastiveRowState<acc_t>, LseArray<const acc_t>,           \
+                                            LseArray<acc_t>, acc_t*);                                    \
   template void contrastive_tile_grad<acc_t, acc_t>(const ContrastiveParams&, const acc_t*,              \
-                                                    const acc_t*, const int64_t*, const acc_t*,          \
-                                                    const acc_t*, const acc_t*, const acc_t*, acc_t*);
+                                                    const acc_t*, const int64_t*, LseArray<const acc_t>, \
+                                                    LseArray<const acc_t>, const acc_t*, const acc_t*,   \
+                                                    acc_t*);
 
 FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(float)
 FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(double)

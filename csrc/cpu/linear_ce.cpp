@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
+
 #include "fusedloss/linear_ce.h"
 #include "vec_math.h"
 
@@ -54,7 +56,7 @@ void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const ac
 
 template <typename acc_t>
 void linear_ce_finalize(const LinearCEParams& p, const int64_t* target,
-                        LinearCERowState<acc_t> state, acc_t* lse, acc_t* loss) {
+                        LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss) {
   at::parallel_for(0, p.num_rows, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) linear_ce_finalize_row(p, row, target, state, lse, loss);
   });
@@ -62,7 +64,7 @@ void linear_ce_finalize(const LinearCEParams& p, const int64_t* target,
 
 template <typename acc_t, typename grad_t>
 void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
-                          const int64_t* target, const acc_t* lse, const acc_t* grad_loss,
+                          const int64_t* target, LseArray<const acc_t> lse, const acc_t* grad_loss,
                           grad_t* dlogits) {
   const int64_t columns = p.chunk_columns;
   const acc_t cap = static_cast<acc_t>(p.softcap);
@@ -72,14 +74,19 @@ void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const ac
     for (int64_t row = begin; row < end; ++row) {
       const acc_t* z = logits + row * p.logits_stride;
       grad_t* dz = dlogits + row * p.logits_stride;
-      const bool ignored = target[row] == p.ignore_index;
-      const acc_t g = ignored ? acc_t(0) : grad_loss[row];
-      const acc_t row_lse = lse[row];
+      if (target[row] == p.ignore_index) {
+        // Skipped, not multiplied by 0: a padding row may hold inf/NaN.
+        std::fill_n(dz, columns, grad_t(0));
+        continue;
+      }
+      const acc_t g = grad_loss[row];
+      const LseParts<acc_t> row_lse = lse[row];
       // Everything except the target column is  g * (c1 * p_j - c0) * softcap'.
-      const acc_t prob_scale = g * (acc_t(1) + acc_t(2) * terms.z_loss * row_lse);
+      const acc_t prob_scale = g * (acc_t(1) + acc_t(2) * terms.z_loss * row_lse.value());
       const acc_t uniform = g * terms.label_smoothing / terms.num_classes;
+      const acc_t row_max = row_lse.max, log_sum = row_lse.log_sum;
       // Read the target's raw logit first: dz may alias z.
-      const int64_t t = ignored ? -1 : target[row] - p.chunk_start;
+      const int64_t t = target[row] - p.chunk_start;
       const bool target_here = t >= 0 && t < columns;
       const acc_t target_z = target_here ? z[t] : acc_t(0);
       const acc_t* column_bias = p.tile_transformed ? nullptr : bias;
@@ -87,14 +94,14 @@ void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const ac
 #pragma omp simd
       for (int64_t j = 0; j < columns; ++j) {
         const acc_t y = softcap_apply(z[j] + (column_bias ? column_bias[j] : acc_t(0)), tile_cap);
-        const acc_t d = (prob_scale * exp_vectorizable(y - row_lse) - uniform) *
+        const acc_t d = (prob_scale * exp_vectorizable((y - row_max) - log_sum) - uniform) *
                         softcap_grad_from_output(y, cap);
         dz[j] = static_cast<grad_t>(d);
       }
       if (target_here) {
         // The target column also carries the one-hot term.
         const acc_t y = softcap_apply(target_z + (column_bias ? column_bias[t] : acc_t(0)), tile_cap);
-        const acc_t d = g * terms.logit_grad(exp_acc(y - row_lse), true, row_lse) *
+        const acc_t d = g * terms.logit_grad(exp_acc(row_lse.log_prob(y)), true, row_lse.value()) *
                         softcap_grad_from_output(y, cap);
         dz[t] = static_cast<grad_t>(d);
       }
@@ -106,10 +113,10 @@ void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const ac
   template void linear_ce_accumulate_chunk<acc_t>(const LinearCEParams&, acc_t*, const acc_t*, \
                                                   const int64_t*, LinearCERowState<acc_t>);    \
   template void linear_ce_finalize<acc_t>(const LinearCEParams&, const int64_t*,               \
-                                          LinearCERowState<acc_t>, acc_t*, acc_t*);            \
+                                          LinearCERowState<acc_t>, LseArray<acc_t>, acc_t*);   \
   template void linear_ce_chunk_grad<acc_t, acc_t>(const LinearCEParams&, const acc_t*,        \
-                                                   const acc_t*, const int64_t*, const acc_t*, \
-                                                   const acc_t*, acc_t*);
+                                                   const acc_t*, const int64_t*,               \
+                                                   LseArray<const acc_t>, const acc_t*, acc_t*);
 
 FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU(float)
 FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU(double)

@@ -6,6 +6,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+
 #include "fusedloss/sampled.h"
 #include "vec_math.h"
 
@@ -140,8 +142,15 @@ void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& col
   at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       acc_t* dz = dlogits + row * p.logits_stride;
+      const acc_t g = grad_loss[row];
+      if (g == acc_t(0)) {
+        // Skipped, not multiplied by 0: the row's logits may be inf/NaN.
+        std::fill_n(dz, columns, acc_t(0));
+        continue;
+      }
       final_row_logits(p, cols, row, logits + row * p.logits_stride, dz);
-      const acc_t g = grad_loss[row], lse = stats[row], unmasked = stats[p.num_rows + row];
+      const LseParts<acc_t> lse = sampled_row_lse(p, stats, row);
+      const acc_t unmasked = sampled_row_columns(p, stats, row);
 #pragma omp simd
       for (int64_t j = 0; j < columns; ++j) {
         const acc_t d = g * sampled_column_grad(p, dz[j], lse, unmasked, ExpVectorizable{});

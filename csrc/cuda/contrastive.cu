@@ -73,34 +73,32 @@ __global__ void tile_columns_partial_kernel(ContrastiveParams p, const acc_t* ti
 
 template <typename acc_t>
 __global__ void tile_columns_merge_kernel(ContrastiveParams p, const LseState<acc_t>* partial, int64_t slices,
-                                          acc_t* col_lse) {
+                                          LseArray<acc_t> col_lse) {
   const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (col >= p.tile_cols) return;
   LseState<acc_t> merged = LseState<acc_t>::empty();
   for (int64_t slice = 0; slice < slices; ++slice) merged = lse_merge(merged, partial[slice * p.tile_cols + col]);
-  col_lse[p.tile_start + col] = merged.value();
+  col_lse.store(p.tile_start + col, merged.parts());
 }
 
 template <typename acc_t>
 __global__ void finalize_kernel(ContrastiveParams p, const int64_t* positives, ContrastiveRowState<acc_t> state,
-                                const acc_t* col_lse, acc_t* row_lse, acc_t* loss) {
+                                LseArray<const acc_t> col_lse, LseArray<acc_t> row_lse, acc_t* loss) {
   const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (row >= p.num_rows) return;
-  const acc_t lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
-  row_lse[row] = lse;
-  const acc_t column = p.symmetric ? positive_column_lse(col_lse, positives[row], p.num_cols) : acc_t(0);
-  loss[row] = contrastive_pair_loss(lse, column, state.positive_logit[row], p.symmetric);
+  if (row < p.num_rows) contrastive_finalize_row(p, row, positives, state, col_lse, row_lse, loss);
 }
 
 template <typename acc_t, typename grad_t>
 __global__ void tile_grad_kernel(ContrastiveParams p, const acc_t* tile, const acc_t* scale,
-                                 const int64_t* positives, const acc_t* row_lse, const acc_t* col_lse,
-                                 const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits) {
+                                 const int64_t* positives, LseArray<const acc_t> row_lse,
+                                 LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
+                                 grad_t* dlogits) {
   const int64_t row = blockIdx.x;
   const acc_t* z = tile + row * p.tile_stride;
   grad_t* dz = dlogits + row * p.tile_stride;
   const acc_t s = *scale;
-  const acc_t lse = row_lse[row], g = row_grad[row];
+  const LseParts<acc_t> lse = row_lse[row];
+  const acc_t g = row_grad[row];
   const int64_t t = positives[row] - p.tile_start;
   const int64_t masked = p.masked_tile_col(row);
   for (int64_t j = threadIdx.x; j < p.tile_cols; j += blockDim.x) {
@@ -108,10 +106,10 @@ __global__ void tile_grad_kernel(ContrastiveParams p, const acc_t* tile, const a
     if (j != masked) {
       const acc_t x = s * z[j];
       const int64_t col = p.tile_start + j;
-      const acc_t col_prob = p.symmetric ? exp_acc(x - col_lse[col]) : acc_t(0);
+      const acc_t col_prob = p.symmetric ? exp_acc(col_lse[col].log_prob(x)) : acc_t(0);
       const acc_t col_g = p.symmetric ? col_grad[col] : acc_t(0);
       // d logits / d dot = scale: the GEMMs consume raw operands.
-      d = s * contrastive_logit_grad(exp_acc(x - lse), g, col_prob, col_g, j == t, p.symmetric);
+      d = s * contrastive_logit_grad(exp_acc(lse.log_prob(x)), g, col_prob, col_g, j == t, p.symmetric);
     }
     dz[j] = static_cast<grad_t>(d);
   }
@@ -136,8 +134,8 @@ void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const 
 }
 
 template <typename acc_t>
-void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale, acc_t* col_lse,
-                              acc_t* scratch, void* stream) {
+void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+                              LseArray<acc_t> col_lse, acc_t* scratch, void* stream) {
   if (p.num_rows == 0 || p.tile_cols == 0) return;
   const int64_t slices = column_slices(p.num_rows);
   const int64_t rows_per_slice = (p.num_rows + slices - 1) / slices;
@@ -155,7 +153,7 @@ void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, con
 
 template <typename acc_t>
 void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives, ContrastiveRowState<acc_t> state,
-                          const acc_t* col_lse, acc_t* row_lse, acc_t* loss, void* stream) {
+                          LseArray<const acc_t> col_lse, LseArray<acc_t> row_lse, acc_t* loss, void* stream) {
   if (p.num_rows == 0) return;
   const int threads = 256;
   const int64_t blocks = (p.num_rows + threads - 1) / threads;
@@ -165,8 +163,9 @@ void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives, 
 
 template <typename acc_t, typename grad_t>
 void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
-                           const int64_t* positives, const acc_t* row_lse, const acc_t* col_lse,
-                           const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits, void* stream) {
+                           const int64_t* positives, LseArray<const acc_t> row_lse,
+                           LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
+                           grad_t* dlogits, void* stream) {
   if (p.num_rows == 0) return;
   tile_grad_kernel<acc_t, grad_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(
       p, tile, scale, positives, row_lse, col_lse, row_grad, col_grad, dlogits);
@@ -177,13 +176,15 @@ void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const 
   template void contrastive_tile_rows<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,         \
                                              const int64_t*, ContrastiveRowState<acc_t>, void*);           \
   template void contrastive_tile_columns<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,      \
-                                                acc_t*, acc_t*, void*);                                    \
+                                                LseArray<acc_t>, acc_t*, void*);                           \
   template void contrastive_finalize<acc_t>(const ContrastiveParams&, const int64_t*,                      \
-                                            ContrastiveRowState<acc_t>, const acc_t*, acc_t*, acc_t*, void*);
+                                            ContrastiveRowState<acc_t>, LseArray<const acc_t>,             \
+                                            LseArray<acc_t>, acc_t*, void*);
 #define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD(acc_t, grad_t)                                             \
   template void contrastive_tile_grad<acc_t, grad_t>(const ContrastiveParams&, const acc_t*, const acc_t*, \
-                                                     const int64_t*, const acc_t*, const acc_t*,           \
-                                                     const acc_t*, const acc_t*, grad_t*, void*);
+                                                     const int64_t*, LseArray<const acc_t>,                \
+                                                     LseArray<const acc_t>, const acc_t*, const acc_t*,    \
+                                                     grad_t*, void*);
 FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE(float)
 FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE(double)
 FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD(float, float)

@@ -41,29 +41,33 @@ __global__ void accumulate_chunk_kernel(LinearCEParams p, acc_t* logits, const a
 
 template <typename acc_t>
 __global__ void finalize_kernel(LinearCEParams p, const int64_t* target, LinearCERowState<acc_t> state,
-                                acc_t* lse, acc_t* loss) {
+                                LseArray<acc_t> lse, acc_t* loss) {
   const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (row < p.num_rows) linear_ce_finalize_row(p, row, target, state, lse, loss);
 }
 
 template <typename acc_t, typename grad_t>
 __global__ void chunk_grad_kernel(LinearCEParams p, const acc_t* logits, const acc_t* bias,
-                                  const int64_t* target, const acc_t* lse, const acc_t* grad_loss,
+                                  const int64_t* target, LseArray<const acc_t> lse, const acc_t* grad_loss,
                                   grad_t* dlogits) {
   const int64_t row = blockIdx.x;
   const acc_t* z = logits + row * p.logits_stride;
   grad_t* dz = dlogits + row * p.logits_stride;
-  const bool ignored = target[row] == p.ignore_index;
-  const acc_t g = ignored ? acc_t(0) : grad_loss[row];
-  const acc_t row_lse = lse[row];
+  if (target[row] == p.ignore_index) {
+    // Skipped, not multiplied by 0: a padding row may hold inf/NaN.
+    for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) dz[j] = grad_t(0);
+    return;
+  }
+  const acc_t g = grad_loss[row];
+  const LseParts<acc_t> row_lse = lse[row];
   const acc_t cap = static_cast<acc_t>(p.softcap);
   const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss), acc_t(p.num_classes)};
-  const int64_t t = ignored ? -1 : target[row] - p.chunk_start;
+  const int64_t t = target[row] - p.chunk_start;
   const acc_t* column_bias = p.tile_transformed ? nullptr : bias;
   const acc_t tile_cap = p.tile_transformed ? acc_t(0) : cap;
   for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
     const acc_t y = softcap_apply(z[j] + (column_bias ? column_bias[j] : acc_t(0)), tile_cap);
-    const acc_t d = g * terms.logit_grad(exp_acc(y - row_lse), j == t, row_lse) *
+    const acc_t d = g * terms.logit_grad(exp_acc(row_lse.log_prob(y)), j == t, row_lse.value()) *
                     softcap_grad_from_output(y, cap);
     dz[j] = static_cast<grad_t>(d);
   }
@@ -84,7 +88,7 @@ void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const ac
 
 template <typename acc_t>
 void linear_ce_finalize(const LinearCEParams& p, const int64_t* target, LinearCERowState<acc_t> state,
-                        acc_t* lse, acc_t* loss, void* stream) {
+                        LseArray<acc_t> lse, acc_t* loss, void* stream) {
   if (p.num_rows == 0) return;
   const int threads = 256;
   const int64_t blocks = (p.num_rows + threads - 1) / threads;
@@ -94,7 +98,7 @@ void linear_ce_finalize(const LinearCEParams& p, const int64_t* target, LinearCE
 
 template <typename acc_t, typename grad_t>
 void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
-                          const int64_t* target, const acc_t* lse, const acc_t* grad_loss,
+                          const int64_t* target, LseArray<const acc_t> lse, const acc_t* grad_loss,
                           grad_t* dlogits, void* stream) {
   if (p.num_rows == 0) return;
   chunk_grad_kernel<acc_t, grad_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(
@@ -106,11 +110,11 @@ void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const ac
   template void linear_ce_accumulate_chunk<acc_t>(const LinearCEParams&, acc_t*, const acc_t*,       \
                                                   const int64_t*, LinearCERowState<acc_t>, void*);   \
   template void linear_ce_finalize<acc_t>(const LinearCEParams&, const int64_t*,                     \
-                                          LinearCERowState<acc_t>, acc_t*, acc_t*, void*);
+                                          LinearCERowState<acc_t>, LseArray<acc_t>, acc_t*, void*);
 #define FUSEDLOSS_INSTANTIATE_CHUNK_GRAD(acc_t, grad_t)                                              \
   template void linear_ce_chunk_grad<acc_t, grad_t>(const LinearCEParams&, const acc_t*,             \
-                                                    const acc_t*, const int64_t*, const acc_t*,      \
-                                                    const acc_t*, grad_t*, void*);
+                                                    const acc_t*, const int64_t*,                    \
+                                                    LseArray<const acc_t>, const acc_t*, grad_t*, void*);
 FUSEDLOSS_INSTANTIATE_ROW_STATE(float)
 FUSEDLOSS_INSTANTIATE_ROW_STATE(double)
 FUSEDLOSS_INSTANTIATE_CHUNK_GRAD(float, float)

@@ -105,11 +105,14 @@ __global__ void chunk_grad_kernel(SampledParams p, SampledColumns<acc_t> cols, c
   const int64_t row = blockIdx.x;
   const acc_t* z = logits + row * p.logits_stride;
   grad_t* dz = dlogits + row * p.logits_stride;
-  const acc_t g = grad_loss[row], lse = stats[row], unmasked = stats[p.num_rows + row];
+  const acc_t g = grad_loss[row];
+  const LseParts<acc_t> lse = sampled_row_lse(p, stats, row);
+  const acc_t unmasked = sampled_row_columns(p, stats, row);
   for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
     const acc_t y = sampled_column_logit(cols, row, j, z[j]);
-    // -inf logits count as masked, as in the forward and the CPU kernels.
-    const bool masked = sampled_column_masked(p, cols, row, j) || y == neg_infinity<acc_t>();
+    // -inf logits count as masked, as in the forward and the CPU kernels; a
+    // row with zero upstream gradient is skipped (its logits may be inf/NaN).
+    const bool masked = g == acc_t(0) || sampled_column_masked(p, cols, row, j) || y == neg_infinity<acc_t>();
     dz[j] = masked ? grad_t(0) : static_cast<grad_t>(g * sampled_column_grad(p, y, lse, unmasked, ExpAcc{}));
   }
 }

@@ -57,8 +57,8 @@ FL_HOST_DEVICE acc_t contrastive_logit(acc_t dot, acc_t scale, bool masked) {
 // (the Python layer builds them), so an invalid one yields NaN, never an
 // out-of-bounds read.
 template <typename acc_t>
-FL_HOST_DEVICE acc_t positive_column_lse(const acc_t* col_lse, int64_t positive, int64_t num_cols) {
-  return positive >= 0 && positive < num_cols ? col_lse[positive] : std::numeric_limits<acc_t>::quiet_NaN();
+FL_HOST_DEVICE acc_t positive_column_lse(LseArray<const acc_t> col_lse, int64_t positive, int64_t num_cols) {
+  return positive >= 0 && positive < num_cols ? col_lse[positive].value() : std::numeric_limits<acc_t>::quiet_NaN();
 }
 
 // Loss of pair i: lse_row - positive logit, or (symmetric) the mean of that and
@@ -68,6 +68,18 @@ FL_HOST_DEVICE acc_t contrastive_pair_loss(acc_t row_lse, acc_t col_lse, acc_t p
                                            bool symmetric) {
   const acc_t row_term = row_lse - positive_logit;
   return symmetric ? acc_t(0.5) * (row_term + col_lse - positive_logit) : row_term;
+}
+
+// Row `row`'s lse parts and pair loss from the finished state; the one formula
+// behind the CPU and CUDA finalize kernels.
+template <typename acc_t>
+FL_HOST_DEVICE void contrastive_finalize_row(const ContrastiveParams& p, int64_t row, const int64_t* positives,
+                                             ContrastiveRowState<acc_t> state, LseArray<const acc_t> col_lse,
+                                             LseArray<acc_t> row_lse, acc_t* loss) {
+  const LseParts<acc_t> lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.parts();
+  row_lse.store(row, lse);
+  const acc_t column = p.symmetric ? positive_column_lse(col_lse, positives[row], p.num_cols) : acc_t(0);
+  loss[row] = contrastive_pair_loss(lse.value(), column, state.positive_logit[row], p.symmetric);
 }
 
 // d loss / d logit for one entry, given its row and column softmax
@@ -90,21 +102,22 @@ void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const 
 // Column-wise LSE over all R rows of a tile: writes col_lse[tile_start + j].
 template <typename acc_t>
 void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
-                              acc_t* col_lse);
+                              LseArray<acc_t> col_lse);
 // row_lse[R] and the per-row loss[R]: lse - positive, or the mean of the row
 // and the column term of the pair when symmetric.
 template <typename acc_t>
 void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives,
-                          ContrastiveRowState<acc_t> state, const acc_t* col_lse, acc_t* row_lse,
-                          acc_t* loss);
+                          ContrastiveRowState<acc_t> state, LseArray<const acc_t> col_lse,
+                          LseArray<acc_t> row_lse, acc_t* loss);
 // scale * dLoss/dlogits of one tile of raw dot products, given the per-row
 // upstream gradient of the row term (row_grad[R]) and, when symmetric, the
 // summed upstream gradient of the column terms per column (col_grad[C]).
 // `dlogits` may alias `tile`.
 template <typename acc_t, typename grad_t>
 void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
-                           const int64_t* positives, const acc_t* row_lse, const acc_t* col_lse,
-                           const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits);
+                           const int64_t* positives, LseArray<const acc_t> row_lse,
+                           LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
+                           grad_t* dlogits);
 }  // namespace cpu
 
 #ifdef FUSEDLOSS_WITH_CUDA
@@ -117,16 +130,16 @@ void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const 
 int64_t contrastive_column_scratch_elems(int64_t num_rows, int64_t tile_cols);
 template <typename acc_t>
 void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
-                              acc_t* col_lse, acc_t* scratch, void* stream);
+                              LseArray<acc_t> col_lse, acc_t* scratch, void* stream);
 template <typename acc_t>
 void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives,
-                          ContrastiveRowState<acc_t> state, const acc_t* col_lse, acc_t* row_lse,
-                          acc_t* loss, void* stream);
+                          ContrastiveRowState<acc_t> state, LseArray<const acc_t> col_lse,
+                          LseArray<acc_t> row_lse, acc_t* loss, void* stream);
 template <typename acc_t, typename grad_t>
 void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
-                           const int64_t* positives, const acc_t* row_lse, const acc_t* col_lse,
-                           const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits,
-                           void* stream);
+                           const int64_t* positives, LseArray<const acc_t> row_lse,
+                           LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
+                           grad_t* dlogits, void* stream);
 }  // namespace cuda
 #endif
 

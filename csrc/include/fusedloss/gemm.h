@@ -6,6 +6,10 @@
 
 #include <ATen/ATen.h>
 
+#include <type_traits>
+
+#include "fusedloss/numerics.h"
+
 namespace fusedloss {
 
 // out = a @ b (accumulate=false) or out += a @ b (accumulate=true). `out` may be
@@ -27,6 +31,24 @@ inline void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& 
   const at::Tensor product = at::mm(a.to(out.scalar_type()), b.to(out.scalar_type()));
   if (accumulate) out.add_(product);
   else out.copy_(product);
+}
+
+// `input` [rows, D] with the rows where `skip` [rows] is true zeroed: rows that
+// must add nothing to a gradient (ignored targets, zero upstream gradient) then
+// add exactly nothing to the GEMMs they feed even when they hold inf/NaN
+// padding (0 * inf is NaN). A copy only when some row is skipped (on CUDA
+// always: asking would cost a host sync).
+inline at::Tensor zero_rows_where(const at::Tensor& input, const at::Tensor& skip) {
+  if (input.is_cpu() && !skip.any().item<bool>()) return input;
+  return input.masked_fill(skip.unsqueeze(1), 0);
+}
+
+// The LseParts stored in a [2, count] tensor (max, log-sum), from index `first`
+// on; T = const acc_t for reading.
+template <typename T>
+LseArray<T> lse_array_at(const at::Tensor& lse, int64_t first = 0) {
+  using acc_t = std::remove_const_t<T>;
+  return {lse[0].data_ptr<acc_t>() + first, lse[1].data_ptr<acc_t>() + first};
 }
 
 // Accumulation dtype of a floating input: float64 stays float64 (gradcheck),

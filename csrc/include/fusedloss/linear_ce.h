@@ -42,17 +42,17 @@ struct LinearCERowState {
   acc_t* target_logit;  // y at the target column, once its chunk is seen
 };
 
-// lse[row] from the row state and the row's loss (0 when the target is ignored);
-// the one formula behind the CPU and CUDA finalize kernels.
+// The row's lse (as LseParts) from the row state and the row's loss (0 when
+// the target is ignored); the one formula behind the CPU and CUDA finalize kernels.
 template <typename acc_t>
 FL_HOST_DEVICE void linear_ce_finalize_row(const LinearCEParams& p, int64_t row, const int64_t* target,
-                                           LinearCERowState<acc_t> state, acc_t* lse, acc_t* loss) {
+                                           LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss) {
   const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss), acc_t(p.num_classes)};
-  const acc_t row_lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
-  lse[row] = row_lse;
+  const LseParts<acc_t> parts = LseState<acc_t>{state.max[row], state.sum_exp[row]}.parts();
+  lse.store(row, parts);
   loss[row] = target[row] == p.ignore_index
                   ? acc_t(0)
-                  : terms.row_loss(row_lse, state.target_logit[row], state.sum_logits[row]);
+                  : terms.row_loss(parts.value(), state.target_logit[row], state.sum_logits[row]);
 }
 
 namespace cpu {
@@ -62,16 +62,19 @@ namespace cpu {
 template <typename acc_t>
 void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const acc_t* bias,
                                 const int64_t* target, LinearCERowState<acc_t> state);
-// Turn the row state into lse[N] and the per-row loss[N] (0 on ignored rows).
+// Turn the row state into the lse parts [2, N] and the per-row loss[N] (0 on
+// ignored rows).
 template <typename acc_t>
 void linear_ce_finalize(const LinearCEParams& p, const int64_t* target,
-                        LinearCERowState<acc_t> state, acc_t* lse, acc_t* loss);
+                        LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss);
 // dlogits of one chunk, scaled by the per-row upstream gradient grad_loss[N].
-// `dlogits` may alias `logits` (same index read then written). The tile holds
-// raw logits, or softcap(logits + bias) when p.tile_transformed.
+// Ignored rows get exact zeros whatever their logits (NaN/inf padding cannot
+// leak into a gradient). `dlogits` may alias `logits` (same index read then
+// written). The tile holds raw logits, or softcap(logits + bias) when
+// p.tile_transformed.
 template <typename acc_t, typename grad_t>
 void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
-                          const int64_t* target, const acc_t* lse, const acc_t* grad_loss,
+                          const int64_t* target, LseArray<const acc_t> lse, const acc_t* grad_loss,
                           grad_t* dlogits);
 }  // namespace cpu
 
@@ -83,10 +86,10 @@ void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const ac
                                 void* stream);
 template <typename acc_t>
 void linear_ce_finalize(const LinearCEParams& p, const int64_t* target,
-                        LinearCERowState<acc_t> state, acc_t* lse, acc_t* loss, void* stream);
+                        LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss, void* stream);
 template <typename acc_t, typename grad_t>
 void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
-                          const int64_t* target, const acc_t* lse, const acc_t* grad_loss,
+                          const int64_t* target, LseArray<const acc_t> lse, const acc_t* grad_loss,
                           grad_t* dlogits, void* stream);
 }  // namespace cuda
 #endif

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FL_HOST_DEVICE __host__ __device__ __forceinline__
@@ -30,6 +31,37 @@ FL_HOST_DEVICE acc_t neg_infinity() {
   return -std::numeric_limits<acc_t>::infinity();
 }
 
+// A finished log-sum-exp kept in two parts, max + log(sum exp(x - max)), which
+// is what every backward reads. Probabilities are exp((x - max) - log_sum):
+// near the max, x - max is exact and log_sum is small, whereas an absolute lse
+// of |x| ~ 1e4 has an fp32 ulp of ~1e-3 that exp(x - lse) would carry into
+// every gradient as a relative error.
+template <typename acc_t>
+struct LseParts {
+  acc_t max;
+  acc_t log_sum;
+
+  FL_HOST_DEVICE acc_t value() const { return max + log_sum; }
+  // log softmax of x.
+  FL_HOST_DEVICE acc_t log_prob(acc_t x) const { return (x - max) - log_sum; }
+};
+
+// LseParts of many rows (or columns) stored as the two rows of a [2, count]
+// tensor; T is acc_t (written by a forward) or const acc_t (read by a backward).
+template <typename T>
+struct LseArray {
+  using acc_t = std::remove_const_t<T>;
+  T* max;
+  T* log_sum;
+
+  FL_HOST_DEVICE LseParts<acc_t> operator[](int64_t i) const { return {max[i], log_sum[i]}; }
+  FL_HOST_DEVICE void store(int64_t i, LseParts<acc_t> v) const {
+    max[i] = v.max;
+    log_sum[i] = v.log_sum;
+  }
+  FL_HOST_DEVICE LseArray offset(int64_t i) const { return {max + i, log_sum + i}; }
+};
+
 // Running state of a log-sum-exp over a stream of values: the largest value
 // seen and the sum of exp(x - max). Merging two states is associative, which
 // is what lets a row be reduced across vocabulary chunks, threads and ranks.
@@ -40,7 +72,8 @@ struct LseState {
 
   FL_HOST_DEVICE static LseState empty() { return {neg_infinity<acc_t>(), acc_t(0)}; }
 
-  FL_HOST_DEVICE acc_t value() const { return max + log_acc(sum); }
+  FL_HOST_DEVICE LseParts<acc_t> parts() const { return {max, log_acc(sum)}; }
+  FL_HOST_DEVICE acc_t value() const { return parts().value(); }
 };
 
 // Merge two partial log-sum-exps. An empty side (max = -inf) must not produce
@@ -87,10 +120,14 @@ struct CrossEntropyTerms {
   acc_t z_loss;           // coefficient of lse^2 added to each row's loss
   acc_t num_classes;      // C, the number of columns the softmax runs over
 
-  // loss = lse - (1-eps) * y_target - eps * mean_j(y_j) + z * lse^2
+  // loss = lse - (1-eps) * y_target - eps * mean_j(y_j) + z * lse^2. The
+  // smoothing term is skipped (not multiplied by 0) when eps = 0: a column
+  // masked to -inf makes sum_logits -inf, and 0 * -inf would be NaN. With
+  // eps > 0 such a column makes the loss +inf, as in F.cross_entropy.
   FL_HOST_DEVICE acc_t row_loss(acc_t lse, acc_t target_logit, acc_t sum_logits) const {
-    return lse - (acc_t(1) - label_smoothing) * target_logit -
-           label_smoothing * sum_logits / num_classes + z_loss * lse * lse;
+    acc_t loss = lse - (acc_t(1) - label_smoothing) * target_logit + z_loss * lse * lse;
+    if (label_smoothing > acc_t(0)) loss -= label_smoothing * sum_logits / num_classes;
+    return loss;
   }
 
   // d loss / d y_j for one column, before the softcap chain rule:
@@ -108,11 +145,5 @@ FL_HOST_DEVICE acc_t log_sigmoid(acc_t x) {
   return x >= acc_t(0) ? -log1p_acc(exp_acc(-x)) : x - log1p_acc(exp_acc(x));
 }
 
-template <typename acc_t>
-FL_HOST_DEVICE acc_t sigmoid(acc_t x) {
-  if (x >= acc_t(0)) return acc_t(1) / (acc_t(1) + exp_acc(-x));
-  const acc_t e = exp_acc(x);
-  return e / (acc_t(1) + e);
-}
 
 }  // namespace fusedloss

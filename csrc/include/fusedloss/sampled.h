@@ -82,8 +82,8 @@ void sampled_row_axpy(const SampledParams& p, const acc_t* dz, int64_t dz_stride
 template <typename acc_t>
 void sampled_accumulate_chunk(const SampledParams& p, const SampledColumns<acc_t>& cols, acc_t* logits,
                               SampledRowState<acc_t> state);
-// Per-row loss[N] and the statistics the backward needs: stats[0] = lse,
-// stats[1] = number of unmasked columns (softmax; zeros for NCE).
+// Per-row loss[N] and the statistics [3, N] the backward needs (see
+// sampled_finalize_row).
 template <typename acc_t>
 void sampled_finalize(const SampledParams& p, SampledRowState<acc_t> state, acc_t* loss, acc_t* stats);
 // dlogits of one chunk scaled by grad_loss[N]; masked columns get exactly 0.
@@ -156,11 +156,12 @@ struct ExpAcc {
 // sigmoid(z) - label (NCE; 1/(1+e^-z) is exact at both ends in IEEE arithmetic)
 // or softmax_j - (1-eps)/T [true column] - eps/M (softmax).
 template <typename acc_t, typename Exp>
-FL_HOST_DEVICE acc_t sampled_column_grad(const SampledParams& p, acc_t z, acc_t lse, acc_t columns, Exp exp_fn) {
+FL_HOST_DEVICE acc_t sampled_column_grad(const SampledParams& p, acc_t z, LseParts<acc_t> lse, acc_t columns,
+                                         Exp exp_fn) {
   if (p.mode == static_cast<int64_t>(SampledMode::kNCE)) {
     return acc_t(1) / (acc_t(1) + exp_fn(-z)) - (p.is_true_chunk ? acc_t(p.true_label) : acc_t(0));
   }
-  acc_t g = exp_fn(z - lse) - acc_t(p.label_smoothing) / columns;
+  acc_t g = exp_fn(lse.log_prob(z)) - acc_t(p.label_smoothing) / columns;
   if (p.is_true_chunk) g -= (acc_t(1) - acc_t(p.label_smoothing)) / acc_t(p.num_true);
   return g;
 }
@@ -183,22 +184,35 @@ FL_HOST_DEVICE acc_t sampled_softmax_row_loss(const SampledParams& p, acc_t lse,
   return loss;
 }
 
-// Row `row`'s loss and backward statistics (stats[row] = lse, stats[N + row] =
-// the number of unmasked columns; zeros for NCE, whose backward needs neither):
-// the one formula behind the CPU and CUDA finalize kernels.
+// Row `row`'s loss and backward statistics, a [3, N] array: the row's lse as
+// LseParts (stats[row] = max, stats[N + row] = log-sum) and the number of
+// unmasked columns (stats[2N + row]); zeros for NCE, whose backward needs none
+// of them. The one formula behind the CPU and CUDA finalize kernels.
 template <typename acc_t>
 FL_HOST_DEVICE void sampled_finalize_row(const SampledParams& p, int64_t row, SampledRowState<acc_t> state,
                                          acc_t* loss, acc_t* stats) {
+  const int64_t n = p.num_rows;
   if (p.mode == static_cast<int64_t>(SampledMode::kNCE)) {
     loss[row] = state.nce_loss[row];
-    stats[row] = 0;
-    stats[p.num_rows + row] = 0;
+    stats[row] = stats[n + row] = stats[2 * n + row] = 0;
     return;
   }
-  const acc_t lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.value();
-  loss[row] = sampled_softmax_row_loss(p, lse, state.true_sum[row], state.sum_logits[row], state.columns[row]);
-  stats[row] = lse;
-  stats[p.num_rows + row] = state.columns[row];
+  const LseParts<acc_t> lse = LseState<acc_t>{state.max[row], state.sum_exp[row]}.parts();
+  loss[row] =
+      sampled_softmax_row_loss(p, lse.value(), state.true_sum[row], state.sum_logits[row], state.columns[row]);
+  stats[row] = lse.max;
+  stats[n + row] = lse.log_sum;
+  stats[2 * n + row] = state.columns[row];
+}
+
+// The row's lse and unmasked-column count from the finalize statistics.
+template <typename acc_t>
+FL_HOST_DEVICE LseParts<acc_t> sampled_row_lse(const SampledParams& p, const acc_t* stats, int64_t row) {
+  return {stats[row], stats[p.num_rows + row]};
+}
+template <typename acc_t>
+FL_HOST_DEVICE acc_t sampled_row_columns(const SampledParams& p, const acc_t* stats, int64_t row) {
+  return stats[2 * p.num_rows + row];
 }
 
 }  // namespace fusedloss
