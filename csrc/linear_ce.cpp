@@ -1,6 +1,7 @@
-// Binding layer of the fused linear cross-entropy: argument validation, the
-// chunk loop with its GEMMs, and dispatch of the per-chunk kernels to the CPU or
-// CUDA backend. Registered as torch ops fusedloss::linear_ce_forward/backward.
+// Binding layer of the fused linear cross-entropy: the argument check (run
+// once, by the forward op), the family's chunk logits / row kernels for the
+// shared chunk driver, the single-pass row-block loop, and the op schemas.
+// Registered as torch ops fusedloss::linear_ce_*.
 //
 // Memory: besides the outputs, one [N, chunk] fp32 logits tile (plus a
 // half-precision dlogits tile on CUDA), the [4, N] row state, the fp32 dX
@@ -12,141 +13,60 @@
 #include <array>
 #include <limits>
 
+#include "fusedloss/backend.h"
+#include "fusedloss/checks.h"
+#include "fusedloss/chunk_driver.h"
 #include "fusedloss/gemm.h"
 #include "fusedloss/linear_ce.h"
-
-#ifdef FUSEDLOSS_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#endif
 
 namespace fusedloss {
 namespace {
 
 using at::Tensor;
 
-// `vocab_start` / `num_classes` describe a vocabulary shard: weight holds rows
-// [vocab_start, vocab_start + V_local) of a num_classes-row classifier (the
-// single-device ops pass 0 and V_local). Targets range over all num_classes.
-void check_linear_ce_args(const Tensor& input, const Tensor& weight, const Tensor& target,
-                          const std::optional<Tensor>& bias, double label_smoothing, double z_loss,
-                          double softcap, int64_t ignore_index, int64_t vocab_start, int64_t num_classes) {
-  TORCH_CHECK_VALUE(input.dim() == 2, "linear_cross_entropy: input must be [N, D] after flattening, got ",
-                    input.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 2, "linear_cross_entropy: weight must be 2-D [V, D], got shape ",
-                    weight.sizes());
-  TORCH_CHECK_VALUE(input.size(1) == weight.size(1), "linear_cross_entropy: input has D=", input.size(1),
-                    " features but weight has D=", weight.size(1), " (weight must be [V, D])");
-  TORCH_CHECK_VALUE(weight.size(0) > 0, "linear_cross_entropy: weight has no rows (V=0)");
-  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()),
-                   "linear_cross_entropy: input must be float32, float64, bfloat16 or float16, got ",
-                   input.scalar_type());
-  TORCH_CHECK_TYPE(weight.scalar_type() == input.scalar_type(), "linear_cross_entropy: weight dtype ",
-                   weight.scalar_type(), " differs from input dtype ", input.scalar_type());
-  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "linear_cross_entropy: target must be int64, got ",
-                   target.scalar_type());
-  TORCH_CHECK_VALUE(target.numel() == input.size(0), "linear_cross_entropy: target has ", target.numel(),
+constexpr const char* kOp = "linear_cross_entropy";
+
+// Every check of a linear CE call. `vocab_start` / `num_classes` describe a
+// vocabulary shard: weight holds rows [vocab_start, vocab_start + V_local) of a
+// num_classes-row classifier (the single-device ops pass 0 and V_local).
+// Targets range over all num_classes.
+void check_linear_ce(const Tensor& input, const Tensor& weight, const Tensor& target,
+                     const std::optional<Tensor>& bias, int64_t ignore_index, double label_smoothing, double z_loss,
+                     double softcap, int64_t vocab_start, std::optional<int64_t> num_classes) {
+  checks::classifier(kOp, input, weight, bias);
+  checks::index_tensor(kOp, "target", target, input);
+  TORCH_CHECK_VALUE(target.numel() == input.size(0), kOp, ": target has ", target.numel(),
                     " elements but input has ", input.size(0), " rows");
-  TORCH_CHECK_VALUE(weight.device() == input.device() && target.device() == input.device(),
-                    "linear_cross_entropy: input (", input.device(), "), weight (", weight.device(),
-                    ") and target (", target.device(), ") must be on the same device");
-  TORCH_CHECK_VALUE(input.device().is_cpu() || input.device().is_cuda(),
-                    "linear_cross_entropy: unsupported device ", input.device());
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                      "linear_cross_entropy: bias must be [V]=[", weight.size(0), "], got ", bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == input.scalar_type(), "linear_cross_entropy: bias dtype ",
-                     bias->scalar_type(), " differs from input dtype ", input.scalar_type());
-    TORCH_CHECK_VALUE(bias->device() == input.device(), "linear_cross_entropy: bias is on ",
-                      bias->device(), " but input is on ", input.device());
-  }
-  TORCH_CHECK_VALUE(vocab_start >= 0 && vocab_start + weight.size(0) <= num_classes,
-                    "linear_cross_entropy: the weight shard covers classes [", vocab_start, ", ",
-                    vocab_start + weight.size(0), ") which is not inside [0, num_classes=", num_classes, ")");
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-                    "linear_cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK_VALUE(z_loss >= 0.0, "linear_cross_entropy: z_loss must be >= 0, got ", z_loss);
-  TORCH_CHECK_VALUE(softcap >= 0.0, "linear_cross_entropy: softcap must be positive (or None), got ", softcap);
-  if (input.is_cpu()) {
-    // A host-side scan is free on the CPU; on CUDA the Python layer checks (one
-    // sync, outside the op) and the kernels never index memory with a target.
-    // Keep the contiguous copy alive while scanning it (a strided target).
-    const Tensor flat = target.contiguous();
-    const int64_t* t = flat.data_ptr<int64_t>();
-    for (int64_t i = 0; i < flat.numel(); ++i) {
-      TORCH_CHECK_INDEX(t[i] == ignore_index || (t[i] >= 0 && t[i] < num_classes),
-                        "linear_cross_entropy: target[", i, "]=", t[i], " is outside [0, ", num_classes,
-                        ") and is not ignore_index=", ignore_index);
-    }
-  }
+  const int64_t classes = num_classes.value_or(weight.size(0));
+  TORCH_CHECK_VALUE(vocab_start >= 0 && vocab_start + weight.size(0) <= classes, kOp,
+                    ": the weight shard covers classes [", vocab_start, ", ", vocab_start + weight.size(0),
+                    ") which is not inside [0, num_classes=", classes, ")");
+  checks::in_range(kOp, "label_smoothing", label_smoothing, 0.0, 1.0);
+  checks::non_negative(kOp, "z_loss", z_loss);
+  checks::non_negative(kOp, "softcap", softcap);
+  checks::index_range(kOp, "target", target, classes, ignore_index);
 }
 
-// Routes each per-chunk kernel to the device of the tensors it runs on.
-struct ChunkKernels {
-  bool cuda;
-  void* stream = nullptr;
-
-  explicit ChunkKernels(const Tensor& t) : cuda(t.is_cuda()) {
-#ifdef FUSEDLOSS_WITH_CUDA
-    if (cuda) stream = at::cuda::getCurrentCUDAStream().stream();
-#else
-    TORCH_CHECK(!cuda, "fusedloss was built without CUDA kernels; rebuild with FUSEDLOSS_FORCE_CUDA=1");
-#endif
-  }
-
-  template <typename acc_t>
-  void accumulate(const LinearCEParams& p, acc_t* logits, const acc_t* bias, const int64_t* target,
-                  LinearCERowState<acc_t> state) const {
-#ifdef FUSEDLOSS_WITH_CUDA
-    if (cuda) return cuda::linear_ce_accumulate_chunk(p, logits, bias, target, state, stream);
-#endif
-    cpu::linear_ce_accumulate_chunk(p, logits, bias, target, state);
-  }
-
-  template <typename acc_t>
-  void finalize(const LinearCEParams& p, const int64_t* target, LinearCERowState<acc_t> state, LseArray<acc_t> lse,
-                acc_t* loss) const {
-#ifdef FUSEDLOSS_WITH_CUDA
-    if (cuda) return cuda::linear_ce_finalize(p, target, state, lse, loss, stream);
-#endif
-    cpu::linear_ce_finalize(p, target, state, lse, loss);
-  }
-
-  template <typename acc_t, typename grad_t>
-  void grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias, const int64_t* target,
-            LseArray<const acc_t> lse, const acc_t* grad_loss, grad_t* dlogits) const {
-#ifdef FUSEDLOSS_WITH_CUDA
-    if (cuda) return cuda::linear_ce_chunk_grad(p, logits, bias, target, lse, grad_loss, dlogits, stream);
-#endif
-    if constexpr (std::is_same_v<acc_t, grad_t>) {
-      cpu::linear_ce_chunk_grad(p, logits, bias, target, lse, grad_loss, dlogits);
-    } else {
-      TORCH_INTERNAL_ASSERT(false, "CPU dlogits are always in the accumulation dtype");
-    }
-  }
-};
-
-// Everything the ops share: validated, contiguous operands in the dtypes the
-// GEMMs and kernels want, and the chunk geometry.
+// Validated operands prepared for the kernels: contiguous, in the dtypes the
+// GEMMs and kernels want. Checks nothing (the forward op did).
 struct LinearCEProblem {
-  Tensor input;   // [N, D] in the GEMM operand dtype
+  Tensor input;   // [N, D] in the GEMM operand dtype, ignored rows zeroed
   Tensor weight;  // [V, D] as given (converted chunk by chunk on the CPU)
   Tensor target;  // [N] int64
   Tensor bias;    // [V] in the accumulation dtype, or undefined
   at::ScalarType acc_dtype;
   at::ScalarType operand_dtype;
   LinearCEParams params;
-  int64_t chunk_size;
-
   int64_t vocab_start;  // vocabulary index of weight's first row (0 unless sharded)
+  Backend backend;
+  std::vector<Chunk> chunk_list;
+  Tensor weight_chunk;  // operand rows of the chunk last formed (the dX GEMM reuses them)
 
   LinearCEProblem(const Tensor& input_, const Tensor& weight_, const Tensor& target_,
-                  const std::optional<Tensor>& bias_, int64_t ignore_index, double label_smoothing,
-                  double z_loss, double softcap, int64_t requested_chunk, int64_t vocab_start_ = 0,
+                  const std::optional<Tensor>& bias_, int64_t ignore_index, double label_smoothing, double z_loss,
+                  double softcap, int64_t requested_chunk, int64_t vocab_start_ = 0,
                   std::optional<int64_t> num_classes = std::nullopt)
-      : vocab_start(vocab_start_) {
-    const int64_t total_classes = num_classes.value_or(weight_.dim() == 2 ? weight_.size(0) : 0);
-    check_linear_ce_args(input_, weight_, target_, bias_, label_smoothing, z_loss, softcap, ignore_index,
-                         vocab_start, total_classes);
+      : vocab_start(vocab_start_), backend(input_) {
     acc_dtype = accumulation_dtype(input_.scalar_type());
     operand_dtype = gemm_operand_dtype(input_);
     target = target_.contiguous().view(-1);
@@ -154,175 +74,199 @@ struct LinearCEProblem {
     input = zero_rows_where(input_.contiguous().to(operand_dtype), target.eq(ignore_index));
     weight = weight_.contiguous();
     if (bias_.has_value()) bias = bias_->contiguous().to(acc_dtype);
-    const int64_t rows = input.size(0);
-    chunk_size = chunk_columns_for(rows, classes(), requested_chunk, input.is_cuda());
+    const int64_t rows = input.size(0), total_classes = num_classes.value_or(weight.size(0));
     params = LinearCEParams{rows, total_classes, 0, 0, 0, ignore_index, label_smoothing, z_loss, softcap, false};
+    chunk_list = column_chunks(classes(), chunk_columns_for(rows, classes(), requested_chunk, input.is_cuda()));
   }
 
-  int64_t rows() const { return params.num_rows; }
-  // Rows of the (local) weight: the columns the chunk loops walk.
+  int64_t rows() const { return input.size(0); }
+  // Rows of the (local) weight: the columns the chunks walk.
   int64_t classes() const { return weight.size(0); }
+  const std::vector<Chunk>& chunks() const { return chunk_list; }
+  at::TensorOptions options() const { return input.options(); }
 
-  // Raw logits of rows [row_start, row_start + row_count) against vocabulary
-  // columns [start, start + columns), computed into the front of `workspace`;
-  // points `params` at that tile. `weight_chunk` receives the operand rows.
-  Tensor tile_logits(const Tensor& workspace, int64_t row_start, int64_t row_count, int64_t start,
-                     int64_t columns, Tensor& weight_chunk) {
-    weight_chunk = weight.narrow(0, start, columns).to(operand_dtype);
-    Tensor logits = workspace.narrow(0, 0, row_count * columns).view({row_count, columns});
-    matmul_into(logits, input.narrow(0, row_start, row_count), weight_chunk.t(), /*accumulate=*/false);
-    params.num_rows = row_count;
-    params.chunk_start = vocab_start + start;
-    params.chunk_columns = columns;
-    params.logits_stride = columns;
-    return logits;
+  // Raw logits of rows [row_start, row_start + logits.size(0)) against the
+  // chunk's vocabulary columns; points `params` at that tile.
+  void tile_logits(const Chunk& c, Tensor& logits, int64_t row_start = 0) {
+    weight_chunk = weight.narrow(0, c.start, c.columns).to(operand_dtype);
+    matmul_into(logits, input.narrow(0, row_start, logits.size(0)), weight_chunk.t(), /*accumulate=*/false);
+    params.num_rows = logits.size(0);
+    params.chunk_start = vocab_start + c.start;
+    params.chunk_columns = c.columns;
+    params.logits_stride = c.columns;
   }
 
   template <typename acc_t>
-  const acc_t* bias_chunk(int64_t start) const {
-    return bias.defined() ? bias.data_ptr<acc_t>() + start : nullptr;
+  void chunk_logits(const Chunk& c, Tensor& logits) {
+    tile_logits(c, logits);
+  }
+
+  template <typename acc_t>
+  const acc_t* bias_at(int64_t column) const {
+    return bias.defined() ? bias.data_ptr<acc_t>() + column : nullptr;
+  }
+
+  template <typename acc_t>
+  void fold_tile(const Chunk& c, Tensor& logits, const Tensor& state, int64_t row_start) {
+    backend.run(FUSEDLOSS_KERNELS(linear_ce_accumulate_chunk<acc_t>), params, logits.data_ptr<acc_t>(),
+                bias_at<acc_t>(c.start), target.data_ptr<int64_t>() + row_start, row_state<acc_t>(state, row_start));
+  }
+
+  template <typename acc_t>
+  void finalize_rows(const Tensor& state, const Tensor& lse, const Tensor& loss, int64_t row_start) {
+    backend.run(FUSEDLOSS_KERNELS(linear_ce_finalize<acc_t>), params, target.data_ptr<int64_t>() + row_start,
+                row_state<acc_t>(state, row_start), lse_array_at<acc_t>(lse, row_start),
+                loss.data_ptr<acc_t>() + row_start);
+  }
+
+  // dlogits of the tile in `logits` into `dlogits` (the same tensor, or one in
+  // the GEMM operand dtype), scaled by grad_rows.
+  template <typename acc_t>
+  void tile_dlogits(const Chunk& c, const Tensor& logits, const Tensor& dlogits, const Tensor& lse,
+                    const Tensor& grad_rows, int64_t row_start) {
+    with_typed_data<acc_t>(dlogits, [&](auto* out) {
+      using grad_t = std::remove_pointer_t<decltype(out)>;
+      backend.run(FUSEDLOSS_KERNELS(linear_ce_chunk_grad<acc_t, grad_t>), params, logits.data_ptr<acc_t>(),
+                  bias_at<acc_t>(c.start), target.data_ptr<int64_t>() + row_start,
+                  lse_array_at<const acc_t>(lse, row_start), grad_rows.data_ptr<acc_t>() + row_start, out);
+    });
+  }
+
+  template <typename acc_t>
+  static LinearCERowState<acc_t> row_state(const Tensor& state, int64_t row) {
+    return {state[0].data_ptr<acc_t>() + row, state[1].data_ptr<acc_t>() + row, state[2].data_ptr<acc_t>() + row,
+            state[3].data_ptr<acc_t>() + row};
+  }
+
+  // The [4, N] row state (max, sum_exp, sum_logits, target_logit) of an empty row.
+  Tensor empty_row_state() const {
+    Tensor state = at::zeros({4, rows()}, options().dtype(acc_dtype));
+    state[0].fill_(-std::numeric_limits<double>::infinity());
+    return state;
   }
 };
 
-template <typename acc_t>
-LinearCERowState<acc_t> row_state_at(const Tensor& state, int64_t row) {
-  return {state[0].data_ptr<acc_t>() + row, state[1].data_ptr<acc_t>() + row, state[2].data_ptr<acc_t>() + row,
-          state[3].data_ptr<acc_t>() + row};
-}
+// The chunked forward: per-row loss, lse parts [2, N] (max, log-sum) and the
+// row state [4, N] of the weight's columns.
+struct LinearCEForward : LinearCEProblem {
+  using LinearCEProblem::LinearCEProblem;
+  Tensor state, lse, loss;
 
-Tensor empty_row_state(int64_t rows, const at::TensorOptions& acc_opts) {
-  Tensor state = at::zeros({4, rows}, acc_opts);
-  state[0].fill_(-std::numeric_limits<double>::infinity());
-  return state;
-}
-
-// Writes dlogits of the tile held in `logits` into `dlogits` (same shape),
-// picking the dlogits element type from the tensor.
-template <typename acc_t>
-void tile_grad(const ChunkKernels& kernels, const LinearCEProblem& prob, const Tensor& logits, Tensor& dlogits,
-               int64_t row_start, int64_t column_start, const Tensor& lse, const Tensor& grad_rows) {
-  const int64_t* tgt = prob.target.data_ptr<int64_t>() + row_start;
-  const LseArray<const acc_t> row_lse = lse_array_at<const acc_t>(lse, row_start);
-  const acc_t* grad_ptr = grad_rows.data_ptr<acc_t>() + row_start;
-  const auto run = [&](auto* out) {
-    kernels.grad(prob.params, logits.data_ptr<acc_t>(), prob.bias_chunk<acc_t>(column_start), tgt, row_lse,
-                 grad_ptr, out);
-  };
-  if (dlogits.scalar_type() == prob.acc_dtype) {
-    run(dlogits.data_ptr<acc_t>());
-  } else if constexpr (std::is_same_v<acc_t, float>) {
-    if (dlogits.scalar_type() == at::kBFloat16) run(dlogits.data_ptr<at::BFloat16>());
-    else run(dlogits.data_ptr<at::Half>());
+  template <typename acc_t>
+  void fold(const Chunk& c, Tensor& logits) {
+    fold_tile<acc_t>(c, logits, state, 0);
   }
-}
+  template <typename acc_t>
+  void finalize() {
+    finalize_rows<acc_t>(state, lse, loss, 0);
+  }
 
-// The chunked forward pass: fills the row state [4, N] (max, sum_exp,
-// sum_logits, target_logit), the per-row lse parts [2, N] (max, log-sum) and
-// loss of the weight's columns.
-void forward_chunks(LinearCEProblem& prob, Tensor& state, Tensor& lse, Tensor& loss) {
-  const int64_t rows = prob.rows(), classes = prob.classes();
-  const auto acc_opts = prob.input.options().dtype(prob.acc_dtype);
-  state = empty_row_state(rows, acc_opts);
-  lse = at::empty({2, rows}, acc_opts);
-  loss = at::empty({rows}, acc_opts);
-  if (rows == 0) return;
-  Tensor workspace = at::empty({rows * prob.chunk_size}, acc_opts);
-  const ChunkKernels kernels(prob.input);
+  void run() {
+    const auto acc_opts = options().dtype(acc_dtype);
+    state = empty_row_state();
+    lse = at::empty({2, rows()}, acc_opts);
+    loss = at::empty({rows()}, acc_opts);
+    forward_chunks(*this);
+  }
+};
 
-  AT_DISPATCH_FLOATING_TYPES(prob.acc_dtype, "linear_ce_forward", [&] {
-    using acc_t = scalar_t;
-    const int64_t* tgt = prob.target.data_ptr<int64_t>();
-    for (int64_t start = 0; start < classes; start += prob.chunk_size) {
-      Tensor weight_chunk;
-      Tensor logits =
-          prob.tile_logits(workspace, 0, rows, start, std::min(prob.chunk_size, classes - start), weight_chunk);
-      kernels.accumulate(prob.params, logits.data_ptr<acc_t>(), prob.bias_chunk<acc_t>(start), tgt,
-                         row_state_at<acc_t>(state, 0));
+// The recompute backward: dX accumulates over chunks in fp32; each dW row is
+// produced by exactly one GEMM (rounded once, no fp32 V x D buffer); db from
+// column sums.
+struct LinearCEBackward : LinearCEProblem {
+  using LinearCEProblem::LinearCEProblem;
+  Tensor lse, grad_rows;
+  bool need_input = false, need_weight = false, need_bias = false;
+  Tensor grad_input_acc, grad_weight, grad_bias_acc;
+
+  template <typename acc_t>
+  Tensor chunk_dlogits(const Chunk& c, Tensor& logits, Tensor& dlogits_workspace) {
+    tile_dlogits<acc_t>(c, logits, dlogits_workspace, lse, grad_rows, 0);
+    return dlogits_workspace;
+  }
+
+  void chunk_gradients(const Chunk& c, const Tensor& dlogits) {
+    if (need_input) matmul_into(grad_input_acc, dlogits, weight_chunk, /*accumulate=*/true);
+    if (need_weight) {
+      Tensor grad_weight_chunk = grad_weight.narrow(0, c.start, c.columns);
+      matmul_into(grad_weight_chunk, dlogits.t(), input, /*accumulate=*/false);
     }
-    kernels.finalize(prob.params, tgt, row_state_at<acc_t>(state, 0), lse_array_at<acc_t>(lse, 0),
-                     loss.data_ptr<acc_t>());
-  });
-}
+    if (need_bias) grad_bias_acc.narrow(0, c.start, c.columns).add_(dlogits.sum(0, false, acc_dtype));
+  }
+
+  std::tuple<Tensor, Tensor, Tensor> run(const Tensor& grad_loss, const Tensor& lse_in, const Tensor& input_,
+                                         const Tensor& weight_, std::array<bool, 3> output_mask) {
+    const int64_t n = rows();
+    TORCH_CHECK_VALUE(grad_loss.numel() == n && lse_in.numel() == 2 * n, "linear_ce_backward: grad_loss must have N=",
+                      n, " elements and lse [2, N]");
+    need_input = output_mask[0];
+    need_weight = output_mask[1];
+    need_bias = output_mask[2] && bias.defined();
+    const auto acc_opts = options().dtype(acc_dtype);
+    grad_rows = grad_loss.reshape({n}).to(acc_dtype).contiguous();
+    lse = lse_in.reshape({2, n}).to(acc_dtype).contiguous();
+    grad_input_acc = need_input ? at::zeros({n, input.size(1)}, acc_opts) : Tensor();
+    grad_weight = need_weight ? at::empty_like(weight_, at::MemoryFormat::Contiguous) : at::empty({0}, weight_.options());
+    grad_bias_acc = need_bias ? at::zeros({classes()}, acc_opts) : Tensor();
+    if (n == 0 && need_weight) grad_weight.zero_();
+    if (need_input || need_weight || need_bias) backward_chunks(*this);
+    Tensor grad_input = need_input ? grad_input_acc.to(input_.scalar_type()) : at::empty({0}, input_.options());
+    Tensor grad_bias = need_bias ? grad_bias_acc.to(input_.scalar_type()) : at::empty({0}, input_.options());
+    return {grad_input, grad_weight, grad_bias};
+  }
+};
 
 std::tuple<Tensor, Tensor> linear_ce_forward(const Tensor& input, const Tensor& weight, const Tensor& target,
                                              const std::optional<Tensor>& bias, int64_t ignore_index,
                                              double label_smoothing, double z_loss, double softcap,
                                              int64_t chunk_size) {
   c10::DeviceGuard guard(input.device());
-  LinearCEProblem prob(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size);
-  Tensor state, lse, loss;
-  forward_chunks(prob, state, lse, loss);
-  return {loss, lse};
+  check_linear_ce(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0, std::nullopt);
+  LinearCEForward pass(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size);
+  pass.run();
+  return {pass.loss, pass.lse};
+}
+
+// The checks of a (possibly sharded) linear CE call as an op of its own:
+// fusedloss.distributed runs it on every rank before any collective, so that a
+// bad argument raises everywhere instead of hanging the others.
+void linear_ce_check(const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
+                     int64_t ignore_index, double label_smoothing, double z_loss, double softcap, int64_t vocab_start,
+                     int64_t num_classes) {
+  check_linear_ce(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, vocab_start,
+                  num_classes);
 }
 
 // Vocabulary-parallel forward: the statistics of this shard's columns only,
-// which the caller combines across ranks (fusedloss/distributed.py). lse holds
-// the shard-local log-sum-exp parts [2, N] (max, log-sum), target_logit is 0 where the target lies in another
-// shard, sum_logits sums the shard's (softcapped) logits. Targets range over
-// [0, num_classes).
+// which the caller combines across ranks (fusedloss/distributed). lse holds
+// the shard-local log-sum-exp parts [2, N] (max, log-sum), target_logit is 0
+// where the target lies in another shard, sum_logits sums the shard's
+// (softcapped) logits. Targets range over [0, num_classes). The caller has
+// run linear_ce_check.
 std::tuple<Tensor, Tensor, Tensor> linear_ce_shard_forward(const Tensor& input, const Tensor& weight,
                                                            const Tensor& target, const std::optional<Tensor>& bias,
                                                            int64_t ignore_index, double softcap,
                                                            int64_t vocab_start, int64_t num_classes,
                                                            int64_t chunk_size) {
   c10::DeviceGuard guard(input.device());
-  LinearCEProblem prob(input, weight, target, bias, ignore_index, 0.0, 0.0, softcap, chunk_size, vocab_start,
+  LinearCEForward pass(input, weight, target, bias, ignore_index, 0.0, 0.0, softcap, chunk_size, vocab_start,
                        num_classes);
-  Tensor state, lse, loss;
-  forward_chunks(prob, state, lse, loss);
-  return {lse, state[3].clone(), state[2].clone()};
+  pass.run();
+  return {pass.lse, pass.state[3].clone(), pass.state[2].clone()};
 }
 
+// With a vocabulary shard, lse is the GLOBAL one (combined across ranks) and
+// the gradient is that of this shard's columns of the full softmax. Checks
+// only the sizes of what the forward produced.
 std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
     const Tensor& grad_loss, const Tensor& input, const Tensor& weight, const Tensor& target,
     const std::optional<Tensor>& bias, const Tensor& lse, int64_t ignore_index, double label_smoothing,
     double z_loss, double softcap, int64_t chunk_size, std::array<bool, 3> output_mask, int64_t vocab_start,
     std::optional<int64_t> num_classes) {
   c10::DeviceGuard guard(input.device());
-  // With a vocabulary shard, lse is the GLOBAL one (combined across ranks) and
-  // the gradient is that of this shard's columns of the full softmax.
-  LinearCEProblem prob(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
-                       vocab_start, num_classes);
-  const int64_t rows = prob.rows(), classes = prob.classes();
-  TORCH_CHECK_VALUE(grad_loss.numel() == rows && lse.numel() == 2 * rows,
-                    "linear_ce_backward: grad_loss must have N=", rows, " elements and lse [2, N]");
-  const bool need_input = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2] && bias.has_value();
-  const auto acc_opts = input.options().dtype(prob.acc_dtype);
-  const Tensor grad_rows = grad_loss.reshape({rows}).to(prob.acc_dtype).contiguous();
-  const Tensor lse_rows = lse.reshape({2, rows}).to(prob.acc_dtype).contiguous();
-
-  Tensor grad_input_acc = need_input ? at::zeros({rows, input.size(1)}, acc_opts) : Tensor();
-  Tensor grad_weight = need_weight ? at::empty_like(weight, at::MemoryFormat::Contiguous) : at::empty({0}, weight.options());
-  Tensor grad_bias_acc = need_bias ? at::zeros({classes}, acc_opts) : Tensor();
-  if (rows == 0 && need_weight) grad_weight.zero_();
-
-  if (rows > 0 && (need_input || need_weight || need_bias)) {
-    Tensor workspace = at::empty({rows * prob.chunk_size}, acc_opts);
-    // dlogits feed the GEMMs in the operand dtype; when that is the accumulation
-    // dtype they overwrite the logits tile in place.
-    Tensor dlogits_workspace = prob.operand_dtype == prob.acc_dtype
-                                   ? workspace
-                                   : at::empty({rows * prob.chunk_size}, input.options().dtype(prob.operand_dtype));
-    const ChunkKernels kernels(input);
-    AT_DISPATCH_FLOATING_TYPES(prob.acc_dtype, "linear_ce_backward", [&] {
-      for (int64_t start = 0; start < classes; start += prob.chunk_size) {
-        const int64_t columns = std::min(prob.chunk_size, classes - start);
-        Tensor weight_chunk;
-        Tensor logits = prob.tile_logits(workspace, 0, rows, start, columns, weight_chunk);
-        Tensor dlogits = dlogits_workspace.narrow(0, 0, rows * columns).view({rows, columns});
-        tile_grad<scalar_t>(kernels, prob, logits, dlogits, 0, start, lse_rows, grad_rows);
-        if (need_input) matmul_into(grad_input_acc, dlogits, weight_chunk, /*accumulate=*/true);
-        if (need_weight) {
-          Tensor grad_weight_chunk = grad_weight.narrow(0, start, columns);
-          matmul_into(grad_weight_chunk, dlogits.t(), prob.input, /*accumulate=*/false);
-        }
-        if (need_bias) grad_bias_acc.narrow(0, start, columns).add_(dlogits.sum(0, false, prob.acc_dtype));
-      }
-    });
-  }
-  Tensor grad_input = need_input ? grad_input_acc.to(input.scalar_type()) : at::empty({0}, input.options());
-  Tensor grad_bias = need_bias ? grad_bias_acc.to(bias->scalar_type()) : at::empty({0}, input.options());
-  return {grad_input, grad_weight, grad_bias};
+  LinearCEBackward pass(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
+                        vocab_start, num_classes);
+  return pass.run(grad_loss, lse, input, weight, output_mask);
 }
 
 // Rows per block of the single-pass sum-and-gradient path: as many as fit the
@@ -347,47 +291,45 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_sum_and_grad(
     int64_t ignore_index, double label_smoothing, double z_loss, double softcap, int64_t row_block,
     std::array<bool, 3> output_mask) {
   c10::DeviceGuard guard(input.device());
+  check_linear_ce(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0, std::nullopt);
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
                    "linear_ce_sum_and_grad: only float32/float64 inputs (got ", input.scalar_type(), ")");
-  LinearCEProblem prob(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
+  LinearCEForward prob(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
   const int64_t rows = prob.rows(), classes = prob.classes();
   const int64_t block = row_block_for(rows, classes, row_block, input.is_cuda());
   if (rows > 0 && block < std::min(rows, kMinRowBlock) && row_block <= 0) {
-    auto [loss, lse] = linear_ce_forward(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
-    auto [gi, gw, gb] = linear_ce_backward(at::ones_like(loss), input, weight, target, bias, lse, ignore_index,
-                                           label_smoothing, z_loss, softcap, 0, output_mask, 0, std::nullopt);
-    return {loss.sum(), gi, gw, gb};
+    prob.run();
+    LinearCEBackward pass(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
+    auto [gi, gw, gb] = pass.run(at::ones_like(prob.loss), prob.lse, input, weight, output_mask);
+    return {prob.loss.sum(), gi, gw, gb};
   }
   const bool need_input = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2] && bias.has_value();
   const auto acc_opts = input.options().dtype(prob.acc_dtype);
   Tensor grad_input = need_input ? at::empty({rows, input.size(1)}, acc_opts) : at::empty({0}, acc_opts);
   Tensor grad_weight = need_weight ? at::zeros({classes, input.size(1)}, acc_opts) : at::empty({0}, acc_opts);
   Tensor grad_bias = need_bias ? at::zeros({classes}, acc_opts) : at::empty({0}, acc_opts);
-  Tensor state = empty_row_state(rows, acc_opts);
+  Tensor state = prob.empty_row_state();
   Tensor lse = at::empty({2, rows}, acc_opts);
   Tensor loss = at::empty({rows}, acc_opts);
   const Tensor unit_grad = at::ones({rows}, acc_opts);
   if (rows == 0) return {loss.sum(), grad_input, grad_weight, grad_bias};
   Tensor workspace = at::empty({block * classes}, acc_opts);
-  const ChunkKernels kernels(input);
+  const Chunk vocabulary{0, classes};
 
   AT_DISPATCH_FLOATING_TYPES(prob.acc_dtype, "linear_ce_sum_and_grad", [&] {
     using acc_t = scalar_t;
     for (int64_t row_start = 0; row_start < rows; row_start += block) {
       const int64_t count = std::min(block, rows - row_start);
-      const int64_t* tgt = prob.target.data_ptr<int64_t>() + row_start;
-      Tensor weight_all;
-      Tensor logits = prob.tile_logits(workspace, row_start, count, 0, classes, weight_all);
+      Tensor logits = tile_view(workspace, count, classes);
+      prob.tile_logits(vocabulary, logits, row_start);
       prob.params.tile_transformed = true;
-      kernels.accumulate(prob.params, logits.data_ptr<acc_t>(), prob.bias_chunk<acc_t>(0), tgt,
-                         row_state_at<acc_t>(state, row_start));
-      kernels.finalize(prob.params, tgt, row_state_at<acc_t>(state, row_start), lse_array_at<acc_t>(lse, row_start),
-                       loss.data_ptr<acc_t>() + row_start);
-      tile_grad<acc_t>(kernels, prob, logits, logits, row_start, 0, lse, unit_grad);
+      prob.fold_tile<acc_t>(vocabulary, logits, state, row_start);
+      prob.finalize_rows<acc_t>(state, lse, loss, row_start);
+      prob.tile_dlogits<acc_t>(vocabulary, logits, logits, lse, unit_grad, row_start);
       prob.params.tile_transformed = false;
       if (need_input) {
         Tensor grad_input_rows = grad_input.narrow(0, row_start, count);
-        matmul_into(grad_input_rows, logits, weight_all, /*accumulate=*/false);
+        matmul_into(grad_input_rows, logits, prob.weight_chunk, /*accumulate=*/false);
       }
       if (need_weight)
         matmul_into(grad_weight, logits.t(), prob.input.narrow(0, row_start, count), /*accumulate=*/row_start > 0);
@@ -400,6 +342,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_sum_and_grad(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
+  // `lse` outputs/inputs are LseParts [2, N]: row max and log-sum (numerics.h).
   m.def(
       "linear_ce_forward(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
       "float label_smoothing, float z_loss, float softcap, int chunk_size) -> (Tensor loss, Tensor lse)");
@@ -409,6 +352,9 @@ TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
       "bool[3] output_mask, int vocab_start=0, int? num_classes=None) -> "
       "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   m.def(
+      "linear_ce_check(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
+      "float label_smoothing, float z_loss, float softcap, int vocab_start, int num_classes) -> ()");
+  m.def(
       "linear_ce_shard_forward(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
       "float softcap, int vocab_start, int num_classes, int chunk_size) -> "
       "(Tensor lse, Tensor target_logit, Tensor sum_logits)");
@@ -417,6 +363,10 @@ TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
       "float label_smoothing, float z_loss, float softcap, int row_block, bool[3] output_mask) -> "
       "(Tensor loss_sum, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }
+
+// Shape, dtype and device checks hold for any tensor (meta included); target
+// values are scanned where they can be read.
+TORCH_LIBRARY_IMPL(fusedloss, CompositeExplicitAutograd, m) { m.impl("linear_ce_check", &linear_ce_check); }
 
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
   m.impl("linear_ce_forward", &linear_ce_forward);

@@ -29,6 +29,11 @@ def reduce_rows(rows, valid, reduction, shape):
     return total / count.clamp(min=1).to(total.dtype)
 
 
+def as_rows(t):
+    """[..., D] as [rows, D] (reshape(-1, D) is ambiguous when D = 0)."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
 def as_index_tensor(target, name="target"):
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from . import _common
 from . import contrastive as _contrastive
+from . import linear_ce as _linear_ce
 from . import sampled as _sampled
 from ._extension import C as _C  # noqa: F401  (registers torch.ops.fusedloss)
 
@@ -284,48 +285,29 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                 grad_bias if mask[2] else None, *([None] * 9))
 
 
-def _check_shard_args(fn, input, weight_shard, target, bias_shard, vocab_start, num_classes, label_smoothing, z_loss,
-                      softcap, chunk_size):
-    """This rank's argument checks, before any collective."""
-    if not isinstance(input, torch.Tensor) or input.dim() < 1:
-        raise ValueError(f"{fn}: input must be a tensor of shape [..., D]")
-    if not isinstance(weight_shard, torch.Tensor) or weight_shard.dim() != 2:
-        raise ValueError(f"{fn}: weight_shard must be a 2-D tensor [V_local, D]")
-    if weight_shard.shape[0] == 0:
-        raise ValueError(f"{fn}: weight_shard has no rows (V_local=0)")
-    if weight_shard.shape[1] != input.shape[-1]:
-        raise ValueError(f"{fn}: input has D={input.shape[-1]} features but weight_shard has "
-                         f"D={weight_shard.shape[1]} (weight_shard must be [V_local, D])")
-    if not input.dtype.is_floating_point or weight_shard.dtype != input.dtype:
-        raise TypeError(f"{fn}: input ({input.dtype}) and weight_shard ({weight_shard.dtype}) must "
-                        "have the same floating-point dtype")
-    if weight_shard.device != input.device:
-        raise ValueError(f"{fn}: weight_shard is on {weight_shard.device} but input is on "
-                         f"{input.device}")
-    if bias_shard is not None:
-        if not isinstance(bias_shard, torch.Tensor) or tuple(bias_shard.shape) != (weight_shard.shape[0],):
-            raise ValueError(f"{fn}: bias_shard must be [V_local]=[{weight_shard.shape[0]}]")
-        if bias_shard.dtype != input.dtype or bias_shard.device != input.device:
-            raise TypeError(f"{fn}: bias_shard must have the dtype and device of input")
-    target = _common.as_index_tensor(target)
-    if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"{fn}: target shape {tuple(target.shape)} must equal input.shape[:-1] = "
-                         f"{tuple(input.shape[:-1])}")
-    if target.device != input.device:
-        raise ValueError(f"{fn}: target is on {target.device} but input is on {input.device}")
+def _check_shard_args(fn, input, weight_shard, target, bias_shard, vocab_start, num_classes, ignore_index,
+                      label_smoothing, z_loss, softcap, chunk_size):
+    """This rank's argument checks, before any collective: the single-device
+    coercion, then the op's own checker (fusedloss::linear_ce_check) on the
+    shard. Returns the int64 target."""
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
         raise ValueError(f"{fn}: vocab_start must be a non-negative int, got {vocab_start!r}")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                    or num_classes <= 0):
-        raise ValueError(f"{fn}: num_classes must be a positive int or None, got {num_classes!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not z_loss >= 0.0:
-        raise ValueError(f"{fn}: z_loss must be >= 0, got {z_loss}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"{fn}: softcap must be a positive number or None, got {softcap}")
-    if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"{fn}: chunk_size must be positive, got {chunk_size}")
+    if num_classes is not None:
+        _common.check_optional_positive_int(num_classes, "num_classes")
+    _common.check_optional_positive_int(chunk_size, "chunk_size")
+    softcap = _common.check_finite(softcap, "softcap", positive=True, allow_none=True)
+    target = _linear_ce._coerce_operands(fn, input, weight_shard, target, bias_shard)
+    # Without num_classes the shard layout (checked across ranks next) fixes
+    # it; until then targets are only checked to be non-negative.
+    _ops.linear_ce_check(_common.as_rows(input), weight_shard, target.reshape(-1), bias_shard,
+                         int(ignore_index), _common.check_finite(label_smoothing, "label_smoothing"),
+                         _common.check_finite(z_loss, "z_loss"), softcap or 0.0, vocab_start,
+                         num_classes if num_classes is not None else _UNKNOWN_NUM_CLASSES)
+    return target
+
+
+# Stands for "not given yet" in linear_ce_check: bounds no shard and no target.
+_UNKNOWN_NUM_CLASSES = 2 ** 62
 
 
 def _check_shard_layout(fn, gathered, num_classes, world):
@@ -384,9 +366,10 @@ def linear_cross_entropy(input, weight_shard, target, bias_shard=None, *, vocab_
     device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
 
     def local_check():
+        nonlocal target
         _common.check_reduction(reduction)
-        _check_shard_args(fn, input, weight_shard, target, bias_shard, vocab_start, num_classes, label_smoothing,
-                          z_loss, softcap, chunk_size)
+        target = _check_shard_args(fn, input, weight_shard, target, bias_shard, vocab_start, num_classes,
+                                   ignore_index, label_smoothing, z_loss, softcap, chunk_size)
         return [target.numel(), input.shape[-1], vocab_start, weight_shard.shape[0],
                 -1 if num_classes is None else num_classes, int(bias_shard is not None)]
 
@@ -394,14 +377,14 @@ def linear_cross_entropy(input, weight_shard, target, bias_shard=None, *, vocab_
     _require_equal(fn, gathered, 0, "the number of input rows (input and target are replicated)")
     _require_equal(fn, gathered, 1, "the feature size D")
     _require_equal(fn, gathered, 5, "whether a bias is given")
+    checked_range = num_classes is not None and not target.is_cuda
     num_classes = _check_shard_layout(fn, [g[2:5] for g in gathered], num_classes, world)
 
-    target = _common.as_index_tensor(target)
     input, weight_shard, bias_shard = _common.autocast_inputs(input.device.type, input, weight_shard, bias_shard)
-    flat_input = input.reshape(-1, input.shape[-1])
+    flat_input = _common.as_rows(input)
     flat_target = target.reshape(-1)
-    # Replicated targets: every rank raises alike.
-    _common.check_index_range(flat_target, num_classes, "target", ignore_index)
+    if not checked_range:  # replicated targets: every rank raises alike
+        _common.check_index_range(flat_target, num_classes, "target", ignore_index)
     loss = _VocabParallelLinearCE.apply(flat_input, weight_shard, bias_shard, flat_target, vocab_start, num_classes,
                                         group, int(ignore_index), float(label_smoothing), float(z_loss),
                                         float(softcap or 0.0), int(chunk_size or 0))
@@ -462,7 +445,7 @@ def _sharded_sampled(fn, mode, input, weight_shard, target, num_sampled, bias_sh
         true_classes = _sampled._true_classes(target, input.shape[0])
         # The shard checks of the linear CE apply unchanged (per-row targets only).
         _check_shard_args(fn, input, weight_shard, true_classes[:, 0], bias_shard, vocab_start, num_classes,
-                          label_smoothing, 0.0, None, chunk_size)
+                          -1, label_smoothing, 0.0, None, chunk_size)
         if sampled_values is not None:
             _sampled._check_sampled_values(sampled_values, true_classes, input.shape[0], input.device)
         return [*input.shape, vocab_start, weight_shard.shape[0], -1 if num_classes is None else num_classes,

@@ -119,30 +119,35 @@ def _wants_single_pass(reduction, chunk_size, input, weight, bias):
     return any(t is not None and t.requires_grad for t in (input, weight, bias))
 
 
-def _check_operands(input, weight, target, bias):
-    """Types, shapes and devices, before anything reads a target (a transposed
-    weight must be reported as a shape error, not as targets out of range).
-    Returns the target as int64."""
+def _coerce_operands(fn, input, weight, target, bias):
+    """What must happen before the op is dispatched: tensors (a missing weight
+    is a TypeError, not a dispatcher error), an int64 target of the input's
+    leading shape, and one device for all (a `meta` weight beside CPU inputs
+    would otherwise route the call to the fake kernel). Shapes, dtypes, options
+    and target ranges are checked once, by the C++ op."""
     for t, name in ((input, "input"), (weight, "weight")):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"linear_cross_entropy: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"linear_cross_entropy: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if input.dim() < 1 or input.shape[-1] == 0:
-        raise ValueError(f"linear_cross_entropy: input must be [..., D] with D > 0, got shape {tuple(input.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"linear_cross_entropy: weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
-    if weight.shape[1] != input.shape[-1]:
-        raise ValueError(f"linear_cross_entropy: input has D={input.shape[-1]} features but weight has shape "
-                         f"{tuple(weight.shape)}; weight must be [V, D] (not transposed)")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"linear_cross_entropy: bias must be [V]=[{weight.shape[0]}], got {tuple(bias.shape)}")
+        raise TypeError(f"{fn}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if input.dim() < 1:
+        raise ValueError(f"{fn}: input must be [..., D], got a 0-dim tensor")
     target = _common.as_index_tensor(target)
     if tuple(target.shape) != tuple(input.shape[:-1]):
-        raise ValueError(f"linear_cross_entropy: target shape {tuple(target.shape)} must equal input.shape[:-1] = "
+        raise ValueError(f"{fn}: target shape {tuple(target.shape)} must equal input.shape[:-1] = "
                          f"{tuple(input.shape[:-1])}")
-    _common.check_same_device("linear_cross_entropy", input=input, weight=weight, target=target, bias=bias)
+    _common.check_same_device(fn, input=input, weight=weight, target=target, bias=bias)
     return target
+
+
+def _check_cuda_targets(flat_target, input, weight, ignore_index, num_classes=None):
+    """The target range on CUDA (one host sync; the C++ op scans CPU targets
+    itself), after the op's shape checks would have passed: a transposed
+    weight must be reported as a shape error by the op, not as targets out of
+    range here."""
+    if flat_target.is_cuda and weight.dim() == 2 and weight.shape[1] == input.shape[-1]:
+        upper = weight.shape[0] if num_classes is None else num_classes
+        _common.check_index_range(flat_target, upper, "target", ignore_index)
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0,
@@ -175,12 +180,11 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     z_loss = _common.check_finite(z_loss, "z_loss")
     label_smoothing = _common.check_finite(label_smoothing, "label_smoothing")
     chunk_size = _common.check_optional_positive_int(chunk_size, "chunk_size")
-    target = _check_operands(input, weight, target, bias)
+    target = _coerce_operands("linear_cross_entropy", input, weight, target, bias)
     input, weight, bias = _common.autocast_inputs(input.device.type, input, weight, bias)
-    rows = input.reshape(-1, input.shape[-1])
+    rows = _common.as_rows(input)
     flat_target = target.reshape(-1)
-    if flat_target.is_cuda:  # the C++ op scans CPU targets itself (free there)
-        _common.check_index_range(flat_target, weight.shape[0], "target", ignore_index)
+    _check_cuda_targets(flat_target, input, weight, ignore_index)
     options = (int(ignore_index), label_smoothing, z_loss, softcap or 0.0)
     valid = flat_target != ignore_index
     if _wants_single_pass(reduction, chunk_size, input, weight, bias):

@@ -22,6 +22,7 @@ import torch
 
 from . import _common
 from ._extension import C as _C  # noqa: F401  (registers torch.ops.fusedloss)
+from ._validate import check_generator, check_positive_int
 from .samplers import LogUniformSampler, UniformSampler
 
 _ops = torch.ops.fusedloss
@@ -36,7 +37,7 @@ def _sampled_forward_fake(input, weight, bias, true_classes, sampled, true_log_q
                           label_smoothing, true_label, chunk_size, sparse_grad):
     rows = input.shape[0]
     acc = _common.acc_dtype(input.dtype)
-    return input.new_empty(rows, dtype=acc), input.new_empty(2, rows, dtype=acc)
+    return input.new_empty(rows, dtype=acc), input.new_empty(3, rows, dtype=acc)
 
 
 @torch.library.register_fake("fusedloss::sampled_backward")
@@ -65,6 +66,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_stats):
+    _common.forbid_double_backward("sampled loss", grad_loss)
     input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, stats = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
     grad_input, grad_weight, grad_bias = _ops.sampled_backward(
@@ -154,6 +156,19 @@ def _check_sampled_values(sampled_values, true_classes, rows, device):
     return sampled, true_count.expand(shape), sampled_count
 
 
+def _check_log_q_counts(true_count, sampled_count):
+    """Expected counts must be positive and finite to subtract their log (TensorFlow
+    returns NaN losses instead). Data-dependent, so skipped where values cannot be read."""
+    for t, name in ((true_count, "sampled_values[1] (true expected counts)"),
+                    (sampled_count, "sampled_values[2] (sampled expected counts)")):
+        if t.numel() == 0 or not _common.should_check_values(t):
+            continue
+        bad = ~(torch.isfinite(t) & (t > 0))
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be positive and finite when subtract_log_q=True (log Q would be -inf or "
+                             f"NaN), got {t[bad].flatten()[0].item()}; a class the sampler cannot draw has count 0")
+
+
 def _sampled_loss(mode, input, weight, target, num_sampled, bias, num_classes, sampler, unique, sampled_values,
                   remove_accidental_hits, subtract_log_q, label_smoothing, reduction, generator, sparse_grad,
                   chunk_size, hit_mask=None, true_label=1.0, rows_dtype=None):
@@ -165,14 +180,13 @@ def _sampled_loss(mode, input, weight, target, num_sampled, bias, num_classes, s
         raise ValueError(f"input must be [N, D], got shape {tuple(input.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be [num_classes, D], got shape {tuple(weight.shape)}")
-    if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    _common.check_optional_positive_int(chunk_size, "chunk_size")
     rows = input.shape[0]
     true_classes = _true_classes(target, rows)
-    if true_classes.device != input.device:
-        raise ValueError(f"target is on {true_classes.device} but input is on {input.device}")
-    if num_classes is None:
-        num_classes = weight.shape[0]
+    _common.check_same_device("sampled_softmax_loss" if mode == SOFTMAX else "nce_loss",
+                              input=input, weight=weight, target=true_classes, bias=bias)
+    check_generator(generator, input.device)
+    num_classes = weight.shape[0] if num_classes is None else check_positive_int(num_classes, "num_classes")
     if num_classes > weight.shape[0]:
         raise ValueError(f"num_classes={num_classes} exceeds the {weight.shape[0]} rows of weight")
     _common.check_index_range(true_classes, num_classes, "target")
@@ -190,6 +204,8 @@ def _sampled_loss(mode, input, weight, target, num_sampled, bias, num_classes, s
             )
     sampled, true_count, sampled_count = _check_sampled_values(sampled_values, true_classes, rows, input.device)
     _common.check_index_range(sampled, num_classes, "sampled candidates")
+    if subtract_log_q:
+        _check_log_q_counts(true_count, sampled_count)
 
     acc = _common.acc_dtype(input.dtype)
     # Expected counts carry no gradient (TensorFlow's stop_gradient); log Q is
@@ -272,8 +288,9 @@ class _SampledLossModule(torch.nn.Module):
                  chunk_size=None):
         super().__init__()
         _common.check_reduction(reduction)
-        self.num_classes = int(num_classes)
-        self.num_sampled = num_sampled
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        self.num_sampled = None if num_sampled is None else check_positive_int(num_sampled, "num_sampled")
+        _common.check_optional_positive_int(chunk_size, "chunk_size")
         self.sampler = sampler if sampler == "in_batch" else _make_sampler(sampler, self.num_classes)
         self.unique = unique
         self.remove_accidental_hits = remove_accidental_hits

@@ -14,13 +14,19 @@ counting the draws (``num_tries``); the count of c is then
 TensorFlow keeps ``K * p(c)`` when there was no rejection (``num_tries == K``).
 The counts are computed in float32 like TensorFlow's kernel.
 
-Sampling is vectorised: a batch of draws is taken at once and the first K
-distinct values in draw order are kept, which is exactly the sequence
-TensorFlow's one-at-a-time rejection loop produces from the same draws.
+Sampling is vectorised: the stream of independent draws is taken in batches
+and the first K distinct values in draw order are kept, which is exactly the
+sequence TensorFlow's one-at-a-time rejection loop produces from the same
+draws. Batches grow geometrically, each is compared with the sorted set of
+values seen so far and only its unseen draws are sorted, so K = range_max
+(millions of draws for log-uniform) costs O(D log D) for D draws.
 """
 import math
 
 import torch
+
+from . import _common
+from ._validate import check_generator, check_int, check_positive_int
 
 __all__ = ["CandidateSampler", "LogUniformSampler", "UniformSampler", "UnigramSampler", "expected_count"]
 
@@ -33,20 +39,43 @@ def expected_count(prob, num_sampled, num_tries):
     return -torch.expm1(num_tries * torch.log1p(-prob))
 
 
-def _first_distinct(draws):
-    """Mask of the draws that are the first occurrence of their value (draw order)."""
-    order = torch.sort(draws, stable=True).indices
-    sorted_draws = draws[order]
-    first_sorted = torch.ones_like(sorted_draws, dtype=torch.bool)
-    first_sorted[1:] = sorted_draws[1:] != sorted_draws[:-1]
-    first = torch.empty_like(first_sorted)
-    first[order] = first_sorted
-    return first
+# Most draws per batch: bounds the memory of samples that need millions of draws.
+_MAX_BATCH = 1 << 22
+
+
+def _new_values(draws, seen):
+    """Mask of the draws that are the first occurrence of their value (in draw
+    order) and not in ``seen`` (sorted). Only the unseen draws are sorted: near
+    the full range they are a small fraction of the batch."""
+    unseen = torch.ones_like(draws, dtype=torch.bool)
+    if seen.numel():
+        at = torch.searchsorted(seen, draws).clamp_(max=seen.numel() - 1)
+        unseen = seen[at] != draws
+    where = unseen.nonzero().squeeze(1)
+    values, order = torch.sort(draws[where], stable=True)  # stable: equal values stay in draw order
+    first = torch.ones_like(values, dtype=torch.bool)
+    first[1:] = values[1:] != values[:-1]
+    new = torch.zeros_like(unseen)
+    new[where[order[first]]] = True
+    return new
+
+
+def _batch_size(shortfall, drawn, unseen_mass):
+    """Draws for the next round. A draw is new with probability at most the
+    mass not seen yet, so ``shortfall / unseen_mass`` is a lower bound on the
+    draws still needed; taking at least as many as were drawn so far keeps the
+    rounds logarithmic where that bound is far too low (the rare tail of
+    log-uniform). The first round, ``max(2K, 64)``, is enough when K << range_max
+    and keeps the CUDA stream of earlier versions there (Philox draws depend on
+    the batch sizes; on the CPU the stream does not)."""
+    want = 2 * shortfall / unseen_mass if unseen_mass > 0 else math.inf
+    return int(min(max(want, drawn, 64), _MAX_BATCH))
 
 
 class CandidateSampler:
     """Base class: subclasses define ``range_max``, ``_draw(n, generator, device)``
-    (n independent draws, int64) and ``probability(classes)`` (float64)."""
+    (n independent draws, int64) and ``probability(classes)`` (float64), and
+    override ``num_drawable()`` if some classes have probability 0."""
 
     range_max: int
 
@@ -55,6 +84,10 @@ class CandidateSampler:
 
     def probability(self, classes):
         raise NotImplementedError
+
+    def num_drawable(self):
+        """Number of classes a draw can return (those of non-zero probability)."""
+        return self.range_max
 
     def _check_true_classes(self, true_classes):
         if not isinstance(true_classes, torch.Tensor):
@@ -77,17 +110,21 @@ class CandidateSampler:
     def sample(self, true_classes, num_sampled, unique=True, generator=None):
         """Draw ``num_sampled`` candidates; returns ``(sampled, true_expected_count, sampled_expected_count)``."""
         true_classes = self._check_true_classes(true_classes)
-        num_sampled = int(num_sampled)
-        if num_sampled < 1:
-            raise ValueError(f"num_sampled must be >= 1, got {num_sampled}")
+        num_sampled = check_positive_int(num_sampled, "num_sampled")
+        device = true_classes.device
+        check_generator(generator, device)
         if unique and num_sampled > self.range_max:
             raise ValueError(
                 f"Sampler's range is too small: num_sampled={num_sampled} distinct candidates requested with "
                 f"unique=True but range_max={self.range_max}"
             )
-        device = true_classes.device
-        if generator is not None and generator.device.type != device.type:
-            raise ValueError(f"generator is on {generator.device} but true_classes is on {device}")
+        drawable = self.num_drawable()
+        if unique and num_sampled > drawable:
+            # Rejection sampling would never find them (TensorFlow loops forever).
+            raise ValueError(
+                f"only {drawable} of the {self.range_max} classes have non-zero probability, so "
+                f"unique=True cannot draw num_sampled={num_sampled} distinct candidates"
+            )
         if unique:
             sampled, num_tries = self._draw_unique(num_sampled, generator, device)
         else:
@@ -97,20 +134,26 @@ class CandidateSampler:
         return sampled, true_count, sampled_count
 
     def _draw_unique(self, k, generator, device):
-        """First k distinct draws in draw order and the number of draws that took."""
-        draws = torch.empty(0, dtype=torch.long, device=device)
-        distinct = 0
-        while distinct < k:
-            # Draw a batch sized to the shortfall (at least 2x, so heavy-tailed
-            # samplers rarely need a third round); earlier draws keep their order.
-            batch = max(2 * (k - distinct), 64)
-            draws = torch.cat([draws, self._draw(batch, generator, device)])
-            first = _first_distinct(draws)
-            distinct = int(first.sum())
-        positions = torch.cumsum(first, 0)
-        num_tries = int(torch.searchsorted(positions, torch.tensor([k], device=device)).item()) + 1
-        keep = first[:num_tries]
-        return draws[:num_tries][keep], num_tries
+        """First k distinct values of the draw stream, in draw order, and the
+        number of draws that took (TensorFlow's num_tries)."""
+        seen = torch.empty(0, dtype=torch.long, device=device)  # sorted
+        found = []  # each batch's new values, in draw order
+        drawn, seen_mass = 0, 0.0
+        while True:
+            shortfall = k - seen.numel()
+            batch = _batch_size(shortfall, drawn, 1.0 - seen_mass)
+            draws = self._draw(batch, generator, device)
+            new = _new_values(draws, seen)
+            count = torch.cumsum(new, 0)
+            if int(count[-1]) >= shortfall:
+                stop = int(torch.searchsorted(count, shortfall)) + 1  # the draw giving the k-th distinct value
+                found.append(draws[:stop][new[:stop]])
+                return torch.cat(found), drawn + stop
+            fresh = draws[new]
+            found.append(fresh)
+            seen = torch.sort(torch.cat([seen, fresh])).values
+            seen_mass += float(self.probability(fresh).sum())
+            drawn += batch
 
 
 class LogUniformSampler(CandidateSampler):
@@ -118,7 +161,7 @@ class LogUniformSampler(CandidateSampler):
     should be sorted by decreasing frequency (TensorFlow's assumption)."""
 
     def __init__(self, range_max):
-        self.range_max = _check_range(range_max)
+        self.range_max = check_positive_int(range_max, "range_max")
         self._log_range = math.log1p(self.range_max)
 
     def _draw(self, n, generator, device):
@@ -138,7 +181,7 @@ class UniformSampler(CandidateSampler):
     """Every class with probability 1 / range_max."""
 
     def __init__(self, range_max):
-        self.range_max = _check_range(range_max)
+        self.range_max = check_positive_int(range_max, "range_max")
 
     def _draw(self, n, generator, device):
         return torch.randint(self.range_max, (n,), generator=generator, device=device)
@@ -162,18 +205,26 @@ class UnigramSampler(CandidateSampler):
             raise ValueError(f"counts must be a non-empty 1-D sequence, got shape {tuple(counts.shape)}")
         if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
             raise ValueError("counts must be finite and non-negative")
-        if num_reserved_ids < 0:
-            raise ValueError(f"num_reserved_ids must be >= 0, got {num_reserved_ids}")
-        weights = torch.cat([torch.zeros(int(num_reserved_ids), dtype=torch.float64), counts.pow(float(distortion))])
-        total = weights.sum()
-        if not total > 0:
+        if not bool((counts > 0).any()):
             raise ValueError("counts must contain a positive entry")
+        self.distortion = _common.check_finite(distortion, "distortion")
+        if self.distortion < 0:
+            raise ValueError(f"distortion must be >= 0, got {self.distortion}")
+        self.num_reserved_ids = check_int(num_reserved_ids, "num_reserved_ids", minimum=0)
+        weights = torch.cat([torch.zeros(self.num_reserved_ids, dtype=torch.float64), counts.pow(self.distortion)])
+        total = weights.sum()
+        if not bool(torch.isfinite(total)):
+            raise ValueError(f"counts ** distortion (distortion={self.distortion}) overflows float64; rescale counts")
         self.range_max = weights.numel()
-        self.distortion = float(distortion)
-        self.num_reserved_ids = int(num_reserved_ids)
         self._probs = weights / total
         self._cdf = torch.cumsum(self._probs, 0)
+        # The inverse CDF returns class c only if cdf[c] > cdf[c - 1]: a weight
+        # too small to move the running sum can never be drawn either.
+        self._num_drawable = int((torch.diff(self._cdf, prepend=self._cdf.new_zeros(1)) > 0).sum())
         self._device_cache = {}
+
+    def num_drawable(self):
+        return self._num_drawable
 
     def _tables(self, device):
         key = str(device)
@@ -195,9 +246,3 @@ class UnigramSampler(CandidateSampler):
     def __repr__(self):
         return (f"UnigramSampler(range_max={self.range_max}, distortion={self.distortion}, "
                 f"num_reserved_ids={self.num_reserved_ids})")
-
-
-def _check_range(range_max):
-    if isinstance(range_max, bool) or int(range_max) != range_max or range_max < 1:
-        raise ValueError(f"range_max must be a positive integer, got {range_max!r}")
-    return int(range_max)

@@ -316,8 +316,12 @@ def _check_bad_inputs(rank, world, device):
             _lce(rank, [0, 3, 5][rank], [2, 3, 3][rank], num_classes=8)
     with pytest.raises(ValueError, match="overlaps"):
         _lce(rank, 0, 4, num_classes=4 * world)
-    with pytest.raises(ValueError, match="vocab_start out of range"):
+    # A shard past num_classes is caught by that rank's own check (the op's
+    # checker); its peers learn that it failed.
+    with pytest.raises(ValueError, match="not inside \\[0, num_classes=" if last else "got invalid arguments"):
         _lce(rank, 4 * rank + (1 if last else 0), 4, num_classes=4 * world)
+    with pytest.raises(ValueError, match="vocab_start out of range"):
+        _lce(rank, 4 * rank + (1 if last else 0), 4)
     with pytest.raises(ValueError, match="another world size"):
         _lce(rank, 4 * rank, 4, num_classes=4 * (world + 1))
     with pytest.raises(ValueError, match="num_classes .*same on every rank"):
@@ -448,7 +452,12 @@ def test_shard_ops_opcheck_and_errors():
     lse = torch.randn(2, 4)  # LseParts: max, log-sum
     torch.library.opcheck(ops.linear_ce_backward, (torch.rand(4), x, w, target, b, lse, -100, 0.1, 0.0, 0.0, 2,
                                                    [True, True, True], 6, 12))
+    # The shard forward trusts its caller; linear_ce_check is the shard's check
+    # (fusedloss.distributed runs it on every rank before any collective).
+    ops.linear_ce_check(x, w, target, b, -100, 0.0, 0.0, 0.0, 6, 12)
     with pytest.raises(ValueError, match="not inside \\[0, num_classes=10\\)"):
-        ops.linear_ce_shard_forward(x, w, target.clamp(max=9), b, -100, 0.0, 6, 10, 2)
+        ops.linear_ce_check(x, w, target.clamp(max=9), b, -100, 0.0, 0.0, 0.0, 6, 10)
     with pytest.raises(IndexError, match="outside \\[0, 11\\)"):
-        ops.linear_ce_shard_forward(x, w, target, b, -100, 0.0, 6, 11, 2)
+        ops.linear_ce_check(x, w, target, b, -100, 0.0, 0.0, 0.0, 6, 11)
+    with pytest.raises(ValueError, match="D=3 features but weight has D=5"):
+        ops.linear_ce_check(x, w.T, target, None, -100, 0.0, 0.0, 0.0, 0, 12)

@@ -321,7 +321,7 @@ def test_sampled_row_with_zero_upstream_gradient_cannot_poison_a_step(per_row):
 
 def test_transposed_weight_is_a_shape_error():
     x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 3])
-    with pytest.raises(ValueError, match=r"input has D=3 features but weight has shape \(3, 50\); weight must be \[V, D\]"):
+    with pytest.raises(ValueError, match=r"input has D=3 features but weight has D=50 \(weight must be \[num_classes, D\], not transposed\)"):
         fusedloss.linear_cross_entropy(x, torch.randn(3, 50), y)
 
 
@@ -332,7 +332,7 @@ def test_weight_must_be_a_tensor(weight):
 
 
 def test_zero_features_is_a_value_error():
-    with pytest.raises(ValueError, match="D > 0"):
+    with pytest.raises(ValueError, match=r"no features \(D=0\)"):
         fusedloss.linear_cross_entropy(torch.randn(4, 0), torch.randn(5, 0), torch.tensor([0, 1, 2, 3]))
 
 

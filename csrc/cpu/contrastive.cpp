@@ -3,19 +3,19 @@
 // processed in parallel; the column-wise LSE walks the block in column strips
 // so that each row visit reads a contiguous, vectorisable run.
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <type_traits>
 
+#include "common.h"
 #include "fusedloss/contrastive.h"
 #include "vec_math.h"
 
 namespace fusedloss::cpu {
 
 namespace {
-// Rows per parallel task: enough work per task to amortise scheduling.
-int64_t row_grain(int64_t columns) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(columns, 1)); }
-
 // Columns per strip of the column-wise pass: the strip's running max and sum
 // stay in registers / L1 while the rows stream past.
 constexpr int64_t kColumnStrip = 32;
@@ -54,7 +54,7 @@ void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const 
 
 template <typename acc_t>
 void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
-                              LseArray<acc_t> col_lse) {
+                              LseArray<acc_t> col_lse, acc_t* /*scratch*/) {
   const acc_t s = *scale;
   const int64_t strips = (p.tile_cols + kColumnStrip - 1) / kColumnStrip;
   at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
@@ -95,11 +95,8 @@ template <typename acc_t>
 void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives,
                           ContrastiveRowState<acc_t> state, LseArray<const acc_t> col_lse,
                           LseArray<acc_t> row_lse, acc_t* loss) {
-  at::parallel_for(0, p.num_rows, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      contrastive_finalize_row(p, row, positives, state, col_lse, row_lse, loss);
-    }
-  });
+  for_each_row(p.num_rows,
+               [&](int64_t row) { contrastive_finalize_row(p, row, positives, state, col_lse, row_lse, loss); });
 }
 
 template <typename acc_t, typename grad_t>
@@ -147,17 +144,25 @@ void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const 
   template void contrastive_tile_rows<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,       \
                                              const int64_t*, ContrastiveRowState<acc_t>);                \
   template void contrastive_tile_columns<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,    \
-                                                LseArray<acc_t>);                                        \
+                                                LseArray<acc_t>, acc_t*);                                \
   template void contrastive_finalize<acc_t>(const ContrastiveParams&, const int64_t*,                    \
                                             ContrastiveRowState<acc_t>, LseArray<const acc_t>,           \
-                                            LseArray<acc_t>, acc_t*);                                    \
-  template void contrastive_tile_grad<acc_t, acc_t>(const ContrastiveParams&, const acc_t*,              \
-                                                    const acc_t*, const int64_t*, LseArray<const acc_t>, \
-                                                    LseArray<const acc_t>, const acc_t*, const acc_t*,   \
-                                                    acc_t*);
+                                            LseArray<acc_t>, acc_t*);
+// Half-precision dlogits only feed CUDA GEMMs; the CPU variants exist so that
+// both backends offer the same kernels to the router (backend.h).
+#define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD_CPU(acc_t, grad_t)                                       \
+  template void contrastive_tile_grad<acc_t, grad_t>(const ContrastiveParams&, const acc_t*,             \
+                                                     const acc_t*, const int64_t*, LseArray<const acc_t>, \
+                                                     LseArray<const acc_t>, const acc_t*, const acc_t*,   \
+                                                     grad_t*);
 
 FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(float)
 FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(double)
+FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD_CPU(float, float)
+FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD_CPU(double, double)
+FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD_CPU(float, c10::BFloat16)
+FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD_CPU(float, c10::Half)
 #undef FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU
+#undef FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD_CPU
 
 }  // namespace fusedloss::cpu

@@ -2,18 +2,17 @@
 // [N, chunk] tile of logits at a time (the GEMMs live in csrc/linear_ce.cpp).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 
+#include "common.h"
 #include "fusedloss/linear_ce.h"
 #include "vec_math.h"
 
 namespace fusedloss::cpu {
 
 namespace {
-// Rows per parallel task: enough work per task to amortise scheduling.
-int64_t row_grain(int64_t columns) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(columns, 1)); }
-
 // Overwrites one row of raw logits with softcap(logit + bias) and returns its max and sum.
 template <typename acc_t>
 void transform_row(acc_t* y, const acc_t* bias, int64_t columns, acc_t cap, acc_t& row_max,
@@ -57,9 +56,7 @@ void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const ac
 template <typename acc_t>
 void linear_ce_finalize(const LinearCEParams& p, const int64_t* target,
                         LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss) {
-  at::parallel_for(0, p.num_rows, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) linear_ce_finalize_row(p, row, target, state, lse, loss);
-  });
+  for_each_row(p.num_rows, [&](int64_t row) { linear_ce_finalize_row(p, row, target, state, lse, loss); });
 }
 
 template <typename acc_t, typename grad_t>
@@ -113,13 +110,22 @@ void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const ac
   template void linear_ce_accumulate_chunk<acc_t>(const LinearCEParams&, acc_t*, const acc_t*, \
                                                   const int64_t*, LinearCERowState<acc_t>);    \
   template void linear_ce_finalize<acc_t>(const LinearCEParams&, const int64_t*,               \
-                                          LinearCERowState<acc_t>, LseArray<acc_t>, acc_t*);   \
-  template void linear_ce_chunk_grad<acc_t, acc_t>(const LinearCEParams&, const acc_t*,        \
-                                                   const acc_t*, const int64_t*,               \
-                                                   LseArray<const acc_t>, const acc_t*, acc_t*);
+                                          LinearCERowState<acc_t>, LseArray<acc_t>, acc_t*);
+// The CPU GEMMs read fp32 operands, so only the accumulation dtype is used
+// there; the half-precision variants exist so that both backends offer the
+// same kernels to the router (backend.h).
+#define FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU(acc_t, grad_t)                                  \
+  template void linear_ce_chunk_grad<acc_t, grad_t>(const LinearCEParams&, const acc_t*,         \
+                                                    const acc_t*, const int64_t*,                \
+                                                    LseArray<const acc_t>, const acc_t*, grad_t*);
 
 FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU(float)
 FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU(double)
+FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU(float, float)
+FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU(double, double)
+FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU(float, c10::BFloat16)
+FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU(float, c10::Half)
 #undef FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU
+#undef FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU
 
 }  // namespace fusedloss::cpu

@@ -7,16 +7,16 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <type_traits>
+#include <vector>
 
+#include "common.h"
 #include "fusedloss/sampled.h"
 #include "vec_math.h"
 
 namespace fusedloss::cpu {
 
 namespace {
-// Rows per parallel task: enough work per task to amortise scheduling.
-int64_t row_grain(int64_t work_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(work_per_row, 1)); }
-
 struct ExpVectorizable {
   template <typename acc_t>
   acc_t operator()(acc_t x) const { return exp_vectorizable(x); }
@@ -128,33 +128,36 @@ void sampled_accumulate_chunk(const SampledParams& p, const SampledColumns<acc_t
 
 template <typename acc_t>
 void sampled_finalize(const SampledParams& p, SampledRowState<acc_t> state, acc_t* loss, acc_t* stats) {
-  at::parallel_for(0, p.num_rows, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) sampled_finalize_row(p, row, state, loss, stats);
-  });
+  for_each_row(p.num_rows, [&](int64_t row) { sampled_finalize_row(p, row, state, loss, stats); });
 }
 
 template <typename acc_t, typename grad_t>
 void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& cols, const acc_t* logits,
                         const acc_t* stats, const acc_t* grad_loss, grad_t* dlogits) {
-  static_assert(std::is_same_v<acc_t, grad_t>, "CPU dlogits are in the accumulation dtype");
   const int64_t columns = p.chunk_columns;
   const acc_t skip = neg_infinity<acc_t>();
   at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
+    // The final logits of a row need an acc_t row: dlogits itself when it is in
+    // the accumulation dtype, else a scratch row.
+    std::vector<acc_t> scratch(std::is_same_v<acc_t, grad_t> ? 0 : columns);
     for (int64_t row = begin; row < end; ++row) {
-      acc_t* dz = dlogits + row * p.logits_stride;
+      grad_t* dz = dlogits + row * p.logits_stride;
       const acc_t g = grad_loss[row];
       if (g == acc_t(0)) {
         // Skipped, not multiplied by 0: the row's logits may be inf/NaN.
-        std::fill_n(dz, columns, acc_t(0));
+        std::fill_n(dz, columns, grad_t(0));
         continue;
       }
-      final_row_logits(p, cols, row, logits + row * p.logits_stride, dz);
+      acc_t* y;
+      if constexpr (std::is_same_v<acc_t, grad_t>) y = dz;
+      else y = scratch.data();
+      final_row_logits(p, cols, row, logits + row * p.logits_stride, y);
       const LseParts<acc_t> lse = sampled_row_lse(p, stats, row);
       const acc_t unmasked = sampled_row_columns(p, stats, row);
 #pragma omp simd
       for (int64_t j = 0; j < columns; ++j) {
-        const acc_t d = g * sampled_column_grad(p, dz[j], lse, unmasked, ExpVectorizable{});
-        dz[j] = dz[j] == skip ? acc_t(0) : d;
+        const acc_t d = g * sampled_column_grad(p, y[j], lse, unmasked, ExpVectorizable{});
+        dz[j] = static_cast<grad_t>(y[j] == skip ? acc_t(0) : d);
       }
     }
   });
@@ -198,11 +201,14 @@ void sampled_scatter_outer(const acc_t* dz, const acc_t* x, const int64_t* index
   template void sampled_accumulate_chunk<acc_t>(const SampledParams&, const SampledColumns<acc_t>&, acc_t*,   \
                                                 SampledRowState<acc_t>);                                      \
   template void sampled_finalize<acc_t>(const SampledParams&, SampledRowState<acc_t>, acc_t*, acc_t*);        \
-  template void sampled_chunk_grad<acc_t, acc_t>(const SampledParams&, const SampledColumns<acc_t>&,          \
-                                                 const acc_t*, const acc_t*, const acc_t*, acc_t*);            \
   template void sampled_scatter_add_rows<acc_t>(const acc_t*, const int64_t*, int64_t, int64_t, acc_t*);      \
   template void sampled_scatter_outer<acc_t>(const acc_t*, const acc_t*, const int64_t*, int64_t, int64_t,    \
                                              int64_t, acc_t*);
+// Half-precision dlogits only feed CUDA GEMMs; the CPU variants exist so that
+// both backends offer the same kernels to the router (backend.h).
+#define FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(acc_t, grad_t)                                                     \
+  template void sampled_chunk_grad<acc_t, grad_t>(const SampledParams&, const SampledColumns<acc_t>&,         \
+                                                  const acc_t*, const acc_t*, const acc_t*, grad_t*);
 
 FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(float, float)
 FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(double, double)
@@ -210,7 +216,12 @@ FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(c10::BFloat16, float)
 FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(c10::Half, float)
 FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(float)
 FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(double)
+FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(float, float)
+FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(double, double)
+FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(float, c10::BFloat16)
+FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(float, c10::Half)
 #undef FUSEDLOSS_INSTANTIATE_SAMPLED_ROW
 #undef FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS
+#undef FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD
 
 }  // namespace fusedloss::cpu

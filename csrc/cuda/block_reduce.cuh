@@ -9,11 +9,6 @@ namespace fusedloss::cuda {
 
 constexpr int kRowBlockThreads = 256;
 
-struct MaxOp {
-  template <typename T>
-  __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
-};
-
 struct SumOp {
   template <typename T>
   __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }

@@ -13,6 +13,7 @@
 
 #include "block_reduce.cuh"
 #include "fusedloss/contrastive.h"
+#include "launch.cuh"
 
 namespace fusedloss::cuda {
 
@@ -115,8 +116,6 @@ __global__ void tile_grad_kernel(ContrastiveParams p, const acc_t* tile, const a
   }
 }
 
-cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
-
 }  // namespace
 
 int64_t contrastive_column_scratch_elems(int64_t num_rows, int64_t tile_cols) {
@@ -127,10 +126,7 @@ int64_t contrastive_column_scratch_elems(int64_t num_rows, int64_t tile_cols) {
 template <typename acc_t>
 void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, ContrastiveRowState<acc_t> state, void* stream) {
-  if (p.num_rows == 0) return;
-  tile_rows_kernel<acc_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(p, tile, scale, positives,
-                                                                                  state);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_blocks(tile_rows_kernel<acc_t>, p.num_rows, stream, p, tile, scale, positives, state);
 }
 
 template <typename acc_t>
@@ -154,11 +150,7 @@ void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, con
 template <typename acc_t>
 void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives, ContrastiveRowState<acc_t> state,
                           LseArray<const acc_t> col_lse, LseArray<acc_t> row_lse, acc_t* loss, void* stream) {
-  if (p.num_rows == 0) return;
-  const int threads = 256;
-  const int64_t blocks = (p.num_rows + threads - 1) / threads;
-  finalize_kernel<acc_t><<<blocks, threads, 0, as_stream(stream)>>>(p, positives, state, col_lse, row_lse, loss);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_threads(finalize_kernel<acc_t>, p.num_rows, stream, p, positives, state, col_lse, row_lse, loss);
 }
 
 template <typename acc_t, typename grad_t>
@@ -166,10 +158,8 @@ void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const 
                            const int64_t* positives, LseArray<const acc_t> row_lse,
                            LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
                            grad_t* dlogits, void* stream) {
-  if (p.num_rows == 0) return;
-  tile_grad_kernel<acc_t, grad_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(
-      p, tile, scale, positives, row_lse, col_lse, row_grad, col_grad, dlogits);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_blocks(tile_grad_kernel<acc_t, grad_t>, p.num_rows, stream, p, tile, scale, positives, row_lse, col_lse,
+                    row_grad, col_grad, dlogits);
 }
 
 #define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE(acc_t)                                                    \

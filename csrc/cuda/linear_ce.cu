@@ -9,6 +9,7 @@
 
 #include "block_reduce.cuh"
 #include "fusedloss/linear_ce.h"
+#include "launch.cuh"
 
 namespace fusedloss::cuda {
 
@@ -73,37 +74,26 @@ __global__ void chunk_grad_kernel(LinearCEParams p, const acc_t* logits, const a
   }
 }
 
-cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
-
 }  // namespace
 
 template <typename acc_t>
 void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const acc_t* bias,
                                 const int64_t* target, LinearCERowState<acc_t> state, void* stream) {
-  if (p.num_rows == 0) return;
-  accumulate_chunk_kernel<acc_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(
-      p, logits, bias, target, state);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_blocks(accumulate_chunk_kernel<acc_t>, p.num_rows, stream, p, logits, bias, target, state);
 }
 
 template <typename acc_t>
 void linear_ce_finalize(const LinearCEParams& p, const int64_t* target, LinearCERowState<acc_t> state,
                         LseArray<acc_t> lse, acc_t* loss, void* stream) {
-  if (p.num_rows == 0) return;
-  const int threads = 256;
-  const int64_t blocks = (p.num_rows + threads - 1) / threads;
-  finalize_kernel<acc_t><<<blocks, threads, 0, as_stream(stream)>>>(p, target, state, lse, loss);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_threads(finalize_kernel<acc_t>, p.num_rows, stream, p, target, state, lse, loss);
 }
 
 template <typename acc_t, typename grad_t>
 void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
                           const int64_t* target, LseArray<const acc_t> lse, const acc_t* grad_loss,
                           grad_t* dlogits, void* stream) {
-  if (p.num_rows == 0) return;
-  chunk_grad_kernel<acc_t, grad_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(
-      p, logits, bias, target, lse, grad_loss, dlogits);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_blocks(chunk_grad_kernel<acc_t, grad_t>, p.num_rows, stream, p, logits, bias, target, lse, grad_loss,
+                    dlogits);
 }
 
 #define FUSEDLOSS_INSTANTIATE_ROW_STATE(acc_t)                                                      \

@@ -10,6 +10,7 @@
 
 #include "block_reduce.cuh"
 #include "fusedloss/sampled.h"
+#include "launch.cuh"
 
 namespace fusedloss::cuda {
 
@@ -117,53 +118,39 @@ __global__ void chunk_grad_kernel(SampledParams p, SampledColumns<acc_t> cols, c
   }
 }
 
-cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
-
 }  // namespace
 
 template <typename in_t, typename acc_t>
 void sampled_row_dot(const SampledParams& p, const in_t* x, const in_t* w, const int64_t* ids, int64_t id_row_stride,
                      int64_t columns, acc_t* out, int64_t out_stride, void* stream) {
-  if (p.num_rows == 0 || columns == 0) return;
-  row_dot_kernel<in_t, acc_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(p, x, w, ids, id_row_stride,
-                                                                                      columns, out, out_stride);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_blocks(row_dot_kernel<in_t, acc_t>, p.num_rows, stream, p, x, w, ids, id_row_stride, columns, out,
+                    out_stride);
 }
 
 template <typename in_t, typename acc_t>
 void sampled_row_axpy(const SampledParams& p, const acc_t* dz, int64_t dz_stride, const in_t* w, const int64_t* ids,
                       int64_t id_row_stride, int64_t columns, acc_t* dx, void* stream) {
-  if (p.num_rows == 0 || columns == 0) return;
-  row_axpy_kernel<in_t, acc_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(
-      p, dz, dz_stride, w, ids, id_row_stride, columns, dx);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_blocks(row_axpy_kernel<in_t, acc_t>, p.num_rows, stream, p, dz, dz_stride, w, ids, id_row_stride,
+                    columns, dx);
 }
 
 template <typename acc_t>
 void sampled_accumulate_chunk(const SampledParams& p, const SampledColumns<acc_t>& cols, acc_t* logits,
                               SampledRowState<acc_t> state, void* stream) {
-  if (p.num_rows == 0) return;
-  accumulate_chunk_kernel<acc_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(p, cols, logits, state);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_blocks(accumulate_chunk_kernel<acc_t>, p.num_rows, stream, p, cols, logits, state);
 }
 
 template <typename acc_t>
 void sampled_finalize(const SampledParams& p, SampledRowState<acc_t> state, acc_t* loss, acc_t* stats,
                       void* stream) {
-  if (p.num_rows == 0) return;
-  const int threads = 256;
-  const int64_t blocks = (p.num_rows + threads - 1) / threads;
-  finalize_kernel<acc_t><<<blocks, threads, 0, as_stream(stream)>>>(p, state, loss, stats);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_threads(finalize_kernel<acc_t>, p.num_rows, stream, p, state, loss, stats);
 }
 
 template <typename acc_t, typename grad_t>
 void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& cols, const acc_t* logits,
                         const acc_t* stats, const acc_t* grad_loss, grad_t* dlogits, void* stream) {
-  if (p.num_rows == 0) return;
-  chunk_grad_kernel<acc_t, grad_t><<<p.num_rows, kRowBlockThreads, 0, as_stream(stream)>>>(
-      p, cols, logits, stats, grad_loss, dlogits);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_row_blocks(chunk_grad_kernel<acc_t, grad_t>, p.num_rows, stream, p, cols, logits, stats, grad_loss,
+                    dlogits);
 }
 
 #define FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(in_t, acc_t)                                                             \

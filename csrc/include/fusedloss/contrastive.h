@@ -100,9 +100,11 @@ template <typename acc_t>
 void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, ContrastiveRowState<acc_t> state);
 // Column-wise LSE over all R rows of a tile: writes col_lse[tile_start + j].
+// `scratch` is the CUDA kernels' (contrastive_column_scratch_elems); the CPU
+// needs none.
 template <typename acc_t>
 void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
-                              LseArray<acc_t> col_lse);
+                              LseArray<acc_t> col_lse, acc_t* scratch);
 // row_lse[R] and the per-row loss[R]: lse - positive, or the mean of the row
 // and the column term of the pair when symmetric.
 template <typename acc_t>

@@ -1,0 +1,22 @@
+// Helpers shared by the CPU kernels of every family.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fusedloss::cpu {
+
+// Rows per parallel task: enough work per task to amortise scheduling.
+inline int64_t row_grain(int64_t work_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(work_per_row, 1)); }
+
+// finalize_row(row) for every row, in parallel: the finalize kernels.
+template <typename F>
+void for_each_row(int64_t rows, const F& finalize_row) {
+  at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) finalize_row(row);
+  });
+}
+
+}  // namespace fusedloss::cpu
