@@ -1,7 +1,10 @@
 // The Python module fusedloss._C. Importing it runs the TORCH_LIBRARY
-// registrations of every op (csrc/*.cpp); the pybind11 functions here are only
-// non-tensor helpers (build information).
+// registrations of every op (csrc/*.cpp); the pybind11 members here are only
+// non-tensor helpers: build information and the enums that cross into Python
+// (defined once, in the C++ headers).
 #include <torch/extension.h>
+
+#include "fusedloss/sampled.h"
 
 namespace {
 bool built_with_cuda() {
@@ -16,4 +19,15 @@ bool built_with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedloss C++/CUDA kernels (ops are registered under torch.ops.fusedloss)";
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled into this build");
+  namespace py = pybind11;
+  using fusedloss::HitMask;
+  using fusedloss::SampledMode;
+  py::dict modes, hit_masks;
+  modes["softmax"] = int64_t(SampledMode::kSoftmax);
+  modes["nce"] = int64_t(SampledMode::kNCE);
+  hit_masks["none"] = int64_t(HitMask::kNone);
+  hit_masks["all_copies"] = int64_t(HitMask::kAllCopies);
+  hit_masks["last_copy"] = int64_t(HitMask::kLastCopy);
+  m.attr("SAMPLED_MODES") = modes;
+  m.attr("HIT_MASKS") = hit_masks;
 }

@@ -27,8 +27,9 @@ from .samplers import LogUniformSampler, UniformSampler
 
 _ops = torch.ops.fusedloss
 
-SOFTMAX, NCE = 0, 1
-HIT_NONE, HIT_ALL_COPIES, HIT_LAST_COPY = 0, 1, 2
+# The op's enums, defined once in csrc/include/fusedloss/sampled.h.
+SOFTMAX, NCE = _C.SAMPLED_MODES["softmax"], _C.SAMPLED_MODES["nce"]
+HIT_NONE, HIT_ALL_COPIES, HIT_LAST_COPY = (_C.HIT_MASKS[k] for k in ("none", "all_copies", "last_copy"))
 
 
 
