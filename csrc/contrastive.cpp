@@ -1,5 +1,5 @@
 // Binding layer of the InfoNCE family: the argument check (run once, by the
-// forward op), the family's tile GEMMs and kernels for the shared chunk driver,
+// forward op), the family's chunk GEMMs and kernels for the shared chunk driver,
 // and the op schemas. Registered as torch ops
 // fusedloss::contrastive_forward/backward; InfoNCE, NT-Xent and CLIP are all
 // this one op (fusedloss/contrastive.py).
@@ -65,7 +65,7 @@ struct ContrastiveProblem {
   std::vector<Chunk> chunk_list;
 
   ContrastiveProblem(const Tensor& rows_, const Tensor& cols_, const Tensor& positives_, const Tensor& scale_,
-                     std::optional<int64_t> self_offset, bool symmetric, int64_t requested_tile)
+                     std::optional<int64_t> self_offset, bool symmetric, int64_t requested_chunk)
       : backend(rows_) {
     acc_dtype = accumulation_dtype(rows_.scalar_type());
     operand_dtype = gemm_operand_dtype(rows_);
@@ -74,7 +74,7 @@ struct ContrastiveProblem {
     positives = positives_.contiguous();
     scale = scale_.to(acc_dtype).contiguous();
     const int64_t num_rows = queries.size(0), num_cols = keys.size(0);
-    chunk_list = column_chunks(num_cols, chunk_columns_for(num_rows, num_cols, requested_tile, queries.is_cuda()));
+    chunk_list = column_chunks(num_cols, chunk_columns_for(num_rows, num_cols, requested_chunk, queries.is_cuda()));
     params = ContrastiveParams{num_rows, num_cols, 0, 0, 0, self_offset.value_or(0), self_offset.has_value(),
                                symmetric};
   }
@@ -83,13 +83,13 @@ struct ContrastiveProblem {
   const std::vector<Chunk>& chunks() const { return chunk_list; }
   at::TensorOptions options() const { return queries.options(); }
 
-  // Raw dot products of the tile's columns; points `params` at that tile.
+  // Raw dot products of the chunk's columns; points `params` at that chunk.
   template <typename acc_t>
   void chunk_logits(const Chunk& c, Tensor& tile) {
     matmul_into(tile, queries, keys.narrow(0, c.start, c.columns).t(), /*accumulate=*/false);
-    params.tile_start = c.start;
-    params.tile_cols = c.columns;
-    params.tile_stride = c.columns;
+    params.chunk_start = c.start;
+    params.chunk_columns = c.columns;
+    params.logits_stride = c.columns;
   }
 };
 
@@ -104,11 +104,11 @@ struct ContrastiveForward : ContrastiveProblem {
 
   template <typename acc_t>
   void fold(const Chunk& c, Tensor& tile) {
-    backend.run(FUSEDLOSS_KERNELS(contrastive_tile_rows<acc_t>), params, tile.data_ptr<acc_t>(),
+    backend.run(FUSEDLOSS_KERNELS(contrastive_accumulate_chunk<acc_t>), params, tile.data_ptr<acc_t>(),
                 scale.data_ptr<acc_t>(), positives.data_ptr<int64_t>(), row_state<acc_t>());
-    // The tile holds every row, so its columns' LSEs are complete here.
+    // The tile holds every row, so the chunk's column LSEs are complete here.
     if (params.symmetric) {
-      backend.run(FUSEDLOSS_KERNELS(contrastive_tile_columns<acc_t>), params, tile.data_ptr<acc_t>(),
+      backend.run(FUSEDLOSS_KERNELS(contrastive_chunk_column_lse<acc_t>), params, tile.data_ptr<acc_t>(),
                   scale.data_ptr<acc_t>(), lse_array_at<acc_t>(col_lse), scratch.data_ptr<acc_t>());
     }
   }
@@ -143,7 +143,7 @@ struct ContrastiveForward : ContrastiveProblem {
   }
 };
 
-// dQ accumulates over tiles in fp32 (d scale = sum(Q * dQ) / scale needs it
+// dQ accumulates over chunks in fp32 (d scale = sum(Q * dQ) / scale needs it
 // too); each dK row comes from exactly one GEMM (reduction over R inside it),
 // so on CUDA it is written straight in the operand dtype.
 struct ContrastiveBackward : ContrastiveProblem {
@@ -156,7 +156,7 @@ struct ContrastiveBackward : ContrastiveProblem {
   Tensor chunk_dlogits(const Chunk& c, Tensor& tile, Tensor& dlogits_workspace) {
     with_typed_data<acc_t>(dlogits_workspace, [&](auto* out) {
       using grad_t = std::remove_pointer_t<decltype(out)>;
-      backend.run(FUSEDLOSS_KERNELS(contrastive_tile_grad<acc_t, grad_t>), params, tile.data_ptr<acc_t>(),
+      backend.run(FUSEDLOSS_KERNELS(contrastive_chunk_grad<acc_t, grad_t>), params, tile.data_ptr<acc_t>(),
                   scale.data_ptr<acc_t>(), positives.data_ptr<int64_t>(), lse_array_at<const acc_t>(row_lse),
                   lse_array_at<const acc_t>(col_lse), row_grad.data_ptr<acc_t>(),
                   params.symmetric ? col_grad.data_ptr<acc_t>() : nullptr, out);

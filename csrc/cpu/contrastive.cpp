@@ -22,16 +22,16 @@ constexpr int64_t kColumnStrip = 32;
 }  // namespace
 
 template <typename acc_t>
-void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+void contrastive_accumulate_chunk(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, ContrastiveRowState<acc_t> state) {
-  const int64_t columns = p.tile_cols;
+  const int64_t columns = p.chunk_columns;
   const acc_t s = *scale;
   at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const acc_t* y = tile + row * p.tile_stride;
+      const acc_t* y = tile + row * p.logits_stride;
       // The mask is applied before the max: the self-similarity is usually the
       // largest logit and would otherwise be a shift that underflows every term.
-      const int64_t masked = p.masked_tile_col(row);
+      const int64_t masked = p.masked_chunk_column(row);
       acc_t m = neg_infinity<acc_t>();
 #pragma omp simd reduction(max : m)
       for (int64_t j = 0; j < columns; ++j) {
@@ -46,28 +46,28 @@ void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const 
         sum += j == masked ? acc_t(0) : e;
       }
       lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum});
-      const int64_t t = positives[row] - p.tile_start;
+      const int64_t t = positives[row] - p.chunk_start;
       if (t >= 0 && t < columns) state.positive_logit[row] = s * y[t];
     }
   });
 }
 
 template <typename acc_t>
-void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+void contrastive_chunk_column_lse(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                               LseArray<acc_t> col_lse, acc_t* /*scratch*/) {
   const acc_t s = *scale;
-  const int64_t strips = (p.tile_cols + kColumnStrip - 1) / kColumnStrip;
+  const int64_t strips = (p.chunk_columns + kColumnStrip - 1) / kColumnStrip;
   at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
     for (int64_t strip = begin; strip < end; ++strip) {
       const int64_t c0 = strip * kColumnStrip;
-      const int64_t width = std::min(kColumnStrip, p.tile_cols - c0);
+      const int64_t width = std::min(kColumnStrip, p.chunk_columns - c0);
       acc_t m[kColumnStrip], sum[kColumnStrip];
       std::fill_n(m, kColumnStrip, neg_infinity<acc_t>());
       std::fill_n(sum, kColumnStrip, acc_t(0));
       // Two sweeps (max, then sum of exp) keep the inner loops branch-free.
       for (int64_t row = 0; row < p.num_rows; ++row) {
-        const acc_t* y = tile + row * p.tile_stride + c0;
-        const int64_t masked = p.masked_tile_col(row) - c0;
+        const acc_t* y = tile + row * p.logits_stride + c0;
+        const int64_t masked = p.masked_chunk_column(row) - c0;
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
           const acc_t v = contrastive_logit(y[j], s, j == masked);
@@ -75,8 +75,8 @@ void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, con
         }
       }
       for (int64_t row = 0; row < p.num_rows; ++row) {
-        const acc_t* y = tile + row * p.tile_stride + c0;
-        const int64_t masked = p.masked_tile_col(row) - c0;
+        const acc_t* y = tile + row * p.logits_stride + c0;
+        const int64_t masked = p.masked_chunk_column(row) - c0;
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
           // exp computed unconditionally and then selected: a select vectorises, a branch not.
@@ -85,7 +85,7 @@ void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, con
         }
       }
       for (int64_t j = 0; j < width; ++j) {
-        col_lse.store(p.tile_start + c0 + j, LseState<acc_t>{m[j], sum[j]}.parts());
+        col_lse.store(p.chunk_start + c0 + j, LseState<acc_t>{m[j], sum[j]}.parts());
       }
     }
   });
@@ -100,26 +100,26 @@ void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives,
 }
 
 template <typename acc_t, typename grad_t>
-void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+void contrastive_chunk_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, LseArray<const acc_t> row_lse,
                            LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
                            grad_t* dlogits) {
-  const int64_t columns = p.tile_cols;
+  const int64_t columns = p.chunk_columns;
   const acc_t s = *scale;
   // One loop per variant, so that neither carries a conditional load.
   const auto run = [&](auto symmetric_tag) {
     constexpr bool kSymmetric = decltype(symmetric_tag)::value;
-    const acc_t* tile_col_max = kSymmetric ? col_lse.max + p.tile_start : nullptr;
-    const acc_t* tile_col_log_sum = kSymmetric ? col_lse.log_sum + p.tile_start : nullptr;
-    const acc_t* tile_col_grad = kSymmetric ? col_grad + p.tile_start : nullptr;
+    const acc_t* tile_col_max = kSymmetric ? col_lse.max + p.chunk_start : nullptr;
+    const acc_t* tile_col_log_sum = kSymmetric ? col_lse.log_sum + p.chunk_start : nullptr;
+    const acc_t* tile_col_grad = kSymmetric ? col_grad + p.chunk_start : nullptr;
     at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const acc_t* z = tile + row * p.tile_stride;
-        grad_t* dz = dlogits + row * p.tile_stride;
+        const acc_t* z = tile + row * p.logits_stride;
+        grad_t* dz = dlogits + row * p.logits_stride;
         const LseParts<acc_t> lse = row_lse[row];
         const acc_t g = row_grad[row];
-        const int64_t t = positives[row] - p.tile_start;
-        const int64_t masked = p.masked_tile_col(row);
+        const int64_t t = positives[row] - p.chunk_start;
+        const int64_t masked = p.masked_chunk_column(row);
 #pragma omp simd
         for (int64_t j = 0; j < columns; ++j) {
           const acc_t x = s * z[j];
@@ -141,9 +141,9 @@ void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const 
 }
 
 #define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(acc_t)                                                    \
-  template void contrastive_tile_rows<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,       \
+  template void contrastive_accumulate_chunk<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,       \
                                              const int64_t*, ContrastiveRowState<acc_t>);                \
-  template void contrastive_tile_columns<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,    \
+  template void contrastive_chunk_column_lse<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,    \
                                                 LseArray<acc_t>, acc_t*);                                \
   template void contrastive_finalize<acc_t>(const ContrastiveParams&, const int64_t*,                    \
                                             ContrastiveRowState<acc_t>, LseArray<const acc_t>,           \
@@ -151,7 +151,7 @@ void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const 
 // Half-precision dlogits only feed CUDA GEMMs; the CPU variants exist so that
 // both backends offer the same kernels to the router (backend.h).
 #define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD_CPU(acc_t, grad_t)                                       \
-  template void contrastive_tile_grad<acc_t, grad_t>(const ContrastiveParams&, const acc_t*,             \
+  template void contrastive_chunk_grad<acc_t, grad_t>(const ContrastiveParams&, const acc_t*,             \
                                                      const acc_t*, const int64_t*, LseArray<const acc_t>, \
                                                      LseArray<const acc_t>, const acc_t*, const acc_t*,   \
                                                      grad_t*);

@@ -29,15 +29,15 @@ int64_t column_slices(int64_t num_rows) {
 }
 
 template <typename acc_t>
-__global__ void tile_rows_kernel(ContrastiveParams p, const acc_t* tile, const acc_t* scale,
+__global__ void accumulate_chunk_kernel(ContrastiveParams p, const acc_t* tile, const acc_t* scale,
                                  const int64_t* positives, ContrastiveRowState<acc_t> state) {
   const int64_t row = blockIdx.x;
-  const acc_t* y = tile + row * p.tile_stride;
+  const acc_t* y = tile + row * p.logits_stride;
   const acc_t s = *scale;
-  const int64_t masked = p.masked_tile_col(row);
-  const int64_t t = positives[row] - p.tile_start;
+  const int64_t masked = p.masked_chunk_column(row);
+  const int64_t t = positives[row] - p.chunk_start;
   LseState<acc_t> local = LseState<acc_t>::empty();
-  for (int64_t j = threadIdx.x; j < p.tile_cols; j += blockDim.x) {
+  for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
     const acc_t v = contrastive_logit(y[j], s, j == masked);
     if (j != masked) local = lse_merge(local, LseState<acc_t>{v, acc_t(1)});
     if (j == t) state.positive_logit[row] = v;
@@ -50,36 +50,36 @@ __global__ void tile_rows_kernel(ContrastiveParams p, const acc_t* tile, const a
 
 // Partial column LSE of rows [slice * rows_per_slice, ...) for 32 columns.
 template <typename acc_t>
-__global__ void tile_columns_partial_kernel(ContrastiveParams p, const acc_t* tile, const acc_t* scale,
+__global__ void column_lse_partial_kernel(ContrastiveParams p, const acc_t* tile, const acc_t* scale,
                                             int64_t rows_per_slice, LseState<acc_t>* partial) {
   const int64_t col = blockIdx.x * int64_t(kColumnsPerBlock) + threadIdx.x;
   const int64_t row_begin = blockIdx.y * rows_per_slice;
   const int64_t row_end = min(p.num_rows, row_begin + rows_per_slice);
   LseState<acc_t> local = LseState<acc_t>::empty();
-  if (col < p.tile_cols) {
+  if (col < p.chunk_columns) {
     const acc_t s = *scale;
     for (int64_t row = row_begin + threadIdx.y; row < row_end; row += kRowLanes) {
-      if (p.masked_tile_col(row) == col) continue;
-      local = lse_merge(local, LseState<acc_t>{s * tile[row * p.tile_stride + col], acc_t(1)});
+      if (p.masked_chunk_column(row) == col) continue;
+      local = lse_merge(local, LseState<acc_t>{s * tile[row * p.logits_stride + col], acc_t(1)});
     }
   }
   __shared__ LseState<acc_t> lanes[kRowLanes][kColumnsPerBlock];
   lanes[threadIdx.y][threadIdx.x] = local;
   __syncthreads();
-  if (threadIdx.y == 0 && col < p.tile_cols) {
+  if (threadIdx.y == 0 && col < p.chunk_columns) {
     for (int lane = 1; lane < kRowLanes; ++lane) local = lse_merge(local, lanes[lane][threadIdx.x]);
-    partial[blockIdx.y * p.tile_cols + col] = local;
+    partial[blockIdx.y * p.chunk_columns + col] = local;
   }
 }
 
 template <typename acc_t>
-__global__ void tile_columns_merge_kernel(ContrastiveParams p, const LseState<acc_t>* partial, int64_t slices,
+__global__ void column_lse_merge_kernel(ContrastiveParams p, const LseState<acc_t>* partial, int64_t slices,
                                           LseArray<acc_t> col_lse) {
   const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (col >= p.tile_cols) return;
+  if (col >= p.chunk_columns) return;
   LseState<acc_t> merged = LseState<acc_t>::empty();
-  for (int64_t slice = 0; slice < slices; ++slice) merged = lse_merge(merged, partial[slice * p.tile_cols + col]);
-  col_lse.store(p.tile_start + col, merged.parts());
+  for (int64_t slice = 0; slice < slices; ++slice) merged = lse_merge(merged, partial[slice * p.chunk_columns + col]);
+  col_lse.store(p.chunk_start + col, merged.parts());
 }
 
 template <typename acc_t>
@@ -90,23 +90,23 @@ __global__ void finalize_kernel(ContrastiveParams p, const int64_t* positives, C
 }
 
 template <typename acc_t, typename grad_t>
-__global__ void tile_grad_kernel(ContrastiveParams p, const acc_t* tile, const acc_t* scale,
+__global__ void chunk_grad_kernel(ContrastiveParams p, const acc_t* tile, const acc_t* scale,
                                  const int64_t* positives, LseArray<const acc_t> row_lse,
                                  LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
                                  grad_t* dlogits) {
   const int64_t row = blockIdx.x;
-  const acc_t* z = tile + row * p.tile_stride;
-  grad_t* dz = dlogits + row * p.tile_stride;
+  const acc_t* z = tile + row * p.logits_stride;
+  grad_t* dz = dlogits + row * p.logits_stride;
   const acc_t s = *scale;
   const LseParts<acc_t> lse = row_lse[row];
   const acc_t g = row_grad[row];
-  const int64_t t = positives[row] - p.tile_start;
-  const int64_t masked = p.masked_tile_col(row);
-  for (int64_t j = threadIdx.x; j < p.tile_cols; j += blockDim.x) {
+  const int64_t t = positives[row] - p.chunk_start;
+  const int64_t masked = p.masked_chunk_column(row);
+  for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
     acc_t d = 0;
     if (j != masked) {
       const acc_t x = s * z[j];
-      const int64_t col = p.tile_start + j;
+      const int64_t col = p.chunk_start + j;
       const acc_t col_prob = p.symmetric ? exp_acc(col_lse[col].log_prob(x)) : acc_t(0);
       const acc_t col_g = p.symmetric ? col_grad[col] : acc_t(0);
       // d logits / d dot = scale: the GEMMs consume raw operands.
@@ -118,31 +118,31 @@ __global__ void tile_grad_kernel(ContrastiveParams p, const acc_t* tile, const a
 
 }  // namespace
 
-int64_t contrastive_column_scratch_elems(int64_t num_rows, int64_t tile_cols) {
+int64_t contrastive_column_scratch_elems(int64_t num_rows, int64_t chunk_columns) {
   // Each partial is an LseState (two acc_t).
-  return 2 * column_slices(num_rows) * tile_cols;
+  return 2 * column_slices(num_rows) * chunk_columns;
 }
 
 template <typename acc_t>
-void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+void contrastive_accumulate_chunk(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, ContrastiveRowState<acc_t> state, void* stream) {
-  launch_row_blocks(tile_rows_kernel<acc_t>, p.num_rows, stream, p, tile, scale, positives, state);
+  launch_row_blocks(accumulate_chunk_kernel<acc_t>, p.num_rows, stream, p, tile, scale, positives, state);
 }
 
 template <typename acc_t>
-void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+void contrastive_chunk_column_lse(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                               LseArray<acc_t> col_lse, acc_t* scratch, void* stream) {
-  if (p.num_rows == 0 || p.tile_cols == 0) return;
+  if (p.num_rows == 0 || p.chunk_columns == 0) return;
   const int64_t slices = column_slices(p.num_rows);
   const int64_t rows_per_slice = (p.num_rows + slices - 1) / slices;
   auto* partial = reinterpret_cast<LseState<acc_t>*>(scratch);
-  const dim3 grid((p.tile_cols + kColumnsPerBlock - 1) / kColumnsPerBlock, slices);
+  const dim3 grid((p.chunk_columns + kColumnsPerBlock - 1) / kColumnsPerBlock, slices);
   const dim3 block(kColumnsPerBlock, kRowLanes);
-  tile_columns_partial_kernel<acc_t><<<grid, block, 0, as_stream(stream)>>>(p, tile, scale, rows_per_slice,
+  column_lse_partial_kernel<acc_t><<<grid, block, 0, as_stream(stream)>>>(p, tile, scale, rows_per_slice,
                                                                                 partial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int threads = 256;
-  tile_columns_merge_kernel<acc_t><<<(p.tile_cols + threads - 1) / threads, threads, 0, as_stream(stream)>>>(
+  column_lse_merge_kernel<acc_t><<<(p.chunk_columns + threads - 1) / threads, threads, 0, as_stream(stream)>>>(
       p, partial, slices, col_lse);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -154,24 +154,24 @@ void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives, 
 }
 
 template <typename acc_t, typename grad_t>
-void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+void contrastive_chunk_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, LseArray<const acc_t> row_lse,
                            LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
                            grad_t* dlogits, void* stream) {
-  launch_row_blocks(tile_grad_kernel<acc_t, grad_t>, p.num_rows, stream, p, tile, scale, positives, row_lse, col_lse,
+  launch_row_blocks(chunk_grad_kernel<acc_t, grad_t>, p.num_rows, stream, p, tile, scale, positives, row_lse, col_lse,
                     row_grad, col_grad, dlogits);
 }
 
 #define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE(acc_t)                                                    \
-  template void contrastive_tile_rows<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,         \
+  template void contrastive_accumulate_chunk<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,         \
                                              const int64_t*, ContrastiveRowState<acc_t>, void*);           \
-  template void contrastive_tile_columns<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,      \
+  template void contrastive_chunk_column_lse<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,      \
                                                 LseArray<acc_t>, acc_t*, void*);                           \
   template void contrastive_finalize<acc_t>(const ContrastiveParams&, const int64_t*,                      \
                                             ContrastiveRowState<acc_t>, LseArray<const acc_t>,             \
                                             LseArray<acc_t>, acc_t*, void*);
 #define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD(acc_t, grad_t)                                             \
-  template void contrastive_tile_grad<acc_t, grad_t>(const ContrastiveParams&, const acc_t*, const acc_t*, \
+  template void contrastive_chunk_grad<acc_t, grad_t>(const ContrastiveParams&, const acc_t*, const acc_t*, \
                                                      const int64_t*, LseArray<const acc_t>,                \
                                                      LseArray<const acc_t>, const acc_t*, const acc_t*,    \
                                                      grad_t*, void*);

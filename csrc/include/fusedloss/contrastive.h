@@ -1,12 +1,12 @@
 // InfoNCE family (InfoNCE, SimCLR NT-Xent, CLIP): the parameters and the
-// per-tile kernels shared by the CPU and CUDA backends.
+// per-chunk kernels shared by the CPU and CUDA backends.
 //
 // Design (see docs/contrastive.md): R query rows Q [R, D] are scored against C key
 // columns K [C, D], logits = scale * Q K^T. The driver (csrc/contrastive.cpp)
-// walks the columns in tiles, forming one [R, tile] block of raw dot products
+// walks the columns in chunks, forming one [R, chunk] tile of raw dot products
 // with a GEMM; the kernels declared here fold that block into a per-row online
 // log-sum-exp and, for the symmetric loss, into the complete column-wise LSE of
-// the tile's columns (the block holds every row). The block is only read: the
+// the chunk's columns (the tile holds every row). The tile is only read: the
 // kernels apply the scale and the mask on the fly, so the forward moves each
 // dot product through memory once per pass. The R x C matrix never exists.
 //
@@ -25,17 +25,17 @@ namespace fusedloss {
 struct ContrastiveParams {
   int64_t num_rows;     // R: query rows
   int64_t num_cols;     // C: key columns (keys, then any extra negatives)
-  int64_t tile_start;   // first column of the current tile
-  int64_t tile_cols;    // columns in the current tile
-  int64_t tile_stride;  // elements between consecutive rows of the tile
+  int64_t chunk_start;    // first column of the current chunk
+  int64_t chunk_columns;  // columns in the current chunk
+  int64_t logits_stride;  // elements between consecutive rows of the tile
   int64_t self_offset;  // row i masks column i + self_offset (when mask_self)
   bool mask_self;
   bool symmetric;       // add the column-wise (key -> query) term
 
-  // Column of the tile masked for `row`, or -1.
-  FL_HOST_DEVICE int64_t masked_tile_col(int64_t row) const {
-    const int64_t c = row + self_offset - tile_start;
-    return mask_self && c >= 0 && c < tile_cols ? c : -1;
+  // Column of the chunk masked for `row`, or -1.
+  FL_HOST_DEVICE int64_t masked_chunk_column(int64_t row) const {
+    const int64_t c = row + self_offset - chunk_start;
+    return mask_self && c >= 0 && c < chunk_columns ? c : -1;
   }
 };
 
@@ -44,7 +44,7 @@ template <typename acc_t>
 struct ContrastiveRowState {
   acc_t* max;             // running max of the row's logits
   acc_t* sum_exp;         // running sum of exp(logit - max)
-  acc_t* positive_logit;  // logit at the positive column once its tile is seen (NaN before)
+  acc_t* positive_logit;  // logit at the positive column once its chunk is seen (NaN before)
 };
 
 // Logit of one tile entry: scale * dot, or -inf where the self mask applies.
@@ -94,16 +94,16 @@ FL_HOST_DEVICE acc_t contrastive_logit_grad(acc_t row_prob, acc_t row_grad, acc_
 }
 
 namespace cpu {
-// Merge the logits of a tile of raw dot products [R, tile_cols] into the row
+// Merge a tile of raw dot products [R, chunk_columns] into the row
 // state (and record each row's positive logit when its column is here).
 template <typename acc_t>
-void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+void contrastive_accumulate_chunk(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, ContrastiveRowState<acc_t> state);
-// Column-wise LSE over all R rows of a tile: writes col_lse[tile_start + j].
+// Column-wise LSE of the chunk over all R rows: writes col_lse[chunk_start + j].
 // `scratch` is the CUDA kernels' (contrastive_column_scratch_elems); the CPU
 // needs none.
 template <typename acc_t>
-void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+void contrastive_chunk_column_lse(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                               LseArray<acc_t> col_lse, acc_t* scratch);
 // row_lse[R] and the per-row loss[R]: lse - positive, or the mean of the row
 // and the column term of the pair when symmetric.
@@ -116,7 +116,7 @@ void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives,
 // summed upstream gradient of the column terms per column (col_grad[C]).
 // `dlogits` may alias `tile`.
 template <typename acc_t, typename grad_t>
-void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+void contrastive_chunk_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, LseArray<const acc_t> row_lse,
                            LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
                            grad_t* dlogits);
@@ -125,20 +125,20 @@ void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const 
 #ifdef FUSEDLOSS_WITH_CUDA
 namespace cuda {
 template <typename acc_t>
-void contrastive_tile_rows(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+void contrastive_accumulate_chunk(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, ContrastiveRowState<acc_t> state, void* stream);
-// Elements of acc_t scratch contrastive_tile_columns needs (partial LSE states
+// Elements of acc_t scratch contrastive_chunk_column_lse needs (partial LSE states
 // of row slices, reduced deterministically by a second kernel).
-int64_t contrastive_column_scratch_elems(int64_t num_rows, int64_t tile_cols);
+int64_t contrastive_column_scratch_elems(int64_t num_rows, int64_t chunk_columns);
 template <typename acc_t>
-void contrastive_tile_columns(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+void contrastive_chunk_column_lse(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                               LseArray<acc_t> col_lse, acc_t* scratch, void* stream);
 template <typename acc_t>
 void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives,
                           ContrastiveRowState<acc_t> state, LseArray<const acc_t> col_lse,
                           LseArray<acc_t> row_lse, acc_t* loss, void* stream);
 template <typename acc_t, typename grad_t>
-void contrastive_tile_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
+void contrastive_chunk_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, LseArray<const acc_t> row_lse,
                            LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
                            grad_t* dlogits, void* stream);
