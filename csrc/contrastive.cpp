@@ -189,7 +189,16 @@ struct ContrastiveBackward : ContrastiveProblem {
     row_grad = grad_loss.reshape({num_rows}).to(acc_dtype).mul(params.symmetric ? 0.5 : 1.0).contiguous();
     row_lse = row_lse_in.reshape({2, num_rows}).to(acc_dtype).contiguous();
     col_lse = col_lse_in.reshape({2, col_stats}).to(acc_dtype).contiguous();
-    if (params.symmetric) col_grad = at::zeros({num_cols}, acc_opts).index_add_(0, positives, row_grad);
+    if (params.symmetric) {
+      // Each column's term is weighted by the upstream gradient of the pair it
+      // is the positive of. An out-of-range positive (unchecked only on CUDA
+      // under compile / graph capture) made its row NaN in the forward: it
+      // poisons a column here too, instead of index_add_'s device assert.
+      const Tensor valid = positives.ge(0).logical_and(positives.lt(num_cols));
+      col_grad = at::zeros({num_cols}, acc_opts)
+                     .index_add_(0, positives.clamp(0, num_cols - 1),
+                                 row_grad.where(valid, std::numeric_limits<double>::quiet_NaN()));
+    }
     grad_rows_acc = need_dq ? at::zeros({num_rows, queries.size(1)}, acc_opts) : Tensor();
     // Every dK row is written by its tile's GEMM (zeros only without rows).
     grad_cols_buf = !need_cols      ? Tensor()

@@ -129,8 +129,8 @@ struct SampledProblem {
     num_sampled = sampled.size(-1);
     if (o.hit_mask == int64_t(HitMask::kLastCopy)) maskable = last_occurrence(sampled);
     const int64_t rows = input.size(0), dim = input.size(1);
-    params = SampledParams{rows,  true_classes.size(1), dim, o.mode, o.hit_mask != int64_t(HitMask::kNone),
-                           o.label_smoothing, o.true_label, false, 0, 0};
+    params = SampledParams{rows,          weight.size(0),    true_classes.size(1), dim, o.mode,
+                           o.hit_mask != int64_t(HitMask::kNone), o.label_smoothing, o.true_label, false, 0, 0};
     chunk_list.push_back({0, params.num_true, kTrueColumns});
     const int64_t chunk = (shared || !input.is_cuda())
                               ? chunk_columns_for(rows, num_sampled, o.chunk_size, input.is_cuda())

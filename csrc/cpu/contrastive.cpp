@@ -47,7 +47,7 @@ void contrastive_accumulate_chunk(const ContrastiveParams& p, const acc_t* tile,
       }
       lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum});
       const int64_t t = positives[row] - p.chunk_start;
-      if (t >= 0 && t < columns) state.positive_logit[row] = s * y[t];
+      if (t >= 0 && t < columns) state.positive_logit[row] = contrastive_positive_logit(y[t], s, t == masked);
     }
   });
 }

@@ -5,6 +5,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "common.h"
 #include "fusedloss/linear_ce.h"
@@ -76,7 +77,7 @@ void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const ac
         std::fill_n(dz, columns, grad_t(0));
         continue;
       }
-      const acc_t g = grad_loss[row];
+      const acc_t g = linear_ce_target_valid(p, target[row]) ? grad_loss[row] : std::numeric_limits<acc_t>::quiet_NaN();
       const LseParts<acc_t> row_lse = lse[row];
       // Everything except the target column is  g * (c1 * p_j - c0) * softcap'.
       const acc_t prob_scale = g * (acc_t(1) + acc_t(2) * terms.z_loss * row_lse.value());

@@ -30,7 +30,7 @@ template <typename acc_t>
 void final_row_logits(const SampledParams& p, const SampledColumns<acc_t>& cols, int64_t row, const acc_t* raw,
                       acc_t* out) {
   const int64_t columns = p.chunk_columns;
-  for (int64_t j = 0; j < columns; ++j) out[j] = sampled_column_logit(cols, row, j, raw[j]);
+  for (int64_t j = 0; j < columns; ++j) out[j] = sampled_column_logit(p, cols, row, j, raw[j]);
   if (!p.mask_hits || p.is_true_chunk) return;
   for (int64_t j = 0; j < columns; ++j) {
     if (sampled_column_masked(p, cols, row, j)) out[j] = neg_infinity<acc_t>();

@@ -40,7 +40,7 @@ __global__ void accumulate_chunk_kernel(ContrastiveParams p, const acc_t* tile, 
   for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
     const acc_t v = contrastive_logit(y[j], s, j == masked);
     if (j != masked) local = lse_merge(local, LseState<acc_t>{v, acc_t(1)});
-    if (j == t) state.positive_logit[row] = v;
+    if (j == t) state.positive_logit[row] = contrastive_positive_logit(y[j], s, j == masked);
   }
   const LseState<acc_t> chunk = block_allreduce(local, LseMergeOp{});
   if (threadIdx.x == 0) {

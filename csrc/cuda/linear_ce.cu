@@ -7,6 +7,8 @@
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
+#include <limits>
+
 #include "block_reduce.cuh"
 #include "fusedloss/linear_ce.h"
 #include "launch.cuh"
@@ -59,7 +61,7 @@ __global__ void chunk_grad_kernel(LinearCEParams p, const acc_t* logits, const a
     for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) dz[j] = grad_t(0);
     return;
   }
-  const acc_t g = grad_loss[row];
+  const acc_t g = linear_ce_target_valid(p, target[row]) ? grad_loss[row] : std::numeric_limits<acc_t>::quiet_NaN();
   const LseParts<acc_t> row_lse = lse[row];
   const acc_t cap = static_cast<acc_t>(p.softcap);
   const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss), acc_t(p.num_classes)};

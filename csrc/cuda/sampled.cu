@@ -8,6 +8,8 @@
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
+#include <limits>
+
 #include "block_reduce.cuh"
 #include "fusedloss/sampled.h"
 #include "launch.cuh"
@@ -33,7 +35,12 @@ __global__ void row_dot_kernel(SampledParams p, const in_t* x, const in_t* w, co
   const int warps = blockDim.x / kWarpSize;
   const in_t* xr = x + row * p.dim;
   for (int64_t j = warp; j < columns; j += warps) {
-    const in_t* wr = w + ids[row * id_row_stride + j] * p.dim;
+    const int64_t id = ids[row * id_row_stride + j];
+    if (!sampled_id_valid(p, id)) {  // poisoned, never read (see sampled_id_valid)
+      if (lane == 0) out[row * out_stride + j] = std::numeric_limits<acc_t>::quiet_NaN();
+      continue;
+    }
+    const in_t* wr = w + id * p.dim;
     acc_t s = 0;
     for (int64_t d = lane; d < p.dim; d += kWarpSize) s += static_cast<acc_t>(xr[d]) * static_cast<acc_t>(wr[d]);
     s = warp_sum(s);
@@ -49,7 +56,10 @@ __global__ void row_axpy_kernel(SampledParams p, const acc_t* dz, int64_t dz_str
     acc_t acc = 0;
     for (int64_t j = 0; j < columns; ++j) {
       const acc_t g = dz[row * dz_stride + j];
-      if (g != acc_t(0)) acc += g * static_cast<acc_t>(w[ids[row * id_row_stride + j] * p.dim + d]);
+      if (g == acc_t(0)) continue;
+      const int64_t id = ids[row * id_row_stride + j];
+      acc += sampled_id_valid(p, id) ? g * static_cast<acc_t>(w[id * p.dim + d])
+                                     : std::numeric_limits<acc_t>::quiet_NaN();
     }
     dx[row * p.dim + d] += acc;
   }
@@ -65,7 +75,7 @@ __global__ void accumulate_chunk_kernel(SampledParams p, SampledColumns<acc_t> c
   acc_t sum = 0, unmasked = 0, nce_sum = 0;
   for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
     if (sampled_column_masked(p, cols, row, j)) continue;
-    const acc_t z = sampled_column_logit(cols, row, j, y[j]);
+    const acc_t z = sampled_column_logit(p, cols, row, j, y[j]);
     // The CPU kernels mark masked columns with -inf, so a logit that is -inf
     // itself (a -inf bias) is skipped there; skip it here too (NCE would
     // otherwise compute 0 * -inf = NaN, softmax count it in M and sum_logits).
@@ -110,7 +120,7 @@ __global__ void chunk_grad_kernel(SampledParams p, SampledColumns<acc_t> cols, c
   const LseParts<acc_t> lse = sampled_row_lse(p, stats, row);
   const acc_t unmasked = sampled_row_columns(p, stats, row);
   for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
-    const acc_t y = sampled_column_logit(cols, row, j, z[j]);
+    const acc_t y = sampled_column_logit(p, cols, row, j, z[j]);
     // -inf logits count as masked, as in the forward and the CPU kernels; a
     // row with zero upstream gradient is skipped (its logits may be inf/NaN).
     const bool masked = g == acc_t(0) || sampled_column_masked(p, cols, row, j) || y == neg_infinity<acc_t>();

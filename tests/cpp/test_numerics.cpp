@@ -6,11 +6,21 @@
 #include <vector>
 
 #include "cpu/vec_math.h"
+#include "fusedloss/contrastive.h"
+#include "fusedloss/linear_ce.h"
 #include "fusedloss/numerics.h"
+#include "fusedloss/sampled.h"
 
 using namespace fusedloss;
 
 static int failures = 0;
+#define EXPECT_TRUE(cond)                                              \
+  do {                                                                 \
+    if (!(cond)) {                                                     \
+      std::printf("%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                      \
+    }                                                                  \
+  } while (0)
 #define EXPECT_NEAR(a, b, tol)                                                                   \
   do {                                                                                           \
     const double _a = (a), _b = (b);                                                             \
@@ -73,6 +83,52 @@ int main() {
   }
   EXPECT_NEAR(log_sigmoid(-800.0), -800.0, 1e-15);
   EXPECT_NEAR(log_sigmoid(800.0), 0.0, 1e-15);
+
+  // Probabilities from LseParts stay accurate at |logit| ~ 1e4 in fp32, where
+  // exp(x - lse) with an absolute fp32 lse is off by ~1e-3 relative.
+  {
+    const std::vector<double> big = {1e4 + 0.25, 1e4 - 1.5, 1e4 + 0.75, 1e4};
+    LseState<float> state = LseState<float>::empty();
+    for (double x : big) state = lse_merge(state, LseState<float>{float(x), 1.0f});
+    const double exact_lse = direct_lse(big);
+    for (double x : big) {
+      EXPECT_NEAR(std::exp(state.parts().log_prob(float(x))), std::exp(x - exact_lse), 1e-6);
+    }
+  }
+
+  // A -inf column without label smoothing leaves the row loss finite (no 0 * -inf).
+  {
+    const CrossEntropyTerms<float> plain{0.0f, 0.0f, 3.0f};
+    EXPECT_TRUE(std::isfinite(plain.row_loss(1.0f, 0.5f, -INFINITY)));
+    const CrossEntropyTerms<float> smoothed{0.1f, 0.0f, 3.0f};
+    EXPECT_TRUE(std::isinf(smoothed.row_loss(1.0f, 0.5f, -INFINITY)));
+  }
+
+  // A target or id outside the classes (possible only where the range check
+  // is skipped: CUDA under torch.compile / graph capture) poisons its row.
+  {
+    LinearCEParams p{3, 5, 0, 5, 5, -100, 0.0, 0.0, 0.0, false};
+    float max[3] = {1, 1, 1}, sum_exp[3] = {2, 2, 2}, sum_logits[3] = {0, 0, 0}, target_logit[3] = {0.5f, 0.5f, 0.5f};
+    float lse_max[3], lse_log_sum[3], loss[3];
+    const int64_t target[3] = {2, 7, -100};
+    for (int64_t row = 0; row < 3; ++row) {
+      linear_ce_finalize_row(p, row, target, LinearCERowState<float>{max, sum_exp, sum_logits, target_logit},
+                             LseArray<float>{lse_max, lse_log_sum}, loss);
+    }
+    EXPECT_NEAR(loss[0], 1 + std::log(2.0) - 0.5, 1e-6);
+    EXPECT_TRUE(std::isnan(loss[1]));
+    EXPECT_TRUE(loss[2] == 0.0f);
+
+    SampledParams sp{1, 4, 1, 2, 0, false, 0.0, 1.0, false, 2, 2};
+    const int64_t ids[2] = {3, 4};
+    const float bias[4] = {0, 0, 0, 1};
+    const SampledColumns<float> cols{ids, 0, nullptr, 0, nullptr, bias, ids};
+    EXPECT_NEAR(sampled_column_logit(sp, cols, 0, 0, 2.0f), 3.0, 0);
+    EXPECT_TRUE(std::isnan(sampled_column_logit(sp, cols, 0, 1, 2.0f)));
+
+    EXPECT_TRUE(std::isnan(contrastive_positive_logit(1.0f, 2.0f, true)));
+    EXPECT_NEAR(contrastive_positive_logit(1.0f, 2.0f, false), 2.0, 0);
+  }
 
   if (failures) std::printf("%d failure(s)\n", failures);
   else std::printf("all numerics tests passed\n");

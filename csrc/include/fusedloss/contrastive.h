@@ -53,6 +53,15 @@ FL_HOST_DEVICE acc_t contrastive_logit(acc_t dot, acc_t scale, bool masked) {
   return masked ? neg_infinity<acc_t>() : scale * dot;
 }
 
+// Logit at a row's positive. The positive being the row's masked self column
+// is rejected before the op on the CPU; on CUDA (positives are built by the
+// Python layer, unchecked there) it poisons the row with NaN rather than an
+// infinite loss.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t contrastive_positive_logit(acc_t dot, acc_t scale, bool masked) {
+  return masked ? std::numeric_limits<acc_t>::quiet_NaN() : scale * dot;
+}
+
 // Column LSE at a row's positive. The CUDA path does not validate positives
 // (the Python layer builds them), so an invalid one yields NaN, never an
 // out-of-bounds read.

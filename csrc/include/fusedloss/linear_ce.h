@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "fusedloss/numerics.h"
 
@@ -42,6 +43,14 @@ struct LinearCERowState {
   acc_t* target_logit;  // y at the target column, once its chunk is seen
 };
 
+// Targets are range-checked before the op, except on CUDA under torch.compile
+// or graph capture (the check would be a host sync): there a target outside
+// [0, num_classes) that is not ignore_index poisons its row's loss and
+// gradient with NaN instead of silently losing its one-hot term.
+FL_HOST_DEVICE bool linear_ce_target_valid(const LinearCEParams& p, int64_t t) {
+  return t >= 0 && t < p.num_classes;
+}
+
 // The row's lse (as LseParts) from the row state and the row's loss (0 when
 // the target is ignored); the one formula behind the CPU and CUDA finalize kernels.
 template <typename acc_t>
@@ -50,9 +59,11 @@ FL_HOST_DEVICE void linear_ce_finalize_row(const LinearCEParams& p, int64_t row,
   const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss), acc_t(p.num_classes)};
   const LseParts<acc_t> parts = LseState<acc_t>{state.max[row], state.sum_exp[row]}.parts();
   lse.store(row, parts);
-  loss[row] = target[row] == p.ignore_index
-                  ? acc_t(0)
-                  : terms.row_loss(parts.value(), state.target_logit[row], state.sum_logits[row]);
+  const int64_t t = target[row];
+  loss[row] = t == p.ignore_index                ? acc_t(0)
+              : !linear_ce_target_valid(p, t) ? std::numeric_limits<acc_t>::quiet_NaN()
+                                                : terms.row_loss(parts.value(), state.target_logit[row],
+                                                                 state.sum_logits[row]);
 }
 
 namespace cpu {

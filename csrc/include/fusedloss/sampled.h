@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "fusedloss/numerics.h"
 
@@ -32,6 +33,7 @@ enum class HitMask : int64_t {
 // Scalars and sizes of one sampled-loss call plus the chunk being processed.
 struct SampledParams {
   int64_t num_rows;        // N
+  int64_t num_classes;     // C: rows of the weight, the range of every id
   int64_t num_true;        // T
   int64_t dim;             // D
   int64_t mode;            // SampledMode
@@ -137,11 +139,20 @@ FL_HOST_DEVICE bool sampled_column_masked(const SampledParams& p, const SampledC
   return hit;
 }
 
+// Whether an id can be read. Ids are range-checked before the op, except on
+// CUDA under torch.compile or graph capture (the check would be a host sync):
+// there an out-of-range id poisons its logit with NaN instead of reading out
+// of bounds.
+FL_HOST_DEVICE bool sampled_id_valid(const SampledParams& p, int64_t id) { return id >= 0 && id < p.num_classes; }
+
 // Final logit of column j of `row` from its raw dot product: + bias - log Q.
 template <typename acc_t>
-FL_HOST_DEVICE acc_t sampled_column_logit(const SampledColumns<acc_t>& c, int64_t row, int64_t j, acc_t raw) {
+FL_HOST_DEVICE acc_t sampled_column_logit(const SampledParams& p, const SampledColumns<acc_t>& c, int64_t row,
+                                          int64_t j, acc_t raw) {
   acc_t z = raw;
-  if (c.bias != nullptr) z += c.bias[c.ids[row * c.id_row_stride + j]];
+  const int64_t id = c.ids[row * c.id_row_stride + j];
+  if (!sampled_id_valid(p, id)) return std::numeric_limits<acc_t>::quiet_NaN();
+  if (c.bias != nullptr) z += c.bias[id];
   if (c.log_q != nullptr) z -= c.log_q[row * c.log_q_row_stride + j];
   return z;
 }
