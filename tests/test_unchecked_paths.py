@@ -7,6 +7,8 @@ import math
 
 import torch
 
+import fusedloss  # noqa: F401  (loads the extension: registers torch.ops.fusedloss)
+
 ops = torch.ops.fusedloss
 
 
