@@ -6,11 +6,8 @@ import pytest
 import torch
 
 from fusedloss.samplers import LogUniformSampler, UniformSampler, UnigramSampler, expected_count
+from conftest import requires_cuda
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
-]
 SAMPLERS = {
     "log_uniform": lambda: LogUniformSampler(50),
     "uniform": lambda: UniformSampler(50),
@@ -20,6 +17,7 @@ SAMPLERS = {
 
 
 def test_log_uniform_probability():
+    """LogUniformSampler's probabilities sum to one and follow the log-uniform formula."""
     s = LogUniformSampler(1000)
     p = s.probability(torch.arange(1000))
     torch.testing.assert_close(p.sum(), torch.tensor(1.0, dtype=torch.float64))
@@ -27,6 +25,7 @@ def test_log_uniform_probability():
 
 
 def test_unigram_probability_tf_example():
+    """UnigramSampler reproduces TensorFlow's documented example."""
     # TensorFlow: unigrams [1, 4, 9], distortion 0.5, 2 reserved ids, k=4 -> counts [0, 0, .667, 1.333, 2.0].
     s = UnigramSampler([1, 4, 9], distortion=0.5, num_reserved_ids=2)
     assert s.range_max == 5
@@ -34,9 +33,9 @@ def test_unigram_probability_tf_example():
     torch.testing.assert_close(true_count, torch.tensor([[0.0, 0.0, 2 / 3, 4 / 3, 2.0]]))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_empirical_frequencies(device, name):
+    """Draws follow each sampler's distribution (chi-square) with counts k * p."""
     sampler = SAMPLERS[name]()
     g = torch.Generator(device=device).manual_seed(0)
     draws = 200_000
@@ -56,6 +55,7 @@ def test_empirical_frequencies(device, name):
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_unique_expected_counts_follow_num_tries(name):
+    """unique=True counts follow TensorFlow's num_tries formula."""
     sampler = SAMPLERS[name]()
     k = 20
     g = torch.Generator().manual_seed(1)
@@ -74,6 +74,7 @@ def test_unique_expected_counts_follow_num_tries(name):
 
 
 def test_unique_without_collision_uses_pk():
+    """unique=True without any rejection keeps the p * k counts."""
     # TensorFlow keeps p*k when rejection never triggered (range 1e6, k=5).
     s = UniformSampler(10**6)
     sampled, _, counts = s.sample(torch.zeros(1, 1, dtype=torch.long), 5, unique=True,
@@ -82,6 +83,7 @@ def test_unique_without_collision_uses_pk():
 
 
 def test_unique_inclusion_frequency_matches_counts():
+    """unique=True expected counts approximate the inclusion frequency."""
     # Monte-Carlo: over many unique draws the inclusion frequency of class c is
     # close to the average expected count reported for c. (TensorFlow's count
     # conditions on num_tries, which is only approximately the inclusion
@@ -100,6 +102,7 @@ def test_unique_inclusion_frequency_matches_counts():
 
 
 def test_range_equals_k_unique():
+    """unique=True with k = range_max draws every class once."""
     s = LogUniformSampler(6)
     sampled, _, counts = s.sample(torch.zeros(1, 1, dtype=torch.long), 6, unique=True,
                                   generator=torch.Generator().manual_seed(0))
@@ -107,10 +110,10 @@ def test_range_equals_k_unique():
     assert (counts <= 1.0).all() and (counts > 0).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(SAMPLERS))
 @pytest.mark.parametrize("unique", [True, False])
 def test_same_seed_same_samples(device, name, unique):
+    """The same seed gives the same samples, another seed different ones."""
     sampler = SAMPLERS[name]()
     t = torch.tensor([[1], [4]], device=device)
     a = sampler.sample(t, 12, unique=unique, generator=torch.Generator(device=device).manual_seed(5))
@@ -123,6 +126,7 @@ def test_same_seed_same_samples(device, name, unique):
 
 
 def test_errors():
+    """Sampler argument errors are clear."""
     t = torch.zeros(2, 1, dtype=torch.long)
     with pytest.raises(ValueError, match="range is too small"):
         LogUniformSampler(10).sample(t, 11, unique=True)
@@ -149,8 +153,9 @@ def test_errors():
         UnigramSampler([1.0], num_reserved_ids=-1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 def test_generator_on_wrong_device():
+    """A CPU generator for CUDA sampling is a clear error."""
     with pytest.raises(ValueError, match="generator"):
         UniformSampler(10).sample(torch.zeros(2, 1, dtype=torch.long, device="cuda"), 3,
                                   generator=torch.Generator().manual_seed(0))
