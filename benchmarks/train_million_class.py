@@ -9,9 +9,6 @@ resident memory, which stays flat; then measures the same step with the
 reference ops (``fusedloss.reference``), whose full-softmax version needs the
 [batch, 1M] logits and does not fit.
 
-If ``sampled_softmax_loss`` is not in this build yet, it falls back to the
-exact full softmax ``fusedloss.linear_cross_entropy`` at ``--fallback-classes``.
-
     python benchmarks/train_million_class.py                   # CPU, a few minutes
     python benchmarks/train_million_class.py --device cuda --batch 8192 --dim 256 --num-sampled 8192
 """
@@ -26,8 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a source checkout
 import fusedloss  # noqa: E402
 from fusedloss.bench.cases import CASES, GiB, MiB, log_uniform_sampled_values  # noqa: E402
-from fusedloss.bench.measure import (  # noqa: E402
-    CudaPeak, RssPeak, _proc_status_kib, return_heap_to_os)
+from fusedloss.bench.measure import CudaPeak, RssPeak, return_heap_to_os  # noqa: E402
 from fusedloss.bench.runner import available_ram  # noqa: E402
 
 
@@ -40,8 +36,6 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=2.0)
     p.add_argument("--loss", choices=("sampled_softmax", "nce"), default="sampled_softmax")
-    p.add_argument("--fallback-classes", type=int, default=20_000,
-                   help="class count for the full-softmax fallback when the sampled op is missing")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--ram-fraction", type=float, default=0.5,
@@ -71,21 +65,14 @@ def zipf_batch(batch, classes, gen, device):
 
 
 def memory_now(device):
+    """Allocated CUDA memory, or this process's resident set (0 where /proc is missing)."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
-    return (_proc_status_kib("VmRSS") or 0) * 1024
-
-
-def pick_op(args):
-    """(bench case, class count, description): the sampled op, or the exact
-    full-softmax fallback while the sampled op is not in the build."""
-    case = CASES[args.loss]
-    if case.skip_reason() is None:
-        return case, args.classes, f"fusedloss.{case.func} (K={args.num_sampled})"
-    print(f"note: fusedloss.{case.func} is not in this build; falling back to the exact full softmax "
-          f"fusedloss.linear_cross_entropy at {args.fallback_classes} classes")
-    classes = min(args.classes, args.fallback_classes)
-    return CASES["linear_ce"], classes, "fusedloss.linear_cross_entropy (full softmax)"
+    try:
+        with open("/proc/self/statm") as f:  # sizes in pages: total, resident, ...
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
 def op_inputs(args, h, w, label, sampled_values=None):
@@ -144,21 +131,17 @@ def compare_reference(args, model, case, classes, device, gen):
     ctx, label = zipf_batch(args.batch, classes, gen, device)
     h = model(ctx).detach().requires_grad_(True)
     w = model.out.detach().requires_grad_(True)
-    values = None
-    if case.op != "linear_ce":  # fused and reference see the same candidates
-        g = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(args.seed + 1)
-        values = log_uniform_sampled_values(label, args.num_sampled, classes, g)
-    x = op_inputs(args, h, w, label, values)
+    # Fused and reference see the same candidates.
+    g = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(args.seed + 1)
+    x = op_inputs(args, h, w, label, log_uniform_sampled_values(label, args.num_sampled, classes, g))
 
     def step(loss_fn):
         return lambda: torch.autograd.grad(loss_fn(), (h, w))
 
     full_ref = step(lambda: CASES["linear_ce"].call_reference(fusedloss.reference.linear_cross_entropy, x))
     print("\nOne training step's extra memory (above the model and optimizer):")
-    kind = args.loss if values is not None else "full softmax"
-    rows = [(f"fused {kind}", step(lambda: case.call(case.fused_fn(), x)))]
-    if values is not None:  # (in the fallback the reference is the full-softmax line below)
-        rows.append((f"reference {kind}", step(lambda: case.call_reference(case.reference_fn(), x))))
+    rows = [(f"fused {args.loss}", step(lambda: case.call(case.fused_fn(), x))),
+            (f"reference {args.loss}", step(lambda: case.call_reference(case.reference_fn(), x)))]
     for name, fn in rows:
         peak = step_memory(device, fn)
         print(f"  {name:<44} {'OOM' if peak is None else f'{peak / MiB:.1f} MiB'}")
@@ -179,8 +162,9 @@ def main(argv=None):
     args = parse_args(argv)
     return_heap_to_os()  # so the RSS readings show real usage
     device = torch.device(args.device)
-    case, classes, name = pick_op(args)
-    print(f"skip-gram over {classes:,} classes, dim {args.dim}, batch {args.batch}, {name}, on {device} "
+    case, classes = CASES[args.loss], args.classes
+    print(f"skip-gram over {classes:,} classes, dim {args.dim}, batch {args.batch}, "
+          f"fusedloss.{case.func} (K={args.num_sampled}), on {device} "
           f"({torch.get_num_threads()} threads)\n")
     model, gen = train(args, case, classes, device)
     compare_reference(args, model, case, classes, device, gen)

@@ -17,56 +17,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from . import _common
-from ._extension import C as _C  # noqa: F401  (registers torch.ops.fusedloss)
-
-_ops = torch.ops.fusedloss
-
-
-
-@torch.library.register_fake("fusedloss::contrastive_forward")
-def _contrastive_forward_fake(rows, cols, positives, scale, self_offset, symmetric, tile_size):
-    acc = _common.acc_dtype(rows.dtype)
-    num_rows = rows.shape[0]
-    col_stats = cols.shape[0] if symmetric else 0
-    # The lse outputs are LseParts [2, count] (max, log-sum), see numerics.h.
-    return (rows.new_empty(num_rows, dtype=acc), rows.new_empty(2, num_rows, dtype=acc),
-            rows.new_empty(2, col_stats, dtype=acc))
-
-
-@torch.library.register_fake("fusedloss::contrastive_backward")
-def _contrastive_backward_fake(grad_loss, rows, cols, positives, scale, row_lse, col_lse, self_offset, symmetric,
-                               tile_size, output_mask):
-    grad_rows = torch.empty_like(rows) if output_mask[0] else rows.new_empty(0)
-    grad_cols = torch.empty_like(cols) if output_mask[1] else cols.new_empty(0)
-    grad_scale = scale.new_empty(()) if output_mask[2] else rows.new_empty(0, dtype=_common.acc_dtype(rows.dtype))
-    return grad_rows, grad_cols, grad_scale
-
-
-def _setup_context(ctx, inputs, output):
-    rows, cols, positives, scale, *options = inputs
-    _, row_lse, col_lse = output
-    ctx.save_for_backward(rows, cols, positives, scale, row_lse, col_lse)
-    ctx.options = options
-
-
-def _backward(ctx, grad_loss, _grad_row_lse, _grad_col_lse):
-    _common.forbid_double_backward("contrastive loss", grad_loss)
-    rows, cols, positives, scale, row_lse, col_lse = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]]
-    grad_rows, grad_cols, grad_scale = _ops.contrastive_backward(
-        grad_loss, rows, cols, positives, scale, row_lse, col_lse, *ctx.options, mask
-    )
-    return (
-        grad_rows if mask[0] else None,
-        grad_cols if mask[1] else None,
-        None,
-        grad_scale if mask[2] else None,
-        *([None] * len(ctx.options)),
-    )
-
-
-torch.library.register_autograd("fusedloss::contrastive_forward", _backward, setup_context=_setup_context)
+from . import _common, _ops, _validate
 
 
 def _check_features(name, t, like=None):
@@ -101,7 +52,7 @@ def check_pairs(first, second, first_name, second_name, negatives=None):
 
 
 def _check_tile_size(tile_size):
-    _common.check_optional_positive_int(tile_size, "tile_size")
+    _validate.check_optional_positive_int(tile_size, "tile_size")
 
 
 def _positive_scalar(value, name, features):
@@ -116,20 +67,57 @@ def _positive_scalar(value, name, features):
             raise ValueError(f"{name} is on {value.device} but the features are on {features.device}")
         # One host sync on CUDA, skipped while compiling / capturing (like the
         # target-range checks of the other losses).
-        if _common.should_check_values(value):
+        if _validate.should_check_values(value):
             v = value.detach()
             if not bool((v > 0) & torch.isfinite(v)):
                 raise ValueError(f"{name} must be positive and finite, got {v.item()}")
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
-    value = _common.check_finite(value, name, positive=True)
+    value = _validate.check_finite(value, name, positive=True)
     return torch.tensor(value, dtype=_common.acc_dtype(features.dtype), device=features.device)
 
 
-def _fused(rows, cols, positives, scale, *, self_offset, symmetric, reduction, tile_size):
+def _info_nce_scale(query, key, negatives, temperature, reduction, tile_size):
+    """The argument checks of :func:`info_nce_loss` (and of its distributed
+    twin); returns the logit scale 1 / temperature."""
+    _validate.check_reduction(reduction)
+    _check_tile_size(tile_size)
+    check_pairs(query, key, "query", "key", negatives)
+    return 1.0 / _positive_scalar(temperature, "temperature", query)
+
+
+def _info_nce_features(query, key, negatives, normalize):
+    """query, key and negatives as the op scores them: in the autocast dtype,
+    L2-normalised if asked."""
+    query, key, negatives = _common.autocast_inputs(query.device.type, query, key, negatives)
+    if normalize:
+        query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
+        negatives = None if negatives is None else F.normalize(negatives, dim=-1)
+    return query, key, negatives
+
+
+def _clip_scale(image_features, text_features, logit_scale, reduction, tile_size):
+    """The argument checks of :func:`clip_loss` (and of its distributed twin);
+    returns the logit scale."""
+    _validate.check_reduction(reduction)
+    _check_tile_size(tile_size)
+    check_pairs(image_features, text_features, "image_features", "text_features")
+    return _positive_scalar(logit_scale, "logit_scale", image_features)
+
+
+def _row_losses(rows, cols, positives, scale, tile_size, *, self_offset=None, symmetric=False):
+    """Per-row losses of the fused op: cross-entropy of ``scale * rows @ cols.T``
+    against column ``positives[i]`` (``symmetric``: averaged with the column
+    term of each pair)."""
     scale = scale.to(_common.acc_dtype(rows.dtype))
-    loss, _, _ = _ops.contrastive_forward(rows, cols, positives, scale, self_offset, symmetric, int(tile_size or 0))
+    loss, _, _ = _ops.ops.contrastive_forward(rows, cols, positives, scale, self_offset, symmetric,
+                                              int(tile_size or 0))
+    return loss
+
+
+def _fused(rows, cols, positives, scale, *, self_offset, symmetric, reduction, tile_size):
+    loss = _row_losses(rows, cols, positives, scale, tile_size, self_offset=self_offset, symmetric=symmetric)
     return _common.reduce_rows(loss, None, reduction, loss.shape)
 
 
@@ -151,14 +139,8 @@ def info_nce_loss(query, key, *, negatives=None, temperature=0.07, normalize=Fal
 
     Returns the loss in fp32 (fp64 for fp64 inputs).
     """
-    _common.check_reduction(reduction)
-    _check_tile_size(tile_size)
-    check_pairs(query, key, "query", "key", negatives)
-    scale = 1.0 / _positive_scalar(temperature, "temperature", query)
-    query, key, negatives = _common.autocast_inputs(query.device.type, query, key, negatives)
-    if normalize:
-        query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
-        negatives = None if negatives is None else F.normalize(negatives, dim=-1)
+    scale = _info_nce_scale(query, key, negatives, temperature, reduction, tile_size)
+    query, key, negatives = _info_nce_features(query, key, negatives, normalize)
     cols = key if negatives is None else torch.cat([key, negatives])
     positives = torch.arange(query.shape[0], device=query.device)
     return _fused(query, cols, positives, scale, self_offset=None, symmetric=symmetric, reduction=reduction,
@@ -173,7 +155,7 @@ def nt_xent_loss(hidden, *, temperature=0.5, normalize=True, reduction="mean", t
     ``reduction="none"`` gives the 2N per-anchor losses, ``"mean"`` their mean
     (SimCLR's ``objective.py`` returns twice that).
     """
-    _common.check_reduction(reduction)
+    _validate.check_reduction(reduction)
     _check_tile_size(tile_size)
     _check_features("hidden", hidden)
     if hidden.shape[0] % 2 or hidden.shape[0] == 0:
@@ -197,10 +179,7 @@ def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", t
     given (CLIP models normalise them). ``"mean"`` equals
     ``(F.cross_entropy(X, y) + F.cross_entropy(X.T, y)) / 2``.
     """
-    _common.check_reduction(reduction)
-    _check_tile_size(tile_size)
-    check_pairs(image_features, text_features, "image_features", "text_features")
-    scale = _positive_scalar(logit_scale, "logit_scale", image_features)
+    scale = _clip_scale(image_features, text_features, logit_scale, reduction, tile_size)
     image_features, text_features = _common.autocast_inputs(image_features.device.type, image_features,
                                                             text_features)
     positives = torch.arange(image_features.shape[0], device=image_features.device)
@@ -208,18 +187,13 @@ def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", t
                   reduction=reduction, tile_size=tile_size)
 
 
-class InfoNCELoss(torch.nn.Module):
+class InfoNCELoss(_common.LossModule):
     """Module form of :func:`info_nce_loss`; call as ``loss(query, key, negatives=None)``.
     ``temperature`` may be a float or a 0-dim tensor / Parameter (learnable)."""
 
     def __init__(self, temperature=0.07, *, normalize=False, symmetric=False, reduction="mean", tile_size=None):
-        super().__init__()
-        _common.check_reduction(reduction)
-        self.temperature = temperature
-        self.normalize = normalize
-        self.symmetric = symmetric
-        self.reduction = reduction
-        self.tile_size = tile_size
+        super().__init__(reduction, temperature=temperature, normalize=normalize, symmetric=symmetric,
+                         tile_size=tile_size)
 
     def forward(self, query, key, negatives=None):
         return info_nce_loss(query, key, negatives=negatives, temperature=self.temperature,
@@ -231,16 +205,11 @@ class InfoNCELoss(torch.nn.Module):
                 f"reduction={self.reduction!r}")
 
 
-class NTXentLoss(torch.nn.Module):
+class NTXentLoss(_common.LossModule):
     """Module form of :func:`nt_xent_loss`; call as ``loss(hidden)``."""
 
     def __init__(self, temperature=0.5, *, normalize=True, reduction="mean", tile_size=None):
-        super().__init__()
-        _common.check_reduction(reduction)
-        self.temperature = temperature
-        self.normalize = normalize
-        self.reduction = reduction
-        self.tile_size = tile_size
+        super().__init__(reduction, temperature=temperature, normalize=normalize, tile_size=tile_size)
 
     def forward(self, hidden):
         return nt_xent_loss(hidden, temperature=self.temperature, normalize=self.normalize,
@@ -250,14 +219,11 @@ class NTXentLoss(torch.nn.Module):
         return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}"
 
 
-class ClipLoss(torch.nn.Module):
+class ClipLoss(_common.LossModule):
     """Module form of :func:`clip_loss`; call as ``loss(image_features, text_features, logit_scale)``."""
 
     def __init__(self, *, reduction="mean", tile_size=None):
-        super().__init__()
-        _common.check_reduction(reduction)
-        self.reduction = reduction
-        self.tile_size = tile_size
+        super().__init__(reduction, tile_size=tile_size)
 
     def forward(self, image_features, text_features, logit_scale):
         return clip_loss(image_features, text_features, logit_scale, reduction=self.reduction,

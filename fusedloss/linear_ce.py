@@ -8,102 +8,7 @@ each chunk's logits to form its gradient (see csrc/README.md).
 """
 import torch
 
-from . import _common
-from ._extension import C as _C  # noqa: F401  (registers torch.ops.fusedloss)
-
-_ops = torch.ops.fusedloss
-
-
-
-@torch.library.register_fake("fusedloss::linear_ce_forward")
-def _linear_ce_forward_fake(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
-                            chunk_size):
-    rows = input.shape[0]
-    acc = _common.acc_dtype(input.dtype)
-    return input.new_empty(rows, dtype=acc), input.new_empty(2, rows, dtype=acc)
-
-
-@torch.library.register_fake("fusedloss::linear_ce_backward")
-def _linear_ce_backward_fake(grad_loss, input, weight, target, bias, lse, ignore_index, label_smoothing,
-                             z_loss, softcap, chunk_size, output_mask, vocab_start=0, num_classes=None):
-    grad_input = torch.empty_like(input) if output_mask[0] else input.new_empty(0)
-    grad_weight = torch.empty_like(weight) if output_mask[1] else weight.new_empty(0)
-    grad_bias = torch.empty_like(bias) if output_mask[2] and bias is not None else input.new_empty(0)
-    return grad_input, grad_weight, grad_bias
-
-
-def _setup_context(ctx, inputs, output):
-    input, weight, target, bias, *options = inputs
-    _, lse = output
-    ctx.save_for_backward(input, weight, target, bias, lse)
-    ctx.options = options
-
-
-def _backward(ctx, grad_loss, _grad_lse):
-    _common.forbid_double_backward("linear_cross_entropy", grad_loss)
-    input, weight, target, bias, lse = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
-    grad_input, grad_weight, grad_bias = _ops.linear_ce_backward(
-        grad_loss, input, weight, target, bias, lse, *ctx.options, mask
-    )
-    return (
-        grad_input if mask[0] else None,
-        grad_weight if mask[1] else None,
-        None,
-        grad_bias if mask[2] else None,
-        *([None] * len(ctx.options)),
-    )
-
-
-torch.library.register_autograd("fusedloss::linear_ce_forward", _backward, setup_context=_setup_context)
-
-
-@torch.library.register_fake("fusedloss::linear_ce_sum_and_grad")
-def _linear_ce_sum_and_grad_fake(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
-                                 row_block, output_mask):
-    grad_input = torch.empty_like(input) if output_mask[0] else input.new_empty(0)
-    grad_weight = torch.empty_like(weight) if output_mask[1] else input.new_empty(0)
-    grad_bias = torch.empty_like(bias) if output_mask[2] and bias is not None else input.new_empty(0)
-    return input.new_empty(()), grad_input, grad_weight, grad_bias
-
-
-def _sum_setup_context(ctx, inputs, output):
-    input, weight, target, bias, *options = inputs
-    _, grad_input, grad_weight, grad_bias = output
-    # The gradients are op outputs that only this node consumes; marking them
-    # non-differentiable keeps them out of the graph (no reference cycle).
-    ctx.mark_non_differentiable(grad_input, grad_weight, grad_bias)
-    # Otherwise autograd would hand backward zero-filled "gradients" of those
-    # outputs: a transient V x D buffer.
-    ctx.set_materialize_grads(False)
-    ctx.grads = (grad_input, grad_weight, grad_bias)
-    ctx.save_for_backward(input, weight, target, bias)
-    ctx.options = options  # ignore_index, label_smoothing, z_loss, softcap, row_block, output_mask
-
-
-def _sum_backward(ctx, grad_sum, *_unused):
-    *_loss_options, _row_block, mask = ctx.options
-    if grad_sum is None:  # the loss itself was not differentiated
-        return (None,) * (4 + len(ctx.options))
-    _common.forbid_double_backward("linear_cross_entropy", grad_sum)
-    if ctx.grads is not None:
-        # First backward: scale the forward's gradients in place and hand them
-        # over, so no second V x D buffer exists (out of place when traced:
-        # AOT autograd cannot partition a mutation of a forward output).
-        grads, ctx.grads = ctx.grads, None
-        in_place = not _common.is_traced(grad_sum)
-        grad_input, grad_weight, grad_bias = (g.mul_(grad_sum) if in_place else g * grad_sum for g in grads)
-    else:
-        # A retained graph differentiated again: rerun the same single pass, so
-        # that every backward is bit-identical (gradcheck's reentrancy test).
-        input, weight, target, bias = ctx.saved_tensors
-        _, *grads = _ops.linear_ce_sum_and_grad(input, weight, target, bias, *ctx.options)
-        grad_input, grad_weight, grad_bias = (g * grad_sum for g in grads)
-    return (grad_input if mask[0] else None, grad_weight if mask[1] else None, None,
-            grad_bias if mask[2] else None, *([None] * len(ctx.options)))
-
-
-torch.library.register_autograd("fusedloss::linear_ce_sum_and_grad", _sum_backward, setup_context=_sum_setup_context)
+from . import _common, _ops, _validate
 
 
 def _wants_single_pass(reduction, chunk_size, input, weight, bias):
@@ -132,22 +37,21 @@ def _coerce_operands(fn, input, weight, target, bias):
         raise TypeError(f"{fn}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if input.dim() < 1:
         raise ValueError(f"{fn}: input must be [..., D], got a 0-dim tensor")
-    target = _common.as_index_tensor(target)
+    target = _validate.as_index_tensor(target)
     if tuple(target.shape) != tuple(input.shape[:-1]):
         raise ValueError(f"{fn}: target shape {tuple(target.shape)} must equal input.shape[:-1] = "
                          f"{tuple(input.shape[:-1])}")
-    _common.check_same_device(fn, input=input, weight=weight, target=target, bias=bias)
+    _validate.check_same_device(fn, input=input, weight=weight, target=target, bias=bias)
     return target
 
 
-def _check_cuda_targets(flat_target, input, weight, ignore_index, num_classes=None):
+def _check_cuda_targets(flat_target, input, weight, ignore_index):
     """The target range on CUDA (one host sync; the C++ op scans CPU targets
     itself), after the op's shape checks would have passed: a transposed
     weight must be reported as a shape error by the op, not as targets out of
     range here."""
     if flat_target.is_cuda and weight.dim() == 2 and weight.shape[1] == input.shape[-1]:
-        upper = weight.shape[0] if num_classes is None else num_classes
-        _common.check_index_range(flat_target, upper, "target", ignore_index)
+        _validate.check_index_range(flat_target, weight.shape[0], "target", ignore_index)
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0,
@@ -175,11 +79,11 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
 
     Returns the loss in fp32 (fp64 for fp64 inputs).
     """
-    _common.check_reduction(reduction)
-    softcap = _common.check_finite(softcap, "softcap", positive=True, allow_none=True)
-    z_loss = _common.check_finite(z_loss, "z_loss")
-    label_smoothing = _common.check_finite(label_smoothing, "label_smoothing")
-    chunk_size = _common.check_optional_positive_int(chunk_size, "chunk_size")
+    _validate.check_reduction(reduction)
+    softcap = _validate.check_finite(softcap, "softcap", positive=True, allow_none=True)
+    z_loss = _validate.check_finite(z_loss, "z_loss")
+    label_smoothing = _validate.check_finite(label_smoothing, "label_smoothing")
+    chunk_size = _validate.check_optional_positive_int(chunk_size, "chunk_size")
     target = _coerce_operands("linear_cross_entropy", input, weight, target, bias)
     input, weight, bias = _common.autocast_inputs(input.device.type, input, weight, bias)
     rows = _common.as_rows(input)
@@ -189,25 +93,19 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     valid = flat_target != ignore_index
     if _wants_single_pass(reduction, chunk_size, input, weight, bias):
         mask = [input.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
-        total, *_ = _ops.linear_ce_sum_and_grad(rows, weight, flat_target, bias, *options, 0, mask)
+        total, *_ = _ops.ops.linear_ce_sum_and_grad(rows, weight, flat_target, bias, *options, 0, mask)
         return total if reduction == "sum" else total / valid.sum().clamp(min=1).to(total.dtype)
-    loss, _ = _ops.linear_ce_forward(rows, weight, flat_target, bias, *options, int(chunk_size or 0))
+    loss, _ = _ops.ops.linear_ce_forward(rows, weight, flat_target, bias, *options, int(chunk_size or 0))
     return _common.reduce_rows(loss, valid, reduction, target.shape)
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
+class LinearCrossEntropyLoss(_common.LossModule):
     """Module form of :func:`linear_cross_entropy`; call as ``loss(input, weight, target, bias=None)``."""
 
     def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
                  chunk_size=None):
-        super().__init__()
-        _common.check_reduction(reduction)
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.reduction = reduction
-        self.chunk_size = chunk_size
+        super().__init__(reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                         softcap=softcap, chunk_size=chunk_size)
 
     def forward(self, input, weight, target, bias=None):
         return linear_cross_entropy(

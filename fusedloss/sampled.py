@@ -18,70 +18,47 @@ Differences from ``tf.nn.sampled_softmax_loss`` / ``tf.nn.nce_loss`` (which
   finite and masked columns get exactly zero gradient;
 - ``subtract_log_q`` is public (False gives word2vec-style negative sampling).
 """
+import dataclasses
+from typing import Any, Optional
+
 import torch
 
-from . import _common
-from ._extension import C as _C  # noqa: F401  (registers torch.ops.fusedloss)
+from . import _common, _ops, _validate
+# The op's enums (defined once in csrc/include/fusedloss/sampled.h, read by _ops), also names of this module.
+from ._ops import HIT_ALL_COPIES, HIT_LAST_COPY, HIT_NONE, NCE, SOFTMAX  # noqa: F401
 from ._validate import check_generator, check_positive_int
 from .samplers import LogUniformSampler, UniformSampler
 
-_ops = torch.ops.fusedloss
 
-# The op's enums, defined once in csrc/include/fusedloss/sampled.h.
-SOFTMAX, NCE = _C.SAMPLED_MODES["softmax"], _C.SAMPLED_MODES["nce"]
-HIT_NONE, HIT_ALL_COPIES, HIT_LAST_COPY = (_C.HIT_MASKS[k] for k in ("none", "all_copies", "last_copy"))
+@dataclasses.dataclass(frozen=True)
+class SampledOptions:
+    """The settings of one sampled loss, everything but its tensors and
+    generator: built by :func:`sampled_softmax_loss` / :func:`nce_loss`,
+    ``fusedloss.compat.tf`` and ``fusedloss.distributed``, and read by the
+    drivers (:func:`_sampled_loss`, the distributed ``_sharded_sampled``)."""
 
+    mode: int                          # SOFTMAX or NCE (the op's enum)
+    num_sampled: Optional[int] = None  # K; unused with sampled_values or sampler="in_batch"
+    num_classes: Optional[int] = None  # range of the targets and the sampler; None: weight.shape[0]
+    sampler: Any = "log_uniform"       # "log_uniform", "uniform", "in_batch" or an object with .sample(...)
+    unique: bool = True                # draw without replacement
+    hit_mask: int = HIT_ALL_COPIES     # accidental hits masked: HIT_NONE, HIT_ALL_COPIES, HIT_LAST_COPY (TensorFlow)
+    subtract_log_q: bool = True
+    label_smoothing: float = 0.0       # softmax only
+    true_label: float = 1.0            # NCE's label of a true column (TensorFlow: 1 / num_true)
+    reduction: str = "mean"
+    sparse_grad: bool = False
+    chunk_size: Optional[int] = None
 
+    @classmethod
+    def native(cls, mode, *, remove_accidental_hits, **settings):
+        """Options of the native API, where an accidental hit masks every copy of the true class."""
+        return cls(mode, hit_mask=HIT_ALL_COPIES if remove_accidental_hits else HIT_NONE, **settings)
 
-@torch.library.register_fake("fusedloss::sampled_forward")
-def _sampled_forward_fake(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, mode, hit_mask,
-                          label_smoothing, true_label, chunk_size, sparse_grad):
-    rows = input.shape[0]
-    acc = _common.acc_dtype(input.dtype)
-    return input.new_empty(rows, dtype=acc), input.new_empty(3, rows, dtype=acc)
-
-
-@torch.library.register_fake("fusedloss::sampled_backward")
-def _sampled_backward_fake(grad_loss, input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, stats,
-                           mode, hit_mask, label_smoothing, true_label, chunk_size, sparse_grad, output_mask):
-    if sparse_grad:
-        # The number of touched rows is data-dependent, and unbacked sizes inside
-        # sparse tensors are not supported by fake tensors.
-        raise NotImplementedError(
-            "sparse_grad=True is not supported under torch.compile (data-dependent number of rows); "
-            "use the dense weight gradient there"
-        )
-
-    grad_input = torch.empty_like(input) if output_mask[0] else input.new_empty(0)
-    grad_weight = (torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1]
-                   else weight.new_empty(0))
-    grad_bias = torch.empty_like(bias) if output_mask[2] and bias is not None else input.new_empty(0)
-    return grad_input, grad_weight, grad_bias
-
-
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, *options = inputs
-    _, stats = output
-    ctx.save_for_backward(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, stats)
-    ctx.options = options
-
-
-def _backward(ctx, grad_loss, _grad_stats):
-    _common.forbid_double_backward("sampled loss", grad_loss)
-    input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, stats = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
-    grad_input, grad_weight, grad_bias = _ops.sampled_backward(
-        grad_loss, input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, stats, *ctx.options, mask
-    )
-    return (
-        grad_input if mask[0] else None,
-        grad_weight if mask[1] else None,
-        grad_bias if mask[2] else None,
-        *([None] * (4 + len(ctx.options))),
-    )
-
-
-torch.library.register_autograd("fusedloss::sampled_forward", _backward, setup_context=_setup_context)
+    @property
+    def fn(self):
+        """The public function the errors name."""
+        return "sampled_softmax_loss" if self.mode == SOFTMAX else "nce_loss"
 
 
 def _check_tensor(t, name):
@@ -91,7 +68,7 @@ def _check_tensor(t, name):
 
 
 def _true_classes(target, rows):
-    target = _common.as_index_tensor(_check_tensor(target, "target"))
+    target = _validate.as_index_tensor(_check_tensor(target, "target"))
     if target.dim() == 1:
         target = target.unsqueeze(1)
     if target.dim() != 2 or target.shape[0] != rows or target.shape[1] < 1:
@@ -127,7 +104,7 @@ def _check_sampled_values(sampled_values, true_classes, rows, device):
     if not isinstance(sampled_values, (tuple, list)) or len(sampled_values) != 3:
         raise ValueError("sampled_values must be a tuple (sampled, true_expected_count, sampled_expected_count)")
     sampled, true_count, sampled_count = sampled_values
-    sampled = _common.as_index_tensor(_check_tensor(sampled, "sampled_values[0]"), "sampled_values[0]")
+    sampled = _validate.as_index_tensor(_check_tensor(sampled, "sampled_values[0]"), "sampled_values[0]")
     true_count = _check_tensor(true_count, "sampled_values[1]")
     sampled_count = _check_tensor(sampled_count, "sampled_values[2]")
     if sampled.dim() not in (1, 2) or (sampled.dim() == 2 and sampled.shape[0] != rows):
@@ -162,7 +139,7 @@ def _check_log_q_counts(true_count, sampled_count):
     returns NaN losses instead). Data-dependent, so skipped where values cannot be read."""
     for t, name in ((true_count, "sampled_values[1] (true expected counts)"),
                     (sampled_count, "sampled_values[2] (sampled expected counts)")):
-        if t.numel() == 0 or not _common.should_check_values(t):
+        if t.numel() == 0 or not _validate.should_check_values(t):
             continue
         bad = ~(torch.isfinite(t) & (t > 0))
         if bool(bad.any()):
@@ -170,59 +147,62 @@ def _check_log_q_counts(true_count, sampled_count):
                              f"NaN), got {t[bad].flatten()[0].item()}; a class the sampler cannot draw has count 0")
 
 
-def _sampled_loss(mode, input, weight, target, num_sampled, bias, num_classes, sampler, unique, sampled_values,
-                  remove_accidental_hits, subtract_log_q, label_smoothing, reduction, generator, sparse_grad,
-                  chunk_size, hit_mask=None, true_label=1.0, rows_dtype=None):
-    """Shared driver of the native and TF-compatible losses; returns reduced losses."""
-    _common.check_reduction(reduction)
+def _candidates(options, true_classes, num_classes, generator, prefix="", share=None):
+    """Candidates when the caller gives no sampled_values: the batch's targets
+    (``sampler="in_batch"``) or a draw of the options' sampler, passed through
+    ``share`` (the distributed losses broadcast one draw). Returns TensorFlow's
+    triple and the hit mask to apply."""
+    if options.sampler == "in_batch":
+        # A row's own targets are among the candidates: they must never act as negatives.
+        return in_batch_candidates(true_classes), HIT_ALL_COPIES
+    if options.num_sampled is None:
+        raise ValueError(f"{prefix}num_sampled is required unless sampled_values or sampler='in_batch' is given")
+    drawn = _make_sampler(options.sampler, num_classes).sample(true_classes, options.num_sampled,
+                                                               unique=options.unique, generator=generator)
+    return (drawn if share is None else share(drawn)), options.hit_mask
+
+
+def _sampled_loss(options, *, input, weight, target, bias=None, sampled_values=None, generator=None):
+    """The driver of the native, TF-compatible and distributed sampled losses:
+    checks, candidates, the fused op; returns the reduced losses."""
+    _validate.check_reduction(options.reduction)
     input = _check_tensor(input, "input")
     weight = _check_tensor(weight, "weight")
     if input.dim() != 2:
         raise ValueError(f"input must be [N, D], got shape {tuple(input.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be [num_classes, D], got shape {tuple(weight.shape)}")
-    _common.check_optional_positive_int(chunk_size, "chunk_size")
+    _validate.check_optional_positive_int(options.chunk_size, "chunk_size")
     rows = input.shape[0]
     true_classes = _true_classes(target, rows)
-    _common.check_same_device("sampled_softmax_loss" if mode == SOFTMAX else "nce_loss",
-                              input=input, weight=weight, target=true_classes, bias=bias)
+    _validate.check_same_device(options.fn, input=input, weight=weight, target=true_classes, bias=bias)
     check_generator(generator, input.device)
+    num_classes = options.num_classes
     num_classes = weight.shape[0] if num_classes is None else check_positive_int(num_classes, "num_classes")
     if num_classes > weight.shape[0]:
         raise ValueError(f"num_classes={num_classes} exceeds the {weight.shape[0]} rows of weight")
-    _common.check_index_range(true_classes, num_classes, "target")
+    _validate.check_index_range(true_classes, num_classes, "target")
 
+    hit_mask = options.hit_mask
     if sampled_values is None:
-        if sampler == "in_batch":
-            sampled_values = in_batch_candidates(true_classes)
-            # A row's own targets are among the candidates: they must never act as negatives.
-            hit_mask = HIT_ALL_COPIES
-        else:
-            if num_sampled is None:
-                raise ValueError("num_sampled is required unless sampled_values or sampler='in_batch' is given")
-            sampled_values = _make_sampler(sampler, num_classes).sample(
-                true_classes, num_sampled, unique=unique, generator=generator
-            )
+        sampled_values, hit_mask = _candidates(options, true_classes, num_classes, generator)
     sampled, true_count, sampled_count = _check_sampled_values(sampled_values, true_classes, rows, input.device)
-    _common.check_index_range(sampled, num_classes, "sampled candidates")
-    if subtract_log_q:
+    _validate.check_index_range(sampled, num_classes, "sampled candidates")
+    if options.subtract_log_q:
         _check_log_q_counts(true_count, sampled_count)
 
     acc = _common.acc_dtype(input.dtype)
     # Expected counts carry no gradient (TensorFlow's stop_gradient); log Q is
     # taken in fp32 whatever the input dtype, so bf16 inputs need no bf16 counts.
-    true_log_q = torch.log(true_count.detach().to(acc)) if subtract_log_q else None
-    sampled_log_q = torch.log(sampled_count.detach().to(acc)) if subtract_log_q else None
-    if hit_mask is None:
-        hit_mask = HIT_ALL_COPIES if remove_accidental_hits else HIT_NONE
+    true_log_q = torch.log(true_count.detach().to(acc)) if options.subtract_log_q else None
+    sampled_log_q = torch.log(sampled_count.detach().to(acc)) if options.subtract_log_q else None
     input, weight, bias = _common.autocast_inputs(input.device.type, input, weight, bias)
-    loss, _ = _ops.sampled_forward(
-        input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, mode, hit_mask,
-        float(label_smoothing), float(true_label), int(chunk_size or 0), bool(sparse_grad),
+    loss, _ = _ops.ops.sampled_forward(
+        input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, options.mode, hit_mask,
+        float(options.label_smoothing), float(options.true_label), int(options.chunk_size or 0),
+        bool(options.sparse_grad),
     )
-    if rows_dtype is not None:
-        loss = loss.to(rows_dtype)
-    return _common.reduce_rows(loss, None, reduction, (rows,))
+    return _common.reduce_rows(loss, None, options.reduction, (rows,))
 
 
 def sampled_softmax_loss(input, weight, target, num_sampled, bias=None, *, num_classes=None, sampler="log_uniform",
@@ -262,9 +242,12 @@ def sampled_softmax_loss(input, weight, target, num_sampled, bias=None, *, num_c
             (only the touched rows, duplicates summed, coalesced).
         chunk_size: candidate columns per chunk (default: sized to a fixed workspace).
     """
-    return _sampled_loss(SOFTMAX, input, weight, target, num_sampled, bias, num_classes, sampler, unique,
-                         sampled_values, remove_accidental_hits, subtract_log_q, label_smoothing, reduction,
-                         generator, sparse_grad, chunk_size)
+    options = SampledOptions.native(
+        SOFTMAX, num_sampled=num_sampled, num_classes=num_classes, sampler=sampler, unique=unique,
+        remove_accidental_hits=remove_accidental_hits, subtract_log_q=subtract_log_q, label_smoothing=label_smoothing,
+        reduction=reduction, sparse_grad=sparse_grad, chunk_size=chunk_size)
+    return _sampled_loss(options, input=input, weight=weight, target=target, bias=bias, sampled_values=sampled_values,
+                         generator=generator)
 
 
 def nce_loss(input, weight, target, num_sampled, bias=None, *, num_classes=None, sampler="log_uniform", unique=True,
@@ -276,29 +259,24 @@ def nce_loss(input, weight, target, num_sampled, bias=None, *, num_classes=None,
     ``fusedloss.compat.tf.nce_loss``) and 0 on the candidates. Arguments as in
     :func:`sampled_softmax_loss`; ``remove_accidental_hits=True`` gives
     "sampled logistic"."""
-    return _sampled_loss(NCE, input, weight, target, num_sampled, bias, num_classes, sampler, unique,
-                         sampled_values, remove_accidental_hits, subtract_log_q, 0.0, reduction, generator,
-                         sparse_grad, chunk_size)
+    options = SampledOptions.native(
+        NCE, num_sampled=num_sampled, num_classes=num_classes, sampler=sampler, unique=unique,
+        remove_accidental_hits=remove_accidental_hits, subtract_log_q=subtract_log_q, reduction=reduction,
+        sparse_grad=sparse_grad, chunk_size=chunk_size)
+    return _sampled_loss(options, input=input, weight=weight, target=target, bias=bias, sampled_values=sampled_values,
+                         generator=generator)
 
 
-class _SampledLossModule(torch.nn.Module):
-    _loss = None
-
+class _SampledLossModule(_common.LossModule):
     def __init__(self, num_classes, num_sampled=None, *, sampler="log_uniform", unique=True,
                  remove_accidental_hits=True, subtract_log_q=True, reduction="mean", sparse_grad=False,
                  chunk_size=None):
-        super().__init__()
-        _common.check_reduction(reduction)
+        super().__init__(reduction, unique=unique, remove_accidental_hits=remove_accidental_hits,
+                         subtract_log_q=subtract_log_q, sparse_grad=sparse_grad, chunk_size=chunk_size)
         self.num_classes = check_positive_int(num_classes, "num_classes")
         self.num_sampled = None if num_sampled is None else check_positive_int(num_sampled, "num_sampled")
-        _common.check_optional_positive_int(chunk_size, "chunk_size")
+        _validate.check_optional_positive_int(chunk_size, "chunk_size")
         self.sampler = sampler if sampler == "in_batch" else _make_sampler(sampler, self.num_classes)
-        self.unique = unique
-        self.remove_accidental_hits = remove_accidental_hits
-        self.subtract_log_q = subtract_log_q
-        self.reduction = reduction
-        self.sparse_grad = sparse_grad
-        self.chunk_size = chunk_size
 
     def _options(self):
         return dict(num_classes=self.num_classes, sampler=self.sampler, unique=self.unique,

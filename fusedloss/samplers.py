@@ -25,8 +25,7 @@ import math
 
 import torch
 
-from . import _common
-from ._validate import check_generator, check_int, check_positive_int
+from ._validate import check_finite, check_generator, check_int, check_positive_int
 
 __all__ = ["CandidateSampler", "LogUniformSampler", "UniformSampler", "UnigramSampler", "expected_count"]
 
@@ -207,7 +206,7 @@ class UnigramSampler(CandidateSampler):
             raise ValueError("counts must be finite and non-negative")
         if not bool((counts > 0).any()):
             raise ValueError("counts must contain a positive entry")
-        self.distortion = _common.check_finite(distortion, "distortion")
+        self.distortion = check_finite(distortion, "distortion")
         if self.distortion < 0:
             raise ValueError(f"distortion must be >= 0, got {self.distortion}")
         self.num_reserved_ids = check_int(num_reserved_ids, "num_reserved_ids", minimum=0)

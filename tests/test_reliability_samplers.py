@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fusedloss
-from fusedloss import _common, sampled
+from fusedloss import _ops, _validate
 from fusedloss.compat import tf
 from fusedloss.samplers import LogUniformSampler, UniformSampler, UnigramSampler, expected_count
 from conftest import requires_cuda
@@ -42,7 +42,7 @@ def no_kernel(monkeypatch):
         def __getattr__(self, name):
             raise AssertionError(f"torch.ops.fusedloss.{name} ran before the argument check")
 
-    monkeypatch.setattr(sampled, "_ops", Unreachable())
+    monkeypatch.setattr(_ops, "ops", Unreachable())
 
 
 def problem(n=4, d=5, c=12, num_true=1, k=3):
@@ -235,7 +235,7 @@ def test_expected_counts_unchecked_without_log_q_or_value_checks(monkeypatch):
     assert torch.isfinite(fusedloss.sampled_softmax_loss(x, w, target, None, b, sampled_values=sv,
                                                          subtract_log_q=False))
     # Where values cannot be read (torch.compile, CUDA graph capture) the check is skipped like the range checks.
-    monkeypatch.setattr(_common, "should_check_values", lambda t: False)
+    monkeypatch.setattr(_validate, "should_check_values", lambda t: False)
     fusedloss.sampled_softmax_loss(x, w, target, None, b, sampled_values=sv)
 
 

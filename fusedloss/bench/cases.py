@@ -4,7 +4,6 @@ A case knows how to build deterministic inputs for a shape, how to call the
 fused function and its same-named reference in ``fusedloss.reference`` on those
 inputs, which inputs get gradients, and roughly how much memory the reference
 needs (used on the CPU to report OOM instead of swapping the machine to death).
-An op whose fused function is not importable yet is reported as skipped.
 """
 import dataclasses
 import math
@@ -44,17 +43,10 @@ class Case:
         return (self.ref_call or self.call)(fn, inputs)
 
     def fused_fn(self):
-        return getattr(fusedloss, self.func, None)
+        return getattr(fusedloss, self.func)
 
     def reference_fn(self):
-        return getattr(fusedloss.reference, self.func, None)
-
-    def skip_reason(self):
-        if self.fused_fn() is None:
-            return f"fusedloss.{self.func} is not available in this build"
-        if self.reference_fn() is None:
-            return f"fusedloss.reference.{self.func} is not available in this build"
-        return None
+        return getattr(fusedloss.reference, self.func)
 
     def shape_str(self, shape):
         return " ".join(f"{d}={_fmt_count(shape[d])}" for d in self.dims)

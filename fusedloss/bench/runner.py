@@ -211,13 +211,6 @@ def run(cfg):
                "shape_str": case.shape_str(shape), "size_dim": case.size_dim, "size": shape[case.size_dim],
                "dtype": str(dtype).replace("torch.", ""), "device": str(device),
                "flop_convention": "6NDV (fwd 2NDV + bwd 4NDV)" if case.flops else None}
-        skip = case.skip_reason()
-        if skip:
-            for _ in variants:
-                progress.step(f"{label} · skipped")
-            row.update(status="skipped", reason=skip, variants={}, flagged=False)
-            rows.append(row)
-            continue
         row["inputs_bytes"] = cases_mod.input_bytes(cases_mod.make_inputs(case, shape, dtype, "meta"))
         runner = _run_row_subprocess if isolate else _run_row_in_process
         results, outputs = runner(case, shape, dtype, variants, cfg, progress, label)

@@ -19,9 +19,10 @@ non-zero probability than ``num_sampled``), a ValueError is raised.
 """
 import torch
 
-from .. import _common
+from .. import _validate
+from .._ops import HIT_LAST_COPY, HIT_NONE, NCE, SOFTMAX
 from .._validate import check_positive_int
-from ..sampled import HIT_LAST_COPY, HIT_NONE, NCE, SOFTMAX, _sampled_loss
+from ..sampled import SampledOptions, _sampled_loss
 from ..samplers import LogUniformSampler, UniformSampler, UnigramSampler
 
 __all__ = [
@@ -45,7 +46,7 @@ def _generator(seed, device):
 def _labels(labels, num_true, name="labels"):
     """``labels`` as int64 [batch, num_true]; 1-D labels are regrouped into rows of num_true."""
     num_true = check_positive_int(num_true, "num_true")
-    labels = _common.as_index_tensor(labels, name)
+    labels = _validate.as_index_tensor(labels, name)
     if (labels.dim() == 1 and labels.numel() % num_true == 0) or (labels.dim() == 2 and labels.shape[1] == num_true):
         return labels.reshape(-1, num_true)
     raise ValueError(f"{name} must be [batch, num_true={num_true}] (or 1-D with a multiple of num_true entries), "
@@ -67,12 +68,13 @@ def _tf_loss(mode, weights, biases, labels, inputs, num_sampled, num_classes, nu
     biases = biases.to(inputs.dtype) if biases is not None else None
     if sampled_values is None:
         sampled_values = log_uniform_candidate_sampler(labels, num_true, num_sampled, True, num_classes, seed=seed)
-    return _sampled_loss(
-        mode, inputs, weights, labels, num_sampled, biases, num_classes, "log_uniform", True, sampled_values,
-        remove_accidental_hits, True, 0.0, "none", None, False, None,
-        hit_mask=HIT_LAST_COPY if remove_accidental_hits else HIT_NONE, true_label=true_label,
-        rows_dtype=inputs.dtype,
-    )
+    # TensorFlow masks only the last copy of a duplicated candidate and returns
+    # the per-example losses in the inputs' dtype.
+    options = SampledOptions(mode, num_sampled=num_sampled, num_classes=num_classes, true_label=true_label,
+                             hit_mask=HIT_LAST_COPY if remove_accidental_hits else HIT_NONE, reduction="none")
+    loss = _sampled_loss(options, input=inputs, weight=weights, target=labels, bias=biases,
+                         sampled_values=sampled_values)
+    return loss.to(inputs.dtype)
 
 
 def sampled_softmax_loss(weights, biases, labels, inputs, num_sampled, num_classes, num_true=1, sampled_values=None,
@@ -130,7 +132,7 @@ def compute_accidental_hits(true_classes, sampled_candidates, num_true, seed=Non
     weight -FLT_MAX. Like TensorFlow, only the last position of a duplicated
     candidate is reported, once per true column that matches it."""
     true_classes = _labels(true_classes, num_true, "true_classes")
-    sampled = _common.as_index_tensor(sampled_candidates, "sampled_candidates")
+    sampled = _validate.as_index_tensor(sampled_candidates, "sampled_candidates")
     later = torch.triu(sampled.unsqueeze(1) == sampled.unsqueeze(0), diagonal=1).any(1)
     hits = (true_classes.unsqueeze(2) == sampled.view(1, 1, -1)) & ~later.view(1, 1, -1)  # [N, T, K]
     row, _, position = hits.nonzero(as_tuple=True)

@@ -8,7 +8,7 @@ runs in the input dtype and the softmax in fp32, like a typical training loop.
 import torch
 import torch.nn.functional as F
 
-from .. import _common
+from .. import _common, _validate
 
 
 def _logits(rows, cols, scale):
@@ -19,7 +19,7 @@ def _logits(rows, cols, scale):
 
 def info_nce_loss(query, key, *, negatives=None, temperature=0.07, normalize=False, symmetric=False,
                   reduction="mean"):
-    _common.check_reduction(reduction)
+    _validate.check_reduction(reduction)
     if normalize:
         query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
         negatives = None if negatives is None else F.normalize(negatives, dim=-1)
@@ -35,7 +35,7 @@ def info_nce_loss(query, key, *, negatives=None, temperature=0.07, normalize=Fal
 
 
 def nt_xent_loss(hidden, *, temperature=0.5, normalize=True, reduction="mean"):
-    _common.check_reduction(reduction)
+    _validate.check_reduction(reduction)
     if normalize:
         hidden = F.normalize(hidden, dim=-1)
     rows = hidden.shape[0]
@@ -48,7 +48,7 @@ def nt_xent_loss(hidden, *, temperature=0.5, normalize=True, reduction="mean"):
 
 
 def clip_loss(image_features, text_features, logit_scale, *, reduction="mean"):
-    _common.check_reduction(reduction)
+    _validate.check_reduction(reduction)
     logits = _logits(image_features, text_features, logit_scale)
     labels = torch.arange(image_features.shape[0], device=image_features.device)
     loss = 0.5 * (F.cross_entropy(logits, labels, reduction="none")

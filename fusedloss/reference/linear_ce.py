@@ -7,12 +7,12 @@ softmax in fp32, like a typical training loop (``F.cross_entropy(logits.float())
 import torch
 import torch.nn.functional as F
 
-from .. import _common
+from .. import _common, _validate
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0,
                          z_loss=0.0, softcap=None, reduction="mean"):
-    _common.check_reduction(reduction)
+    _validate.check_reduction(reduction)
     logits = F.linear(input, weight, bias).reshape(-1, weight.shape[0])
     logits = logits.double() if logits.dtype == torch.float64 else logits.float()
     if softcap is not None:

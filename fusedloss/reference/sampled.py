@@ -10,7 +10,7 @@ same fp32 result and stays finite in bf16/fp16.
 """
 import torch
 
-from .. import _common
+from .. import _common, _validate
 
 
 def sampled_logits(input, weight, target, sampled_values, bias=None, *, remove_accidental_hits=True,
@@ -49,7 +49,7 @@ def sampled_logits(input, weight, target, sampled_values, bias=None, *, remove_a
 
 def sampled_softmax_loss(input, weight, target, sampled_values, bias=None, *, remove_accidental_hits=True,
                          subtract_log_q=True, label_smoothing=0.0, reduction="mean", tf_hit_masking=False):
-    _common.check_reduction(reduction)
+    _validate.check_reduction(reduction)
     logits, mask, num_true = sampled_logits(input, weight, target, sampled_values, bias,
                                             remove_accidental_hits=remove_accidental_hits,
                                             subtract_log_q=subtract_log_q, tf_hit_masking=tf_hit_masking)
@@ -65,7 +65,7 @@ def sampled_softmax_loss(input, weight, target, sampled_values, bias=None, *, re
 
 def nce_loss(input, weight, target, sampled_values, bias=None, *, remove_accidental_hits=False, subtract_log_q=True,
              reduction="mean", true_label=1.0, tf_hit_masking=False):
-    _common.check_reduction(reduction)
+    _validate.check_reduction(reduction)
     logits, mask, num_true = sampled_logits(input, weight, target, sampled_values, bias,
                                             remove_accidental_hits=remove_accidental_hits,
                                             subtract_log_q=subtract_log_q, tf_hit_masking=tf_hit_masking)

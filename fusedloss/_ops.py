@@ -1,0 +1,201 @@
+"""The ``torch.ops.fusedloss`` ops on the Python side, in one place.
+
+Importing this module loads the compiled extension (``_extension``: prebuilt
+``fusedloss._C`` or the JIT build), which defines the ops and their CPU / CUDA
+kernels, and registers what torch needs besides: a fake (meta) kernel per op
+for ``torch.compile`` and ``opcheck``, and the autograd formula of each forward
+op (its backward is the matching ``*_backward`` op, which recomputes the chunks
+or tiles against the saved statistics). The family modules (``linear_ce``,
+``sampled``, ``contrastive``, ``distributed``) call the ops through ``ops``.
+"""
+import torch
+
+from . import _common
+from ._extension import C
+
+ops = torch.ops.fusedloss
+
+# The sampled op's enums, defined once in csrc/include/fusedloss/sampled.h.
+SOFTMAX, NCE = C.SAMPLED_MODES["softmax"], C.SAMPLED_MODES["nce"]
+HIT_NONE, HIT_ALL_COPIES, HIT_LAST_COPY = (C.HIT_MASKS[k] for k in ("none", "all_copies", "last_copy"))
+
+
+def is_traced(t):
+    """True under torch.compile / AOT autograd tracing (fake or functional tensors)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t) or torch._is_functional_tensor(t)
+
+
+def forbid_double_backward(fn, grad):
+    """Raise from a backward asked to build a graph (``create_graph=True``, e.g.
+    a gradient penalty): the fused backwards are not differentiable, and
+    returning a gradient without a graph would silently drop the second-order
+    term. Not while tracing (torch.compile reports double backward itself)."""
+    if torch.is_grad_enabled() and not is_traced(grad):
+        raise RuntimeError(
+            f"fusedloss.{fn}: double backward (create_graph=True) is not supported; the fused backward is "
+            "not differentiable. Differentiate the plain-PyTorch twin in fusedloss.reference instead."
+        )
+
+
+def _fake_grads(output_mask, input, weight, bias, weight_format=torch.preserve_format):
+    """Fake (input, weight, bias) gradients of a backward op: an empty [0]
+    tensor for each one not asked for (or a missing bias)."""
+    grad_input = torch.empty_like(input) if output_mask[0] else input.new_empty(0)
+    grad_weight = torch.empty_like(weight, memory_format=weight_format) if output_mask[1] else weight.new_empty(0)
+    grad_bias = torch.empty_like(bias) if output_mask[2] and bias is not None else input.new_empty(0)
+    return grad_input, grad_weight, grad_bias
+
+
+def _register_recompute_autograd(op, backward_op, fn, num_tensors, grad_inputs):
+    """Autograd of a forward op ``op(*tensors, *options) -> (loss, *statistics)``
+    whose backward op takes ``(grad_loss, *tensors, *statistics, *options,
+    output_mask)`` and returns the gradients of the inputs at positions
+    ``grad_inputs`` (an empty tensor where the mask is False)."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:num_tensors], *output[1:])
+        ctx.options = inputs[num_tensors:]
+
+    def backward(ctx, grad_loss, *_grad_statistics):
+        forbid_double_backward(fn, grad_loss)
+        saved = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[i] and saved[i] is not None for i in grad_inputs]
+        grads = backward_op(grad_loss, *saved, *ctx.options, mask)
+        out = [None] * len(ctx.needs_input_grad)
+        for i, wanted, grad in zip(grad_inputs, mask, grads):
+            out[i] = grad if wanted else None
+        return tuple(out)
+
+    torch.library.register_autograd(f"fusedloss::{op}", backward, setup_context=setup_context)
+
+
+# ------------------------------------------------------------ linear cross-entropy
+
+
+@torch.library.register_fake("fusedloss::linear_ce_forward")
+def _linear_ce_forward_fake(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+                            chunk_size):
+    rows = input.shape[0]
+    acc = _common.acc_dtype(input.dtype)
+    return input.new_empty(rows, dtype=acc), input.new_empty(2, rows, dtype=acc)
+
+
+@torch.library.register_fake("fusedloss::linear_ce_backward")
+def _linear_ce_backward_fake(grad_loss, input, weight, target, bias, lse, ignore_index, label_smoothing,
+                             z_loss, softcap, chunk_size, output_mask, vocab_start=0, num_classes=None):
+    return _fake_grads(output_mask, input, weight, bias)
+
+
+# (input, weight, target, bias, *options) -> (loss, lse); gradients of input, weight, bias.
+_register_recompute_autograd("linear_ce_forward", ops.linear_ce_backward, "linear_cross_entropy", 4, (0, 1, 3))
+
+
+@torch.library.register_fake("fusedloss::linear_ce_sum_and_grad")
+def _linear_ce_sum_and_grad_fake(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+                                 row_block, output_mask):
+    return (input.new_empty(()), *_fake_grads(output_mask, input, weight, bias))
+
+
+def _sum_setup_context(ctx, inputs, output):
+    input, weight, target, bias, *options = inputs
+    _, grad_input, grad_weight, grad_bias = output
+    # The gradients are op outputs that only this node consumes; marking them
+    # non-differentiable keeps them out of the graph (no reference cycle).
+    ctx.mark_non_differentiable(grad_input, grad_weight, grad_bias)
+    # Otherwise autograd would hand backward zero-filled "gradients" of those
+    # outputs: a transient V x D buffer.
+    ctx.set_materialize_grads(False)
+    ctx.grads = (grad_input, grad_weight, grad_bias)
+    ctx.save_for_backward(input, weight, target, bias)
+    ctx.options = options  # ignore_index, label_smoothing, z_loss, softcap, row_block, output_mask
+
+
+def _sum_backward(ctx, grad_sum, *_unused):
+    *_loss_options, _row_block, mask = ctx.options
+    if grad_sum is None:  # the loss itself was not differentiated
+        return (None,) * (4 + len(ctx.options))
+    forbid_double_backward("linear_cross_entropy", grad_sum)
+    if ctx.grads is not None:
+        # First backward: scale the forward's gradients in place and hand them
+        # over, so no second V x D buffer exists (out of place when traced:
+        # AOT autograd cannot partition a mutation of a forward output).
+        grads, ctx.grads = ctx.grads, None
+        in_place = not is_traced(grad_sum)
+        grad_input, grad_weight, grad_bias = (g.mul_(grad_sum) if in_place else g * grad_sum for g in grads)
+    else:
+        # A retained graph differentiated again: rerun the same single pass, so
+        # that every backward is bit-identical (gradcheck's reentrancy test).
+        input, weight, target, bias = ctx.saved_tensors
+        _, *grads = ops.linear_ce_sum_and_grad(input, weight, target, bias, *ctx.options)
+        grad_input, grad_weight, grad_bias = (g * grad_sum for g in grads)
+    return (grad_input if mask[0] else None, grad_weight if mask[1] else None, None,
+            grad_bias if mask[2] else None, *([None] * len(ctx.options)))
+
+
+torch.library.register_autograd("fusedloss::linear_ce_sum_and_grad", _sum_backward, setup_context=_sum_setup_context)
+
+
+@torch.library.register_fake("fusedloss::linear_ce_shard_forward")
+def _linear_ce_shard_forward_fake(input, weight, target, bias, ignore_index, softcap, vocab_start, num_classes,
+                                  chunk_size):
+    rows = input.shape[0]
+    acc = _common.acc_dtype(input.dtype)
+    # lse parts [2, N] (max, log-sum), target logit [N], sum of logits [N].
+    return input.new_empty(2, rows, dtype=acc), input.new_empty(rows, dtype=acc), input.new_empty(rows, dtype=acc)
+
+
+# ---------------------------------------------------------------- sampled softmax / NCE
+
+
+@torch.library.register_fake("fusedloss::sampled_forward")
+def _sampled_forward_fake(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, mode, hit_mask,
+                          label_smoothing, true_label, chunk_size, sparse_grad):
+    rows = input.shape[0]
+    acc = _common.acc_dtype(input.dtype)
+    return input.new_empty(rows, dtype=acc), input.new_empty(3, rows, dtype=acc)
+
+
+@torch.library.register_fake("fusedloss::sampled_backward")
+def _sampled_backward_fake(grad_loss, input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, stats,
+                           mode, hit_mask, label_smoothing, true_label, chunk_size, sparse_grad, output_mask):
+    if sparse_grad:
+        # The number of touched rows is data-dependent, and unbacked sizes inside
+        # sparse tensors are not supported by fake tensors.
+        raise NotImplementedError(
+            "sparse_grad=True is not supported under torch.compile (data-dependent number of rows); "
+            "use the dense weight gradient there"
+        )
+    return _fake_grads(output_mask, input, weight, bias, weight_format=torch.contiguous_format)
+
+
+# (input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, *options) -> (loss, stats);
+# gradients of input, weight, bias.
+_register_recompute_autograd("sampled_forward", ops.sampled_backward, "sampled loss", 7, (0, 1, 2))
+
+
+# ------------------------------------------------------------------------- contrastive
+
+
+@torch.library.register_fake("fusedloss::contrastive_forward")
+def _contrastive_forward_fake(rows, cols, positives, scale, self_offset, symmetric, tile_size):
+    acc = _common.acc_dtype(rows.dtype)
+    num_rows = rows.shape[0]
+    col_stats = cols.shape[0] if symmetric else 0
+    # The lse outputs are LseParts [2, count] (max, log-sum), see numerics.h.
+    return (rows.new_empty(num_rows, dtype=acc), rows.new_empty(2, num_rows, dtype=acc),
+            rows.new_empty(2, col_stats, dtype=acc))
+
+
+@torch.library.register_fake("fusedloss::contrastive_backward")
+def _contrastive_backward_fake(grad_loss, rows, cols, positives, scale, row_lse, col_lse, self_offset, symmetric,
+                               tile_size, output_mask):
+    grad_rows = torch.empty_like(rows) if output_mask[0] else rows.new_empty(0)
+    grad_cols = torch.empty_like(cols) if output_mask[1] else cols.new_empty(0)
+    grad_scale = scale.new_empty(()) if output_mask[2] else rows.new_empty(0, dtype=_common.acc_dtype(rows.dtype))
+    return grad_rows, grad_cols, grad_scale
+
+
+# (rows, cols, positives, scale, *options) -> (loss, row_lse, col_lse); gradients of rows, cols, scale.
+_register_recompute_autograd("contrastive_forward", ops.contrastive_backward, "contrastive loss", 4, (0, 1, 3))

@@ -1,0 +1,50 @@
+"""Losses over ``torch.distributed``: vocabulary-parallel cross-entropy and
+contrastive losses with negatives gathered from every rank.
+
+All collectives are ``torch.distributed`` ones (NCCL on GPUs, gloo on CPU);
+the scoring is the single-device fused ops, so nothing N x V (or B x B) is
+formed on any rank. See docs/distributed.md.
+
+- :func:`linear_cross_entropy`: Megatron-style vocabulary parallelism. Each
+  rank holds rows ``[vocab_start, vocab_start + V_local)`` of the classifier;
+  ``input`` and ``target`` are replicated across the group. Each rank runs the
+  fused forward on its shard (local log-sum-exp, the target logit when the
+  target is in the shard, the sum of logits), two all-reduces combine them,
+  and the backward recomputes the shard's chunks against the global lse. The
+  input gradient is all-reduced (every rank gets the full, identical one);
+  weight / bias gradients stay on their shard. Every rank returns the same
+  (global) loss.
+- :func:`info_nce_loss` / :func:`clip_loss`: keys (and extra negatives) are
+  all-gathered with ``torch.distributed.nn.functional.all_gather`` (its
+  backward reduce-scatters, so gradients reach the rank that produced each
+  embedding). Local query rows are scored against all gathered columns with
+  the positive of local row i at column ``rank * B + i``. Reduction follows
+  open_clip's ``local_loss``: each rank's ``"mean"`` is over its own B rows, so
+  the rank losses sum (and DDP's gradient averaging divides) to the global
+  mean. The key -> query direction of the symmetric losses needs column
+  statistics over all ranks' queries: queries are gathered too and the local
+  keys are scored against them (a second call of the op, roles swapped).
+
+- :func:`sampled_softmax_loss` / :func:`nce_loss` with a vocabulary-sharded
+  weight: candidates are drawn on group rank 0 and broadcast; the (few) weight
+  rows of the true and candidate classes are assembled on every rank from
+  their owners (one all-reduce of [U, D]) and scored with the single-device
+  fused op; their gradients go back to the owning shard only.
+
+Cross-rank consistency (batch sizes, feature sizes, shard layout) is checked
+with one small all-gather of sizes; an invalid argument on any rank makes every
+rank raise, instead of leaving the others waiting in a collective.
+
+One module per family (``linear_ce``, ``contrastive``, ``sampled``) and one for
+the group handling, cross-rank checks and collectives (``_collectives``).
+"""
+# Module attributes of the single-file version, kept for code that reached them here.
+import torch  # noqa: F401
+import torch.distributed as dist  # noqa: F401
+import torch.nn.functional as F  # noqa: F401
+
+from .contrastive import clip_loss, info_nce_loss
+from .linear_ce import linear_cross_entropy
+from .sampled import nce_loss, sampled_softmax_loss
+
+__all__ = ["clip_loss", "info_nce_loss", "linear_cross_entropy", "nce_loss", "sampled_softmax_loss"]

@@ -1,0 +1,129 @@
+"""Vocabulary-parallel (Megatron-style) linear cross-entropy: see the package
+docstring and docs/distributed.md."""
+import torch
+import torch.distributed as dist
+
+from .. import _common, _ops, _validate
+from .. import linear_ce as _linear_ce
+from ._collectives import check_shard_layout, validated
+
+# Stands for "not given yet" in linear_ce_check: bounds no shard and no target.
+_UNKNOWN_NUM_CLASSES = 2 ** 62
+
+# What must be equal across ranks for a vocabulary-sharded loss (see validated).
+_ROWS = "the number of input rows (input and target are replicated)"
+_FEATURES = "the feature size D"
+_BIAS = "whether a bias is given"
+
+
+class _VocabParallelLinearCE(torch.autograd.Function):
+    """Per-row losses of the vocabulary-parallel linear cross-entropy."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, target, vocab_start, num_classes, group, ignore_index, label_smoothing,
+                z_loss, softcap, chunk_size):
+        (local_max, local_log_sum), target_logit, sum_logits = _ops.ops.linear_ce_shard_forward(
+            input, weight, target, bias, ignore_index, softcap, vocab_start, num_classes, chunk_size)
+        # Global lse = M + log(sum_r exp(max_r - M + log_sum_r)) with M the
+        # global max, kept as its two parts (M, log-sum) like the kernels' (see
+        # LseParts in numerics.h); the target logit is 0 on every shard but its
+        # owner, so a sum picks it.
+        global_max = local_max.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+        stats = torch.stack([torch.exp(local_max - global_max + local_log_sum), target_logit, sum_logits])
+        dist.all_reduce(stats, group=group)
+        lse_parts = torch.stack([global_max, torch.log(stats[0])])
+        lse = lse_parts.sum(0)
+        loss = lse - (1.0 - label_smoothing) * stats[1] + z_loss * lse * lse
+        if label_smoothing > 0:  # skipped at 0: a -inf column would make 0 * -inf = NaN
+            loss = loss - label_smoothing * stats[2] / num_classes
+        loss = torch.where(target == ignore_index, torch.zeros_like(loss), loss)
+        ctx.save_for_backward(input, weight, bias, target, lse_parts)
+        ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size)
+        ctx.shard = (vocab_start, num_classes, group)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        _ops.forbid_double_backward("distributed.linear_cross_entropy", grad_loss)
+        input, weight, bias, target, lse = ctx.saved_tensors
+        vocab_start, num_classes, group = ctx.shard
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+        grad_input, grad_weight, grad_bias = _ops.ops.linear_ce_backward(
+            grad_loss.contiguous(), input, weight, target, bias, lse, *ctx.options, mask, vocab_start, num_classes)
+        if mask[0]:
+            # Each shard's columns contribute dlogits_shard @ W_shard.
+            dist.all_reduce(grad_input, group=group)
+        return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
+                grad_bias if mask[2] else None, *([None] * 9))
+
+
+def _check_shard_args(fn, input, weight_shard, target, bias_shard, vocab_start, num_classes, ignore_index,
+                      label_smoothing, z_loss, softcap, chunk_size):
+    """This rank's argument checks, before any collective: the single-device
+    coercion, then the op's own checker (fusedloss::linear_ce_check) on the
+    shard. Returns the int64 target. Shared with the sharded sampled losses."""
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+        raise ValueError(f"{fn}: vocab_start must be a non-negative int, got {vocab_start!r}")
+    _validate.check_optional_positive_int(num_classes, "num_classes")
+    _validate.check_optional_positive_int(chunk_size, "chunk_size")
+    softcap = _validate.check_finite(softcap, "softcap", positive=True, allow_none=True)
+    target = _linear_ce._coerce_operands(fn, input, weight_shard, target, bias_shard)
+    # Without num_classes the shard layout (checked across ranks next) fixes
+    # it; until then targets are only checked to be non-negative.
+    _ops.ops.linear_ce_check(_common.as_rows(input), weight_shard, target.reshape(-1), bias_shard,
+                             int(ignore_index), _validate.check_finite(label_smoothing, "label_smoothing"),
+                             _validate.check_finite(z_loss, "z_loss"), softcap or 0.0, vocab_start,
+                             num_classes if num_classes is not None else _UNKNOWN_NUM_CLASSES)
+    return target
+
+
+def linear_cross_entropy(input, weight_shard, target, bias_shard=None, *, vocab_start, num_classes=None, group=None,
+                         ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
+                         chunk_size=None):
+    """Vocabulary-parallel :func:`fusedloss.linear_cross_entropy`.
+
+    Args:
+        input: [..., D] hidden states, identical on every rank of ``group``.
+        weight_shard: [V_local, D], rows ``[vocab_start, vocab_start + V_local)``
+            of the [num_classes, D] classifier. The ranks' shards must tile
+            [0, num_classes) (any order of ranks, any sizes).
+        target: [...] class indices in [0, num_classes) or ``ignore_index``,
+            identical on every rank.
+        bias_shard: optional [V_local], the matching slice of the bias.
+        vocab_start: index of this shard's first class.
+        num_classes: the full vocabulary size; defaults to the sum of the shard
+            sizes (checked either way).
+        ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size:
+            as in :func:`fusedloss.linear_cross_entropy` (label smoothing is
+            over all num_classes classes).
+
+    Returns the global loss, the same on every rank. The input gradient is the
+    full one on every rank (all-reduced); ``weight_shard`` / ``bias_shard`` get
+    their rows of the full gradient. Always uses the chunk-recompute
+    algorithm (forward, then backward recomputing each chunk).
+    """
+    fn = "linear_cross_entropy"
+
+    def local_check():
+        nonlocal target
+        _validate.check_reduction(reduction)
+        target = _check_shard_args(fn, input, weight_shard, target, bias_shard, vocab_start, num_classes,
+                                   ignore_index, label_smoothing, z_loss, softcap, chunk_size)
+        return [target.numel(), input.shape[-1], vocab_start, weight_shard.shape[0],
+                -1 if num_classes is None else num_classes, int(bias_shard is not None)]
+
+    # [rows, D, vocab_start, V_local, num_classes, bias]; the shard layout is checked next.
+    _, world, gathered = validated(fn, group, input, local_check, (_ROWS, _FEATURES, None, None, None, _BIAS))
+    checked_range = num_classes is not None and not target.is_cuda
+    num_classes = check_shard_layout(fn, [g[2:5] for g in gathered], num_classes, world)
+
+    input, weight_shard, bias_shard = _common.autocast_inputs(input.device.type, input, weight_shard, bias_shard)
+    flat_input = _common.as_rows(input)
+    flat_target = target.reshape(-1)
+    if not checked_range:  # replicated targets: every rank raises alike
+        _validate.check_index_range(flat_target, num_classes, "target", ignore_index)
+    loss = _VocabParallelLinearCE.apply(flat_input, weight_shard, bias_shard, flat_target, vocab_start, num_classes,
+                                        group, int(ignore_index), float(label_smoothing), float(z_loss),
+                                        float(softcap or 0.0), int(chunk_size or 0))
+    return _common.reduce_rows(loss, flat_target != ignore_index, reduction, target.shape)
