@@ -15,14 +15,23 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _check_build_info():
+    """Refuse a prebuilt extension built against another torch or CUDA than the
+    installed torch's: C++ ABI and CUDA runtime must match."""
     try:
         from . import _build_info
     except ImportError:
         return
+    rebuild = "rebuild with `pip install --no-build-isolation -e .` (or `bash scripts/install.sh`)"
     if _build_info.TORCH_VERSION != torch.__version__:
         raise ImportError(
             f"fusedloss._C was built against torch {_build_info.TORCH_VERSION} but torch "
-            f"{torch.__version__} is installed; rebuild with `pip install --no-build-isolation -e .`"
+            f"{torch.__version__} is installed; {rebuild}"
+        )
+    # A CPU-only build (CUDA_VERSION None) works with any CUDA build of that torch.
+    if _build_info.CUDA_VERSION is not None and _build_info.CUDA_VERSION != torch.version.cuda:
+        raise ImportError(
+            f"fusedloss._C's CUDA kernels were built against CUDA {_build_info.CUDA_VERSION} but the "
+            f"installed torch has torch.version.cuda == {torch.version.cuda!r}; {rebuild}"
         )
 
 
@@ -30,8 +39,8 @@ def _jit_build():
     from torch.utils.cpp_extension import CUDA_HOME, load
 
     with_cuda = _build_config.want_cuda(torch.version.cuda, CUDA_HOME)
-    if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # load() turns this variable into nvcc's -gencode flags.
+    os.environ[_build_config.CUDA_ARCH_ENV] = _build_config.cuda_archs()
     tag = f"torch{torch.__version__.replace('+', '_')}_{'cuda' if with_cuda else 'cpu'}"
     build_dir = os.environ.get(
         "FUSEDLOSS_JIT_DIR", os.path.join(os.path.expanduser("~"), ".cache", "fusedloss", tag)
@@ -42,8 +51,7 @@ def _jit_build():
     return load(
         name="fusedloss_C",
         sources=_build_config.sources(_ROOT, with_cuda),
-        extra_include_paths=_build_config.include_dirs(_ROOT)
-        + (_build_config.cuda_library_include_dirs() if with_cuda else []),
+        extra_include_paths=_build_config.include_dirs(_ROOT, with_cuda),
         extra_cflags=args["cxx"],
         extra_cuda_cflags=args.get("nvcc"),
         extra_ldflags=_build_config.link_args(),

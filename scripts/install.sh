@@ -18,8 +18,9 @@ NVCC=${CUDA_HOME:-/usr/local/cuda}/bin/nvcc
 if [ -x "$NVCC" ] && [ "${FUSEDLOSS_CPU_ONLY:-0}" != "1" ]; then
   export CUDA_HOME=$(dirname "$(dirname "$NVCC")")
   export FUSEDLOSS_FORCE_CUDA=1
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-  echo "fusedloss: building CPU + CUDA kernels (arch $TORCH_CUDA_ARCH_LIST, $NVCC)"
+  # The archs: TORCH_CUDA_ARCH_LIST, else fusedloss/_build_config.py's default.
+  ARCHS=$(cd fusedloss && python -c 'import _build_config; print(_build_config.cuda_archs())')
+  echo "fusedloss: building CPU + CUDA kernels (arch $ARCHS, $NVCC)"
 else
   export FUSEDLOSS_CPU_ONLY=1
   echo "fusedloss: no nvcc found, building the CPU kernels only"

@@ -51,6 +51,17 @@ def _to(device, *tensors):
             for t in tensors]
 
 
+def _assert_shard_matches(loss, ref, local, full, start, end, tol, where):
+    """A vocabulary-sharded loss equals the single-process one: same loss, the
+    full input gradient, and this shard's rows of the weight / bias gradients."""
+    (local_x, local_w, local_b), (ref_x, ref_w, ref_b) = local, full
+    torch.testing.assert_close(loss.detach(), ref.detach(), **tol, msg=where)
+    torch.testing.assert_close(local_x.grad, ref_x.grad, **tol, msg=where)
+    torch.testing.assert_close(local_w.grad, ref_w.grad[start:end], **tol, msg=where)
+    if local_b is not None:
+        torch.testing.assert_close(local_b.grad, ref_b.grad[start:end], **tol, msg=where)
+
+
 def _sum_over_ranks(t):
     t = t.detach().clone()
     dist.all_reduce(t)
@@ -187,12 +198,8 @@ def _check_linear_ce(rank, world, device):
                                           chunk_size=2, **case)
         (loss * upstream if reduction == "none" else loss).sum().backward()
 
-        where = _context(f"linear_ce {case} {reduction} {dtype} rank {rank}/{world}")
-        torch.testing.assert_close(loss.detach(), ref.detach(), **case_tol, msg=where)
-        torch.testing.assert_close(local_x.grad, ref_x.grad, **case_tol, msg=where)
-        torch.testing.assert_close(local_w.grad, ref_w.grad[start:end], **case_tol, msg=where)
-        if with_bias:
-            torch.testing.assert_close(local_b.grad, ref_b.grad[start:end], **case_tol, msg=where)
+        _assert_shard_matches(loss, ref, (local_x, local_w, local_b), (ref_x, ref_w, ref_b), start, end, case_tol,
+                              _context(f"linear_ce {case} {reduction} {dtype} rank {rank}/{world}"))
 
 
 # ---------------------------------------------------------------------------
@@ -254,12 +261,8 @@ def _check_sampled(rank, world, device):
                        **extra)
         (loss * upstream if kwargs["reduction"] == "none" else loss).sum().backward()
 
-        where = _context(f"sampled {loss_name} {kwargs} {candidates} rank {rank}/{world}")
-        torch.testing.assert_close(loss.detach(), ref.detach(), **tol, msg=where)
-        torch.testing.assert_close(local_x.grad, ref_x.grad, **tol, msg=where)
-        torch.testing.assert_close(local_w.grad, ref_w.grad[start:end], **tol, msg=where)
-        if with_bias:
-            torch.testing.assert_close(local_b.grad, ref_b.grad[start:end], **tol, msg=where)
+        _assert_shard_matches(loss, ref, (local_x, local_w, local_b), (ref_x, ref_w, ref_b), start, end, tol,
+                              _context(f"sampled {loss_name} {kwargs} {candidates} rank {rank}/{world}"))
 
 
 def _check_subgroup(rank, world, device):

@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "fusedloss/contrastive.h"
+#include "fusedloss/dtypes.h"
 #include "vec_math.h"
 
 namespace fusedloss::cpu {
@@ -148,20 +149,14 @@ void contrastive_chunk_grad(const ContrastiveParams& p, const acc_t* tile, const
   template void contrastive_finalize<acc_t>(const ContrastiveParams&, const int64_t*,                    \
                                             ContrastiveRowState<acc_t>, LseArray<const acc_t>,           \
                                             LseArray<acc_t>, acc_t*);
-// Half-precision dlogits only feed CUDA GEMMs; the CPU variants exist so that
-// both backends offer the same kernels to the router (backend.h).
 #define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD_CPU(acc_t, grad_t)                                       \
   template void contrastive_chunk_grad<acc_t, grad_t>(const ContrastiveParams&, const acc_t*,             \
                                                      const acc_t*, const int64_t*, LseArray<const acc_t>, \
                                                      LseArray<const acc_t>, const acc_t*, const acc_t*,   \
                                                      grad_t*);
 
-FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(float)
-FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(double)
-FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD_CPU(float, float)
-FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD_CPU(double, double)
-FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD_CPU(float, c10::BFloat16)
-FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD_CPU(float, c10::Half)
+FUSEDLOSS_FOR_ACC_TYPES(FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU)
+FUSEDLOSS_FOR_DLOGITS_TYPES(FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD_CPU)
 #undef FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU
 #undef FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD_CPU
 

@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "fusedloss/linear_ce.h"
+#include "fusedloss/dtypes.h"
 #include "vec_math.h"
 
 namespace fusedloss::cpu {
@@ -112,20 +113,13 @@ void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const ac
                                                   const int64_t*, LinearCERowState<acc_t>);    \
   template void linear_ce_finalize<acc_t>(const LinearCEParams&, const int64_t*,               \
                                           LinearCERowState<acc_t>, LseArray<acc_t>, acc_t*);
-// The CPU GEMMs read fp32 operands, so only the accumulation dtype is used
-// there; the half-precision variants exist so that both backends offer the
-// same kernels to the router (backend.h).
 #define FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU(acc_t, grad_t)                                  \
   template void linear_ce_chunk_grad<acc_t, grad_t>(const LinearCEParams&, const acc_t*,         \
                                                     const acc_t*, const int64_t*,                \
                                                     LseArray<const acc_t>, const acc_t*, grad_t*);
 
-FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU(float)
-FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU(double)
-FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU(float, float)
-FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU(double, double)
-FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU(float, c10::BFloat16)
-FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU(float, c10::Half)
+FUSEDLOSS_FOR_ACC_TYPES(FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU)
+FUSEDLOSS_FOR_DLOGITS_TYPES(FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU)
 #undef FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU
 #undef FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU
 

@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "fusedloss/sampled.h"
+#include "fusedloss/dtypes.h"
 #include "vec_math.h"
 
 namespace fusedloss::cpu {
@@ -204,22 +205,13 @@ void sampled_scatter_outer(const acc_t* dz, const acc_t* x, const int64_t* index
   template void sampled_scatter_add_rows<acc_t>(const acc_t*, const int64_t*, int64_t, int64_t, acc_t*);      \
   template void sampled_scatter_outer<acc_t>(const acc_t*, const acc_t*, const int64_t*, int64_t, int64_t,    \
                                              int64_t, acc_t*);
-// Half-precision dlogits only feed CUDA GEMMs; the CPU variants exist so that
-// both backends offer the same kernels to the router (backend.h).
 #define FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(acc_t, grad_t)                                                     \
   template void sampled_chunk_grad<acc_t, grad_t>(const SampledParams&, const SampledColumns<acc_t>&,         \
                                                   const acc_t*, const acc_t*, const acc_t*, grad_t*);
 
-FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(float, float)
-FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(double, double)
-FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(c10::BFloat16, float)
-FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(c10::Half, float)
-FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(float)
-FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(double)
-FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(float, float)
-FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(double, double)
-FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(float, c10::BFloat16)
-FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(float, c10::Half)
+FUSEDLOSS_FOR_INPUT_TYPES(FUSEDLOSS_INSTANTIATE_SAMPLED_ROW)
+FUSEDLOSS_FOR_ACC_TYPES(FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS)
+FUSEDLOSS_FOR_DLOGITS_TYPES(FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD)
 #undef FUSEDLOSS_INSTANTIATE_SAMPLED_ROW
 #undef FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS
 #undef FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD

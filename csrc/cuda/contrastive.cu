@@ -13,6 +13,7 @@
 
 #include "block_reduce.cuh"
 #include "fusedloss/contrastive.h"
+#include "fusedloss/dtypes.h"
 #include "launch.cuh"
 
 namespace fusedloss::cuda {
@@ -175,12 +176,8 @@ void contrastive_chunk_grad(const ContrastiveParams& p, const acc_t* tile, const
                                                      const int64_t*, LseArray<const acc_t>,                \
                                                      LseArray<const acc_t>, const acc_t*, const acc_t*,    \
                                                      grad_t*, void*);
-FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE(float)
-FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE(double)
-FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD(float, float)
-FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD(double, double)
-FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD(float, c10::BFloat16)
-FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD(float, c10::Half)
+FUSEDLOSS_FOR_ACC_TYPES(FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE)
+FUSEDLOSS_FOR_DLOGITS_TYPES(FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD)
 #undef FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE
 #undef FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD
 

@@ -11,6 +11,7 @@
 
 #include "block_reduce.cuh"
 #include "fusedloss/linear_ce.h"
+#include "fusedloss/dtypes.h"
 #include "launch.cuh"
 
 namespace fusedloss::cuda {
@@ -107,12 +108,8 @@ void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const ac
   template void linear_ce_chunk_grad<acc_t, grad_t>(const LinearCEParams&, const acc_t*,             \
                                                     const acc_t*, const int64_t*,                    \
                                                     LseArray<const acc_t>, const acc_t*, grad_t*, void*);
-FUSEDLOSS_INSTANTIATE_ROW_STATE(float)
-FUSEDLOSS_INSTANTIATE_ROW_STATE(double)
-FUSEDLOSS_INSTANTIATE_CHUNK_GRAD(float, float)
-FUSEDLOSS_INSTANTIATE_CHUNK_GRAD(double, double)
-FUSEDLOSS_INSTANTIATE_CHUNK_GRAD(float, c10::BFloat16)
-FUSEDLOSS_INSTANTIATE_CHUNK_GRAD(float, c10::Half)
+FUSEDLOSS_FOR_ACC_TYPES(FUSEDLOSS_INSTANTIATE_ROW_STATE)
+FUSEDLOSS_FOR_DLOGITS_TYPES(FUSEDLOSS_INSTANTIATE_CHUNK_GRAD)
 #undef FUSEDLOSS_INSTANTIATE_ROW_STATE
 #undef FUSEDLOSS_INSTANTIATE_CHUNK_GRAD
 

@@ -12,6 +12,7 @@
 
 #include "block_reduce.cuh"
 #include "fusedloss/sampled.h"
+#include "fusedloss/dtypes.h"
 #include "launch.cuh"
 
 namespace fusedloss::cuda {
@@ -175,16 +176,9 @@ void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& col
 #define FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(acc_t, grad_t)                                                          \
   template void sampled_chunk_grad<acc_t, grad_t>(const SampledParams&, const SampledColumns<acc_t>&, const acc_t*, \
                                                   const acc_t*, const acc_t*, grad_t*, void*);
-FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(float, float)
-FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(double, double)
-FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(c10::BFloat16, float)
-FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(c10::Half, float)
-FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(float)
-FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(double)
-FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(float, float)
-FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(double, double)
-FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(float, c10::BFloat16)
-FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(float, c10::Half)
+FUSEDLOSS_FOR_INPUT_TYPES(FUSEDLOSS_INSTANTIATE_SAMPLED_ROW)
+FUSEDLOSS_FOR_ACC_TYPES(FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS)
+FUSEDLOSS_FOR_DLOGITS_TYPES(FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD)
 #undef FUSEDLOSS_INSTANTIATE_SAMPLED_ROW
 #undef FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS
 #undef FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD
