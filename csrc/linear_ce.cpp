@@ -75,7 +75,7 @@ struct LinearCEProblem {
     weight = weight_.contiguous();
     if (bias_.has_value()) bias = bias_->contiguous().to(acc_dtype);
     const int64_t rows = input.size(0), total_classes = num_classes.value_or(weight.size(0));
-    params = LinearCEParams{rows, total_classes, 0, 0, 0, ignore_index, label_smoothing, z_loss, softcap, false};
+    params = LinearCEParams{rows, total_classes, 0, 0, 0, 0, ignore_index, label_smoothing, z_loss, softcap, false};
     chunk_list = column_chunks(classes(), chunk_columns_for(rows, classes(), requested_chunk, input.is_cuda()));
   }
 
@@ -94,6 +94,7 @@ struct LinearCEProblem {
     params.chunk_start = vocab_start + c.start;
     params.chunk_columns = c.columns;
     params.logits_stride = c.columns;
+    params.dlogits_stride = c.columns;
   }
 
   template <typename acc_t>
@@ -124,6 +125,7 @@ struct LinearCEProblem {
   template <typename acc_t>
   void tile_dlogits(const Chunk& c, const Tensor& logits, const Tensor& dlogits, const Tensor& lse,
                     const Tensor& grad_rows, int64_t row_start) {
+    params.dlogits_stride = dlogits.stride(0);
     with_typed_data<acc_t>(dlogits, [&](auto* out) {
       using grad_t = std::remove_pointer_t<decltype(out)>;
       backend.run(FUSEDLOSS_KERNELS(linear_ce_chunk_grad<acc_t, grad_t>), params, logits.data_ptr<acc_t>(),
@@ -269,75 +271,132 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
   return pass.run(grad_loss, lse, input, weight, output_mask);
 }
 
-// Rows per block of the single-pass sum-and-gradient path: as many as fit the
-// workspace with the whole vocabulary. Below kMinRowBlock rows, re-reading the
-// V x D weight gradient once per block costs more than the GEMM it saves.
-constexpr int64_t kMinRowBlock = 256;
+// Budget of the single pass's tile (plus a half-precision weight's fp32 dW
+// accumulator when the rows take more than one block) when the caller gives
+// none: the whole [N, V] tile of the benchmark shapes fits on CUDA, and on the
+// CPU blocks of >= 512 rows at V = 128k.
+int64_t default_memory_budget(bool cuda) { return cuda ? (int64_t(4) << 30) : (int64_t(256) << 20); }
 
-int64_t row_block_for(int64_t rows, int64_t classes, int64_t requested, bool cuda) {
-  if (requested > 0) return std::min(requested, rows);
-  const int64_t budget_bytes = cuda ? (int64_t(1) << 30) : (int64_t(128) << 20);
-  return std::min(rows, budget_bytes / (classes * 8));
+// Below this many rows per block, re-reading and re-writing the V x D weight
+// gradient once per block costs more than the logits GEMM the single pass
+// saves (2·R·V·D FLOPs against 8·V·D bytes: worth it when R > 4 · FLOP/s per
+// byte/s of memory traffic, ≈ 40 for a 2-core CPU in fp32, ≈ 900 for an
+// H100/H200 in bf16), and the recompute pair is used instead.
+int64_t min_block_rows(bool cuda) { return cuda ? 1024 : 64; }
+
+// sum_i loss_i / normalizer and its gradients, in one pass over row blocks
+// (chunk_driver.h's single_pass): 6·N·D·V FLOPs instead of the recompute
+// pair's 8. dX rows come from one GEMM per block; dW is written by its GEMM
+// when there is one block, else accumulated over blocks in fp32 (the
+// gradient itself for an fp32 weight) and rounded once; db from column sums.
+struct LinearCESinglePass : LinearCEProblem {
+  using LinearCEProblem::LinearCEProblem;
+  int64_t block_rows = 0;
+  bool need_input = false, need_weight = false, need_bias = false;
+  Tensor state, lse, loss, grad_rows;
+  Tensor grad_input, grad_weight_acc, grad_bias_acc;
+  const Chunk vocabulary() const { return {0, classes()}; }
+
+  int64_t columns() const { return classes(); }
+  std::vector<RowBlock> blocks() const { return row_blocks(rows(), block_rows); }
+
+  template <typename acc_t>
+  void fold_rows(const RowBlock& r, Tensor& tile) {
+    tile_logits(vocabulary(), tile, r.start);
+    // The fold leaves softcap(logit + bias) in the tile for the gradient kernel.
+    params.tile_transformed = true;
+    fold_tile<acc_t>(vocabulary(), tile, state, r.start);
+    finalize_rows<acc_t>(state, lse, loss, r.start);
+  }
+
+  template <typename acc_t>
+  void rows_dlogits(const RowBlock& r, Tensor& tile, Tensor& dlogits) {
+    tile_dlogits<acc_t>(vocabulary(), tile, dlogits, lse, grad_rows, r.start);
+    params.tile_transformed = false;
+  }
+
+  void rows_gradients(const RowBlock& r, const Tensor& dlogits) {
+    if (need_input) {
+      Tensor grad_input_rows = grad_input.narrow(0, r.start, r.count);
+      matmul_into(grad_input_rows, dlogits, weight_chunk, /*accumulate=*/false);
+    }
+    if (need_weight) {
+      matmul_into(grad_weight_acc, dlogits.t(), input.narrow(0, r.start, r.count), /*accumulate=*/r.start > 0);
+    }
+    if (need_bias) grad_bias_acc.add_(dlogits.sum(0, false, acc_dtype));
+  }
+};
+
+// Recompute pair for when no block of min_block_rows fits the budget: the
+// chunked forward, then the chunked backward with the same per-row gradient.
+std::tuple<Tensor, Tensor, Tensor, Tensor> recompute_sum_and_grad(
+    const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, const Tensor& grad_rows,
+    std::array<bool, 3> output_mask) {
+  LinearCEForward forward(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
+  forward.run();
+  LinearCEBackward backward(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
+  auto [gi, gw, gb] = backward.run(grad_rows, forward.lse, input, weight, output_mask);
+  const Tensor total = forward.loss.mul(grad_rows.to(forward.loss.scalar_type())).sum();
+  return {total, gi, gw, gb};
 }
 
-// sum_i loss_i and its gradients in ONE pass over row blocks: each block's
-// full-vocabulary logits tile is formed once and turned into dlogits in place,
-// so the op costs 6·N·D·V FLOPs instead of forward + recompute backward's 8.
-// Only for fp32/fp64 (the weight gradient is its own fp32 accumulator); when
-// the vocabulary is too large for blocks of kMinRowBlock rows it falls back to
-// the chunked forward + backward with a unit upstream gradient.
+// The loss and gradients of sum_i loss_i / normalizer (normalizer: a 0-dim
+// tensor, or none for 1) formed in the forward, so that the autograd backward
+// only scales them. memory_budget bounds the tile (+ fp32 dW accumulator) in
+// bytes (0: default_memory_budget); row_block > 0 forces the block size.
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_sum_and_grad(
     const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
-    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, int64_t row_block,
-    std::array<bool, 3> output_mask) {
+    const std::optional<Tensor>& normalizer, int64_t ignore_index, double label_smoothing, double z_loss,
+    double softcap, int64_t row_block, int64_t memory_budget, std::array<bool, 3> output_mask) {
   c10::DeviceGuard guard(input.device());
   check_linear_ce(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0, std::nullopt);
-  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
-                   "linear_ce_sum_and_grad: only float32/float64 inputs (got ", input.scalar_type(), ")");
-  LinearCEForward prob(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
-  const int64_t rows = prob.rows(), classes = prob.classes();
-  const int64_t block = row_block_for(rows, classes, row_block, input.is_cuda());
-  if (rows > 0 && block < std::min(rows, kMinRowBlock) && row_block <= 0) {
-    prob.run();
-    LinearCEBackward pass(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
-    auto [gi, gw, gb] = pass.run(at::ones_like(prob.loss), prob.lse, input, weight, output_mask);
-    return {prob.loss.sum(), gi, gw, gb};
+  if (normalizer.has_value()) {
+    TORCH_CHECK_VALUE(normalizer->numel() == 1 && normalizer->device() == input.device(), kOp,
+                      ": normalizer must be a 0-dim tensor on the input's device");
   }
-  const bool need_input = output_mask[0], need_weight = output_mask[1], need_bias = output_mask[2] && bias.has_value();
-  const auto acc_opts = input.options().dtype(prob.acc_dtype);
-  Tensor grad_input = need_input ? at::empty({rows, input.size(1)}, acc_opts) : at::empty({0}, acc_opts);
-  Tensor grad_weight = need_weight ? at::zeros({classes, input.size(1)}, acc_opts) : at::empty({0}, acc_opts);
-  Tensor grad_bias = need_bias ? at::zeros({classes}, acc_opts) : at::empty({0}, acc_opts);
-  Tensor state = prob.empty_row_state();
-  Tensor lse = at::empty({2, rows}, acc_opts);
-  Tensor loss = at::empty({rows}, acc_opts);
-  const Tensor unit_grad = at::ones({rows}, acc_opts);
-  if (rows == 0) return {loss.sum(), grad_input, grad_weight, grad_bias};
-  Tensor workspace = at::empty({block * classes}, acc_opts);
-  const Chunk vocabulary{0, classes};
-
-  AT_DISPATCH_FLOATING_TYPES(prob.acc_dtype, "linear_ce_sum_and_grad", [&] {
-    using acc_t = scalar_t;
-    for (int64_t row_start = 0; row_start < rows; row_start += block) {
-      const int64_t count = std::min(block, rows - row_start);
-      Tensor logits = tile_view(workspace, count, classes);
-      prob.tile_logits(vocabulary, logits, row_start);
-      prob.params.tile_transformed = true;
-      prob.fold_tile<acc_t>(vocabulary, logits, state, row_start);
-      prob.finalize_rows<acc_t>(state, lse, loss, row_start);
-      prob.tile_dlogits<acc_t>(vocabulary, logits, logits, lse, unit_grad, row_start);
-      prob.params.tile_transformed = false;
-      if (need_input) {
-        Tensor grad_input_rows = grad_input.narrow(0, row_start, count);
-        matmul_into(grad_input_rows, logits, prob.weight_chunk, /*accumulate=*/false);
-      }
-      if (need_weight)
-        matmul_into(grad_weight, logits.t(), prob.input.narrow(0, row_start, count), /*accumulate=*/row_start > 0);
-      if (need_bias) grad_bias.add_(logits.sum(0));
-    }
-  });
-  return {loss.sum(), grad_input, grad_weight, grad_bias};
+  TORCH_CHECK_VALUE(memory_budget >= 0, kOp, ": memory_budget must be >= 0 bytes, got ", memory_budget);
+  LinearCESinglePass pass(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
+  const int64_t rows = pass.rows(), classes = pass.classes(), dim = input.size(1);
+  const auto acc_opts = input.options().dtype(pass.acc_dtype);
+  // Every row's upstream gradient: 1 / normalizer, without a host sync.
+  const Tensor grad_rows = normalizer.has_value()
+                               ? normalizer->to(pass.acc_dtype).reciprocal().reshape({1}).expand({rows}).contiguous()
+                               : at::ones({rows}, acc_opts);
+  const bool half_weight = weight.scalar_type() != pass.acc_dtype;
+  const int64_t accumulator_bytes = half_weight && output_mask[1] ? 4 * classes * dim : 0;
+  const int64_t budget = memory_budget > 0 ? memory_budget : default_memory_budget(input.is_cuda());
+  pass.block_rows = row_block > 0 ? std::min(row_block, std::max<int64_t>(rows, 1))
+                                  : single_pass_block_rows(rows, classes, budget, accumulator_bytes,
+                                                           min_block_rows(input.is_cuda()));
+  if (pass.block_rows == 0) {
+    return recompute_sum_and_grad(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+                                  grad_rows, output_mask);
+  }
+  pass.need_input = output_mask[0];
+  pass.need_weight = output_mask[1];
+  pass.need_bias = output_mask[2] && bias.has_value();
+  pass.grad_rows = grad_rows;
+  pass.state = pass.empty_row_state();
+  pass.lse = at::empty({2, rows}, acc_opts);
+  pass.loss = at::empty({rows}, acc_opts);
+  const bool one_block = pass.block_rows >= rows;
+  // One block: its GEMM writes dW in the weight's dtype (rounded once); more:
+  // an fp32 accumulator, rounded once at the end.
+  pass.grad_input = pass.need_input ? at::empty({rows, dim}, input.options()) : at::empty({0}, input.options());
+  pass.grad_weight_acc = !pass.need_weight ? at::empty({0}, weight.options())
+                         : one_block && rows > 0 ? at::empty({classes, dim}, weight.options())
+                                                 : at::zeros({classes, dim}, weight.options().dtype(pass.acc_dtype));
+  pass.grad_bias_acc = pass.need_bias ? at::zeros({classes}, acc_opts) : at::empty({0}, acc_opts);
+  single_pass(pass);
+  const Tensor total = pass.loss.mul(grad_rows).sum();
+  Tensor grad_weight = pass.need_weight ? pass.grad_weight_acc.to(weight.scalar_type()) : pass.grad_weight_acc;
+  Tensor grad_bias = pass.need_bias ? pass.grad_bias_acc.to(bias->scalar_type()) : at::empty({0}, input.options());
+  return {total, pass.grad_input, grad_weight, grad_bias};
 }
+
+// Frees the CPU tile kept by the single pass between calls.
+void release_cpu_tile() { TileWorkspace::release_cpu_tile(); }
 
 }  // namespace
 
@@ -359,14 +418,18 @@ TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
       "float softcap, int vocab_start, int num_classes, int chunk_size) -> "
       "(Tensor lse, Tensor target_logit, Tensor sum_logits)");
   m.def(
-      "linear_ce_sum_and_grad(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
-      "float label_smoothing, float z_loss, float softcap, int row_block, bool[3] output_mask) -> "
-      "(Tensor loss_sum, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "linear_ce_sum_and_grad(Tensor input, Tensor weight, Tensor target, Tensor? bias, Tensor? normalizer, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, int row_block, int memory_budget, "
+      "bool[3] output_mask) -> (Tensor loss_sum, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  m.def("release_cpu_tile() -> ()");
 }
 
 // Shape, dtype and device checks hold for any tensor (meta included); target
 // values are scanned where they can be read.
-TORCH_LIBRARY_IMPL(fusedloss, CompositeExplicitAutograd, m) { m.impl("linear_ce_check", &linear_ce_check); }
+TORCH_LIBRARY_IMPL(fusedloss, CompositeExplicitAutograd, m) {
+  m.impl("linear_ce_check", &linear_ce_check);
+  m.impl("release_cpu_tile", &release_cpu_tile);
+}
 
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
   m.impl("linear_ce_forward", &linear_ce_forward);

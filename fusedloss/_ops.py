@@ -93,13 +93,13 @@ _register_recompute_autograd("linear_ce_forward", ops.linear_ce_backward, "linea
 
 
 @torch.library.register_fake("fusedloss::linear_ce_sum_and_grad")
-def _linear_ce_sum_and_grad_fake(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
-                                 row_block, output_mask):
-    return (input.new_empty(()), *_fake_grads(output_mask, input, weight, bias))
+def _linear_ce_sum_and_grad_fake(input, weight, target, bias, normalizer, ignore_index, label_smoothing, z_loss,
+                                 softcap, row_block, memory_budget, output_mask):
+    return (input.new_empty((), dtype=_common.acc_dtype(input.dtype)), *_fake_grads(output_mask, input, weight, bias))
 
 
 def _sum_setup_context(ctx, inputs, output):
-    input, weight, target, bias, *options = inputs
+    input, weight, target, bias, normalizer, *options = inputs
     _, grad_input, grad_weight, grad_bias = output
     # The gradients are op outputs that only this node consumes; marking them
     # non-differentiable keeps them out of the graph (no reference cycle).
@@ -108,14 +108,14 @@ def _sum_setup_context(ctx, inputs, output):
     # outputs: a transient V x D buffer.
     ctx.set_materialize_grads(False)
     ctx.grads = (grad_input, grad_weight, grad_bias)
-    ctx.save_for_backward(input, weight, target, bias)
-    ctx.options = options  # ignore_index, label_smoothing, z_loss, softcap, row_block, output_mask
+    ctx.save_for_backward(input, weight, target, bias, normalizer)
+    ctx.options = options  # ignore_index, label_smoothing, z_loss, softcap, row_block, memory_budget, output_mask
 
 
 def _sum_backward(ctx, grad_sum, *_unused):
-    *_loss_options, _row_block, mask = ctx.options
+    mask = ctx.options[-1]
     if grad_sum is None:  # the loss itself was not differentiated
-        return (None,) * (4 + len(ctx.options))
+        return (None,) * (5 + len(ctx.options))
     forbid_double_backward("linear_cross_entropy", grad_sum)
     if ctx.grads is not None:
         # First backward: scale the forward's gradients in place and hand them
@@ -127,11 +127,11 @@ def _sum_backward(ctx, grad_sum, *_unused):
     else:
         # A retained graph differentiated again: rerun the same single pass, so
         # that every backward is bit-identical (gradcheck's reentrancy test).
-        input, weight, target, bias = ctx.saved_tensors
-        _, *grads = ops.linear_ce_sum_and_grad(input, weight, target, bias, *ctx.options)
+        input, weight, target, bias, normalizer = ctx.saved_tensors
+        _, *grads = ops.linear_ce_sum_and_grad(input, weight, target, bias, normalizer, *ctx.options)
         grad_input, grad_weight, grad_bias = (g * grad_sum for g in grads)
     return (grad_input if mask[0] else None, grad_weight if mask[1] else None, None,
-            grad_bias if mask[2] else None, *([None] * len(ctx.options)))
+            grad_bias if mask[2] else None, None, *([None] * len(ctx.options)))
 
 
 torch.library.register_autograd("fusedloss::linear_ce_sum_and_grad", _sum_backward, setup_context=_sum_setup_context)

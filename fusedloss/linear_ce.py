@@ -6,20 +6,26 @@ but never materialises the [N, V] logits: the kernels walk the vocabulary in
 chunks, keeping an online log-sum-exp per row, and the backward recomputes
 each chunk's logits to form its gradient (see csrc/README.md).
 """
+import os
+
 import torch
 
 from . import _common, _ops, _validate
 
 
+# The CUDA single pass has not run on a GPU yet (scripts/gpu_check.sh tests it
+# with this set); until it has, CUDA defaults to the recompute pair.
+_CUDA_SINGLE_PASS_ENV = "FUSEDLOSS_CUDA_SINGLE_PASS"
+
+
 def _wants_single_pass(reduction, chunk_size, input, weight, bias):
-    """Use the 6·N·D·V single-pass op (gradients formed in the forward) for a
-    reduced fp32/fp64 loss on the CPU that will be differentiated; the recompute
-    path otherwise (reduction="none", half precision, CUDA, or an explicit
-    chunk_size). On CUDA the recompute path is the one validated on hardware,
-    and the workspace the single pass needs there is large."""
+    """Form the gradients during the forward in one pass over row blocks
+    (6·N·D·V FLOPs instead of the recompute pair's 8) for a reduced loss that
+    will be differentiated, unless chunk_size asks for the recompute pair;
+    the op itself falls back to the pair when no block fits memory_budget."""
     if reduction == "none" or chunk_size is not None or not torch.is_grad_enabled():
         return False
-    if input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
+    if input.device.type == "cuda" and os.environ.get(_CUDA_SINGLE_PASS_ENV, "0") != "1":
         return False
     return any(t is not None and t.requires_grad for t in (input, weight, bias))
 
@@ -55,7 +61,7 @@ def _check_cuda_targets(flat_target, input, weight, ignore_index):
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0,
-                         z_loss=0.0, softcap=None, reduction="mean", chunk_size=None):
+                         z_loss=0.0, softcap=None, reduction="mean", chunk_size=None, memory_budget=None):
     """Cross-entropy of ``softcap(input @ weight.T + bias)`` against ``target``.
 
     Args:
@@ -72,10 +78,19 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
             (over non-ignored rows; 0 when every row is ignored).
         chunk_size: vocabulary columns per chunk of the recompute algorithm
             (default: sized to a fixed workspace, 32 MiB on the CPU and 512 MiB
-            on CUDA). For a reduced fp32/fp64 loss on the CPU that requires
-            grad, the default instead forms the gradients during the forward in
-            one pass over row blocks (6·N·D·V FLOPs instead of 8); giving
-            chunk_size forces the recompute algorithm.
+            on CUDA). For a reduced loss that requires grad, the default
+            instead forms the gradients during the forward in one pass over
+            row blocks (6·N·D·V FLOPs instead of 8; on the CPU, and on CUDA
+            with FUSEDLOSS_CUDA_SINGLE_PASS=1 until it is validated on a GPU);
+            giving chunk_size forces the recompute algorithm.
+        memory_budget: bytes the single pass may use beyond its inputs and
+            gradients (default 256 MiB on the CPU, 4 GiB on CUDA): its
+            [R, V] fp32 logits tile (R rows per block; all N rows when
+            4·N·V fits) plus, when the rows take several blocks and the
+            weight is bf16/fp16, a 4·V·D fp32 weight-gradient accumulator.
+            When not even 64 rows (1024 on CUDA) fit, the recompute pair
+            runs instead. The CPU keeps the tile between calls
+            (``fusedloss.release_cpu_tile()`` frees it).
 
     Returns the loss in fp32 (fp64 for fp64 inputs).
     """
@@ -84,6 +99,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     z_loss = _validate.check_finite(z_loss, "z_loss")
     label_smoothing = _validate.check_finite(label_smoothing, "label_smoothing")
     chunk_size = _validate.check_optional_positive_int(chunk_size, "chunk_size")
+    memory_budget = _validate.check_optional_positive_int(memory_budget, "memory_budget")
     target = _coerce_operands("linear_cross_entropy", input, weight, target, bias)
     input, weight, bias = _common.autocast_inputs(input.device.type, input, weight, bias)
     rows = _common.as_rows(input)
@@ -93,8 +109,12 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     valid = flat_target != ignore_index
     if _wants_single_pass(reduction, chunk_size, input, weight, bias):
         mask = [input.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
-        total, *_ = _ops.ops.linear_ce_sum_and_grad(rows, weight, flat_target, bias, *options, 0, mask)
-        return total if reduction == "sum" else total / valid.sum().clamp(min=1).to(total.dtype)
+        # mean: the op divides by the number of valid rows itself (a device
+        # tensor, no host sync), so its stored gradients need no rescaling.
+        normalizer = None if reduction == "sum" else valid.sum().clamp(min=1).to(_common.acc_dtype(input.dtype))
+        total, *_ = _ops.ops.linear_ce_sum_and_grad(rows, weight, flat_target, bias, normalizer, *options, 0,
+                                                    memory_budget or 0, mask)
+        return total
     loss, _ = _ops.ops.linear_ce_forward(rows, weight, flat_target, bias, *options, int(chunk_size or 0))
     return _common.reduce_rows(loss, valid, reduction, target.shape)
 
@@ -103,16 +123,23 @@ class LinearCrossEntropyLoss(_common.LossModule):
     """Module form of :func:`linear_cross_entropy`; call as ``loss(input, weight, target, bias=None)``."""
 
     def __init__(self, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="mean",
-                 chunk_size=None):
+                 chunk_size=None, memory_budget=None):
         super().__init__(reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                         softcap=softcap, chunk_size=chunk_size)
+                         softcap=softcap, chunk_size=chunk_size, memory_budget=memory_budget)
 
     def forward(self, input, weight, target, bias=None):
         return linear_cross_entropy(
             input, weight, target, bias, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
             z_loss=self.z_loss, softcap=self.softcap, reduction=self.reduction, chunk_size=self.chunk_size,
+            memory_budget=self.memory_budget,
         )
 
     def extra_repr(self):
         return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
                 f"softcap={self.softcap}, reduction={self.reduction!r}")
+
+
+def release_cpu_tile():
+    """Free the logits tile the CPU single pass keeps between calls (at most
+    its ``memory_budget``); the next call allocates it again."""
+    _ops.ops.release_cpu_tile()

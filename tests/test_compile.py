@@ -138,9 +138,10 @@ def test_opcheck_linear_ce(device, with_bias):
         torch.library.opcheck(ops.linear_ce_backward.default,
                               (torch.rand_like(loss), x, w[SHARD], t, None if b is None else b[SHARD], lse,
                                *LINEAR_CE_OPTIONS, 4, mask, SHARD.start, w.shape[0]))
-    for row_block, mask in ((0, [True, True, with_bias]), (4, [False, True, False])):
+    normalizer = torch.tensor(5.0, device=device)
+    for row_block, scale, mask in ((0, None, [True, True, with_bias]), (4, normalizer, [False, True, False])):
         torch.library.opcheck(ops.linear_ce_sum_and_grad.default,
-                              (*leaves(x, w), t, *leaves(b), *LINEAR_CE_OPTIONS, row_block, mask))
+                              (*leaves(x, w), t, *leaves(b), scale, *LINEAR_CE_OPTIONS, row_block, 0, mask))
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

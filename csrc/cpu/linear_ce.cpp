@@ -72,7 +72,7 @@ void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const ac
   at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const acc_t* z = logits + row * p.logits_stride;
-      grad_t* dz = dlogits + row * p.logits_stride;
+      grad_t* dz = dlogits + row * p.dlogits_stride;
       if (target[row] == p.ignore_index) {
         // Skipped, not multiplied by 0: a padding row may hold inf/NaN.
         std::fill_n(dz, columns, grad_t(0));

@@ -56,7 +56,7 @@ __global__ void chunk_grad_kernel(LinearCEParams p, const acc_t* logits, const a
                                   grad_t* dlogits) {
   const int64_t row = blockIdx.x;
   const acc_t* z = logits + row * p.logits_stride;
-  grad_t* dz = dlogits + row * p.logits_stride;
+  grad_t* dz = dlogits + row * p.dlogits_stride;
   if (target[row] == p.ignore_index) {
     // Skipped, not multiplied by 0: a padding row may hold inf/NaN.
     for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) dz[j] = grad_t(0);
@@ -69,11 +69,22 @@ __global__ void chunk_grad_kernel(LinearCEParams p, const acc_t* logits, const a
   const int64_t t = target[row] - p.chunk_start;
   const acc_t* column_bias = p.tile_transformed ? nullptr : bias;
   const acc_t tile_cap = p.tile_transformed ? acc_t(0) : cap;
-  for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
-    const acc_t y = softcap_apply(z[j] + (column_bias ? column_bias[j] : acc_t(0)), tile_cap);
-    const acc_t d = g * terms.logit_grad(exp_acc(row_lse.log_prob(y)), j == t, row_lse.value()) *
-                    softcap_grad_from_output(y, cap);
-    dz[j] = static_cast<grad_t>(d);
+  // Half-precision dlogits may be written over the fp32 tile (the single
+  // pass): element j then lands on the bytes of z[j / 2]. Every pass reads its
+  // elements before any thread writes, and j / 2 belongs to this pass or an
+  // earlier one, so no element is overwritten before it is read.
+  constexpr bool kOverwritesWider = sizeof(grad_t) < sizeof(acc_t);
+  const int64_t passes = (p.chunk_columns + blockDim.x - 1) / blockDim.x;
+  for (int64_t pass = 0; pass < passes; ++pass) {
+    const int64_t j = pass * blockDim.x + threadIdx.x;
+    acc_t d = 0;
+    if (j < p.chunk_columns) {
+      const acc_t y = softcap_apply(z[j] + (column_bias ? column_bias[j] : acc_t(0)), tile_cap);
+      d = g * terms.logit_grad(exp_acc(row_lse.log_prob(y)), j == t, row_lse.value()) *
+          softcap_grad_from_output(y, cap);
+    }
+    if constexpr (kOverwritesWider) __syncthreads();
+    if (j < p.chunk_columns) dz[j] = static_cast<grad_t>(d);
   }
 }
 

@@ -107,7 +107,7 @@ int main() {
   // A target or id outside the classes (possible only where the range check
   // is skipped: CUDA under torch.compile / graph capture) poisons its row.
   {
-    LinearCEParams p{3, 5, 0, 5, 5, -100, 0.0, 0.0, 0.0, false};
+    LinearCEParams p{3, 5, 0, 5, 5, 5, -100, 0.0, 0.0, 0.0, false};
     float max[3] = {1, 1, 1}, sum_exp[3] = {2, 2, 2}, sum_logits[3] = {0, 0, 0}, target_logit[3] = {0.5f, 0.5f, 0.5f};
     float lse_max[3], lse_log_sum[3], loss[3];
     const int64_t target[3] = {2, 7, -100};

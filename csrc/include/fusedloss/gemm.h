@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "fusedloss/numerics.h"
@@ -27,8 +29,10 @@ inline void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& 
     return;
   }
   // CPU with mixed dtypes: the CPU BLAS has no bf16->fp32 GEMM, so compute in
-  // the output's dtype and let the caller pay the operand conversion.
-  const at::Tensor product = at::mm(a.to(out.scalar_type()), b.to(out.scalar_type()));
+  // the wider dtype (fp32 accumulators from bf16 operands, or a bf16 result
+  // of fp32 operands rounded once) and let the caller pay the conversion.
+  const at::ScalarType wide = at::promote_types(a.scalar_type(), out.scalar_type());
+  const at::Tensor product = at::mm(a.to(wide), b.to(wide));
   if (accumulate) out.add_(product);
   else out.copy_(product);
 }
@@ -59,8 +63,15 @@ inline at::ScalarType accumulation_dtype(at::ScalarType t) {
 
 // dtype in which the GEMM operands are fed: on CUDA the input's own dtype (tensor
 // cores for bf16/fp16); on the CPU the accumulation dtype, converted once.
+// FUSEDLOSS_CPU_HALF_OPERANDS=1 makes the CPU feed half-precision inputs as they
+// are, like CUDA: slow, but it lets the CPU tests run the CUDA paths' exact
+// orchestration (half-precision dlogits written over the fp32 tile).
 inline at::ScalarType gemm_operand_dtype(const at::Tensor& t) {
-  return t.is_cuda() ? t.scalar_type() : accumulation_dtype(t.scalar_type());
+  static const bool cpu_half_operands = [] {
+    const char* flag = std::getenv("FUSEDLOSS_CPU_HALF_OPERANDS");
+    return flag != nullptr && std::string(flag) == "1";
+  }();
+  return t.is_cuda() || cpu_half_operands ? t.scalar_type() : accumulation_dtype(t.scalar_type());
 }
 
 // Columns per vocabulary/candidate chunk so that a [rows, chunk] fp32 tile (plus

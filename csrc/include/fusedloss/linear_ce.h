@@ -24,6 +24,8 @@ struct LinearCEParams {
                            // vocab_start included), compared against targets
   int64_t chunk_columns;   // columns in the current chunk (<= chunk_size)
   int64_t logits_stride;   // elements between consecutive rows of the chunk tile
+  int64_t dlogits_stride;  // elements between consecutive rows of dlogits (2 * logits_stride when
+                           // half-precision dlogits are written over the fp32 tile, chunk_driver.h)
   int64_t ignore_index;    // targets equal to this contribute nothing
   double label_smoothing;  // eps
   double z_loss;           // coefficient of lse^2
@@ -80,9 +82,10 @@ void linear_ce_finalize(const LinearCEParams& p, const int64_t* target,
                         LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss);
 // dlogits of one chunk, scaled by the per-row upstream gradient grad_loss[N].
 // Ignored rows get exact zeros whatever their logits (NaN/inf padding cannot
-// leak into a gradient). `dlogits` may alias `logits` (same index read then
-// written). The tile holds raw logits, or softcap(logits + bias) when
-// p.tile_transformed.
+// leak into a gradient). `dlogits` may be written over the tile's own storage
+// (each element read before the bytes it lands on are written; a
+// half-precision row then has stride p.dlogits_stride). The tile holds raw
+// logits, or softcap(logits + bias) when p.tile_transformed.
 template <typename acc_t, typename grad_t>
 void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
                           const int64_t* target, LseArray<const acc_t> lse, const acc_t* grad_loss,
