@@ -23,6 +23,7 @@ import torch
 
 from . import cases as cases_mod
 from .variants import build_variants
+from ..linear_ce import release_cpu_tile
 
 def return_heap_to_os():
     """Make RSS track allocations: glibc keeps freed blocks in its heap (and its
@@ -136,6 +137,9 @@ def measure_in_process(variant, inputs, leaves, device, repeat, warmup):
             torch.cuda.synchronize(device)
             probe = CudaPeak(device)
         else:
+            # The fused CPU single pass keeps its tile between calls: free it so
+            # that the probed step allocates it again and its peak counts it.
+            release_cpu_tile()
             return_heap_to_os()
             probe = RssPeak()
         # one more untimed step for the memory peak (and the outputs to compare)
