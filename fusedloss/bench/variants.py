@@ -1,5 +1,6 @@
 """What runs for each case: the fused op, the reference, ``torch.compile`` of the
-reference, public peers (GPU only) and, for linear CE, the bare-GEMM baseline.
+reference, public peers (Triton ones on a GPU only) and, for linear CE, torch's
+own chunked ``F.linear_cross_entropy`` and the bare-GEMM floor.
 
 A variant is rebuilt by name in every process (the CPU memory measurement runs
 each variant in a fresh subprocess), so everything here is a pure function of
@@ -34,13 +35,13 @@ def _import(module):
         return e
 
 
-def _peer(name, module, device, build):
-    """A peer variant: needs CUDA (all peers are Triton/CUDA) and an importable module."""
-    if torch.device(device).type != "cuda":
+def _peer(name, module, device, build, needs_cuda=True):
+    """A peer variant: an importable module and, for Triton/CUDA-only peers, a CUDA device."""
+    if needs_cuda and torch.device(device).type != "cuda":
         return Variant(name, "peer", skip="needs a CUDA device")
     mod = _import(module)
     if isinstance(mod, Exception):
-        return Variant(name, "peer", skip=f"{module} not importable ({type(mod).__name__})")
+        return Variant(name, "peer", skip=f"{module} not installed ({type(mod).__name__}); benchmarks/run installs it")
     return Variant(name, "peer", fn=build(mod))
 
 
@@ -48,8 +49,10 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _cce(mod):
-    return lambda x: mod.linear_cross_entropy(x["input"], x["weight"], x["target"])
+def _cce(impl):
+    def build(mod):
+        return lambda x: mod.linear_cross_entropy(x["input"], x["weight"], x["target"], impl=impl)
+    return build
 
 
 def _liger(mod):
@@ -58,31 +61,70 @@ def _liger(mod):
     return lambda x: _first(loss(x["weight"], x["input"], x["target"]))
 
 
+def _torch_chunked_variant():
+    """torch >= 2.14's own F.linear_cross_entropy, on its chunked path (given options)."""
+    name = "torch F.linear_cross_entropy (chunked)"
+    if not hasattr(torch.nn.functional, "linear_cross_entropy"):
+        return Variant(name, "peer", skip="needs torch >= 2.14")
+    options = torch.nn.LinearCrossEntropyOptions()
+    return Variant(name, "peer", fn=lambda x: torch.nn.functional.linear_cross_entropy(
+        x["input"], x["weight"], x["target"], options=options))
+
+
 def _inf_cl(mod):
     # inf_cl takes the logit scale (1 / temperature) and returns per-row losses.
     return lambda x: mod.cal_inf_loss(x["query"], x["key"], scale=1.0 / INFO_NCE_TEMPERATURE).mean()
 
 
+# (name, module, builder, needs CUDA). Cut Cross-Entropy's torch_compile impl
+# materialises the [N, V] logits once and lets inductor fuse the softmax
+# gradient: it runs on the CPU too.
 PEERS = {
-    "linear_ce": [("cut-cross-entropy", "cut_cross_entropy", _cce),
-                  ("liger-kernel", "liger_kernel.transformers", _liger)],
-    "info_nce": [("inf-cl", "inf_cl", _inf_cl)],
+    "linear_ce": [("cut-cross-entropy (torch_compile)", "cut_cross_entropy", _cce("torch_compile"), False),
+                  ("cut-cross-entropy (cce)", "cut_cross_entropy", _cce("cce"), True),
+                  ("liger-kernel", "liger_kernel.transformers", _liger, True)],
+    "info_nce": [("inf-cl", "inf_cl", _inf_cl, True)],
 }
 
 
+class _GemmFloor(torch.autograd.Function):
+    """The three GEMMs of a linear CE step with no softmax: logits = X·Wᵀ, then
+    dX = G·W and dW = Gᵀ·X, each into a buffer kept across calls (like the
+    fused op's kept tile: a fresh output each call would add ≈15 % of page
+    faults to the floor on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, buffers):
+        ctx.save_for_backward(input, weight)
+        ctx.buffers = buffers
+        return torch.mm(input, weight.t(), out=buffers["logits"])
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        input, weight = ctx.saved_tensors
+        buffers = ctx.buffers
+        return (torch.mm(grad_logits, weight, out=buffers["grad_input"]),
+                torch.mm(grad_logits.t(), input, out=buffers["grad_weight"]), None)
+
+
+def _gemm_buffers(x):
+    # Made once (during the warm-up) and kept with the inputs, so neither the
+    # timed steps nor the measured memory include allocating them.
+    if "_gemm_buffers" not in x:
+        input, weight = x["input"], x["weight"]
+        n, v = input.shape[0], weight.shape[0]
+        x["_gemm_buffers"] = {"logits": input.new_empty(n, v), "grad_input": torch.empty_like(input),
+                              "grad_weight": torch.empty_like(weight),
+                              "grad_logits": input.new_full((n, v), 1e-3)}
+    return x["_gemm_buffers"]
+
+
 def _gemm_baseline(x):
-    # Forward X·Wᵀ; autograd.grad with an explicit upstream gradient then runs
-    # exactly the two backward GEMMs dX = G·W and dW = Gᵀ·X.
-    return torch.matmul(x["input"], x["weight"].t())
+    return _GemmFloor.apply(x["input"], x["weight"], _gemm_buffers(x))
 
 
 def _gemm_grad_output(x):
-    # Made once (during the warm-up) and kept with the inputs, so neither the
-    # timed backward nor the measured memory includes filling it.
-    if "_grad_logits" not in x:
-        n, v = x["input"].shape[0], x["weight"].shape[0]
-        x["_grad_logits"] = torch.full((n, v), 1e-3, dtype=x["input"].dtype, device=x["input"].device)
-    return x["_grad_logits"]
+    return _gemm_buffers(x)["grad_logits"]
 
 
 def build_variants(case, device, compile_reference=False):
@@ -98,8 +140,9 @@ def build_variants(case, device, compile_reference=False):
     else:
         out.append(Variant("torch.compile(reference)", "compile",
                            skip="off (--compile on enables it; slow to compile on the CPU)"))
-    out += [_peer(name, module, device, build) for name, module, build in PEERS.get(case.op, [])]
+    out += [_peer(name, module, device, build, cuda) for name, module, build, cuda in PEERS.get(case.op, [])]
     if case.op == "linear_ce":
+        out.append(_torch_chunked_variant())
         out.append(Variant("bare GEMMs", "baseline", fn=_gemm_baseline, compare=False,
                            grad_output=_gemm_grad_output))
     return out
