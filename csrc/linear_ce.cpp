@@ -108,33 +108,6 @@ struct LinearCEProblem {
   }
 
   template <typename acc_t>
-  void fold_tile(const Chunk& c, Tensor& logits, const Tensor& state, int64_t row_start) {
-    backend.run(FUSEDLOSS_KERNELS(linear_ce_accumulate_chunk<acc_t>), params, logits.data_ptr<acc_t>(),
-                bias_at<acc_t>(c.start), target.data_ptr<int64_t>() + row_start, row_state<acc_t>(state, row_start));
-  }
-
-  template <typename acc_t>
-  void finalize_rows(const Tensor& state, const Tensor& lse, const Tensor& loss, int64_t row_start) {
-    backend.run(FUSEDLOSS_KERNELS(linear_ce_finalize<acc_t>), params, target.data_ptr<int64_t>() + row_start,
-                row_state<acc_t>(state, row_start), lse_array_at<acc_t>(lse, row_start),
-                loss.data_ptr<acc_t>() + row_start);
-  }
-
-  // dlogits of the tile in `logits` into `dlogits` (the same tensor, or one in
-  // the GEMM operand dtype), scaled by grad_rows.
-  template <typename acc_t>
-  void tile_dlogits(const Chunk& c, const Tensor& logits, const Tensor& dlogits, const Tensor& lse,
-                    const Tensor& grad_rows, int64_t row_start) {
-    params.dlogits_stride = dlogits.stride(0);
-    with_typed_data<acc_t>(dlogits, [&](auto* out) {
-      using grad_t = std::remove_pointer_t<decltype(out)>;
-      backend.run(FUSEDLOSS_KERNELS(linear_ce_chunk_grad<acc_t, grad_t>), params, logits.data_ptr<acc_t>(),
-                  bias_at<acc_t>(c.start), target.data_ptr<int64_t>() + row_start,
-                  lse_array_at<const acc_t>(lse, row_start), grad_rows.data_ptr<acc_t>() + row_start, out);
-    });
-  }
-
-  template <typename acc_t>
   static LinearCERowState<acc_t> row_state(const Tensor& state, int64_t row) {
     return {state[0].data_ptr<acc_t>() + row, state[1].data_ptr<acc_t>() + row, state[2].data_ptr<acc_t>() + row,
             state[3].data_ptr<acc_t>() + row};
@@ -156,11 +129,13 @@ struct LinearCEForward : LinearCEProblem {
 
   template <typename acc_t>
   void fold(const Chunk& c, Tensor& logits) {
-    fold_tile<acc_t>(c, logits, state, 0);
+    backend.run(FUSEDLOSS_KERNELS(linear_ce_accumulate_chunk<acc_t>), params, logits.data_ptr<acc_t>(),
+                bias_at<acc_t>(c.start), target.data_ptr<int64_t>(), row_state<acc_t>(state, 0));
   }
   template <typename acc_t>
   void finalize() {
-    finalize_rows<acc_t>(state, lse, loss, 0);
+    backend.run(FUSEDLOSS_KERNELS(linear_ce_finalize<acc_t>), params, target.data_ptr<int64_t>(),
+                row_state<acc_t>(state, 0), lse_array_at<acc_t>(lse), loss.data_ptr<acc_t>());
   }
 
   void run() {
@@ -181,9 +156,17 @@ struct LinearCEBackward : LinearCEProblem {
   bool need_input = false, need_weight = false, need_bias = false;
   Tensor grad_input_acc, grad_weight, grad_bias_acc;
 
+  // dlogits of the tile in `logits`, scaled by grad_rows, into the workspace
+  // (the tile itself, or a buffer in the GEMM operand dtype).
   template <typename acc_t>
   Tensor chunk_dlogits(const Chunk& c, Tensor& logits, Tensor& dlogits_workspace) {
-    tile_dlogits<acc_t>(c, logits, dlogits_workspace, lse, grad_rows, 0);
+    params.dlogits_stride = dlogits_workspace.stride(0);
+    with_typed_data<acc_t>(dlogits_workspace, [&](auto* out) {
+      using grad_t = std::remove_pointer_t<decltype(out)>;
+      backend.run(FUSEDLOSS_KERNELS(linear_ce_chunk_grad<acc_t, grad_t>), params, logits.data_ptr<acc_t>(),
+                  bias_at<acc_t>(c.start), target.data_ptr<int64_t>(), lse_array_at<const acc_t>(lse),
+                  grad_rows.data_ptr<acc_t>(), out);
+    });
     return dlogits_workspace;
   }
 
@@ -303,16 +286,19 @@ struct LinearCESinglePass : LinearCEProblem {
   template <typename acc_t>
   void fold_rows(const RowBlock& r, Tensor& tile) {
     tile_logits(vocabulary(), tile, r.start);
-    // The fold leaves softcap(logit + bias) in the tile for the gradient kernel.
-    params.tile_transformed = true;
-    fold_tile<acc_t>(vocabulary(), tile, state, r.start);
-    finalize_rows<acc_t>(state, lse, loss, r.start);
   }
 
+  // One row kernel folds, finalizes and differentiates the block's rows.
   template <typename acc_t>
   void rows_dlogits(const RowBlock& r, Tensor& tile, Tensor& dlogits) {
-    tile_dlogits<acc_t>(vocabulary(), tile, dlogits, lse, grad_rows, r.start);
-    params.tile_transformed = false;
+    params.dlogits_stride = dlogits.stride(0);
+    with_typed_data<acc_t>(dlogits, [&](auto* out) {
+      using grad_t = std::remove_pointer_t<decltype(out)>;
+      backend.run(FUSEDLOSS_KERNELS(linear_ce_single_pass_rows<acc_t, grad_t>), params, tile.data_ptr<acc_t>(),
+                  bias_at<acc_t>(0), target.data_ptr<int64_t>() + r.start, row_state<acc_t>(state, r.start),
+                  lse_array_at<acc_t>(lse, r.start), loss.data_ptr<acc_t>() + r.start,
+                  grad_rows.data_ptr<acc_t>() + r.start, out);
+    });
   }
 
   void rows_gradients(const RowBlock& r, const Tensor& dlogits) {

@@ -31,27 +31,70 @@ void transform_row(acc_t* y, const acc_t* bias, int64_t columns, acc_t cap, acc_
   row_max = m;
   row_sum = s;
 }
+
+// Folds one row of the tile (overwritten with softcap(logit + bias)) into its state.
+template <typename acc_t>
+void fold_row(const LinearCEParams& p, int64_t row, acc_t* y, const acc_t* bias, const int64_t* target,
+              LinearCERowState<acc_t> state) {
+  const int64_t columns = p.chunk_columns;
+  acc_t chunk_max, chunk_sum_logits;
+  transform_row(y, bias, columns, static_cast<acc_t>(p.softcap), chunk_max, chunk_sum_logits);
+  acc_t chunk_sum_exp = 0;
+#pragma omp simd reduction(+ : chunk_sum_exp)
+  for (int64_t j = 0; j < columns; ++j) chunk_sum_exp += exp_vectorizable(y[j] - chunk_max);
+
+  lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{chunk_max, chunk_sum_exp});
+  state.sum_logits[row] += chunk_sum_logits;
+  const int64_t t = target[row] - p.chunk_start;
+  if (t >= 0 && t < columns) state.target_logit[row] = y[t];
+}
+
+// Writes one row's dlogits (see linear_ce_chunk_grad).
+template <typename acc_t, typename grad_t>
+void grad_row(const LinearCEParams& p, int64_t row, const acc_t* z, const acc_t* bias, const int64_t* target,
+              LseArray<const acc_t> lse, const acc_t* grad_loss, grad_t* dz) {
+  const int64_t columns = p.chunk_columns;
+  if (target[row] == p.ignore_index) {
+    // Skipped, not multiplied by 0: a padding row may hold inf/NaN.
+    std::fill_n(dz, columns, grad_t(0));
+    return;
+  }
+  const acc_t cap = static_cast<acc_t>(p.softcap);
+  const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss), acc_t(p.num_classes)};
+  const acc_t g = linear_ce_target_valid(p, target[row]) ? grad_loss[row] : std::numeric_limits<acc_t>::quiet_NaN();
+  const LseParts<acc_t> row_lse = lse[row];
+  // Everything except the target column is  g * (c1 * p_j - c0) * softcap'.
+  const acc_t prob_scale = g * (acc_t(1) + acc_t(2) * terms.z_loss * row_lse.value());
+  const acc_t uniform = g * terms.label_smoothing / terms.num_classes;
+  const acc_t row_max = row_lse.max, log_sum = row_lse.log_sum;
+  // Read the target's raw logit first: dz may overwrite z.
+  const int64_t t = target[row] - p.chunk_start;
+  const bool target_here = t >= 0 && t < columns;
+  const acc_t target_z = target_here ? z[t] : acc_t(0);
+  const acc_t* column_bias = p.tile_transformed ? nullptr : bias;
+  const acc_t tile_cap = p.tile_transformed ? acc_t(0) : cap;
+#pragma omp simd
+  for (int64_t j = 0; j < columns; ++j) {
+    const acc_t y = softcap_apply(z[j] + (column_bias ? column_bias[j] : acc_t(0)), tile_cap);
+    const acc_t d = (prob_scale * exp_vectorizable((y - row_max) - log_sum) - uniform) *
+                    softcap_grad_from_output(y, cap);
+    dz[j] = static_cast<grad_t>(d);
+  }
+  if (target_here) {
+    // The target column also carries the one-hot term.
+    const acc_t y = softcap_apply(target_z + (column_bias ? column_bias[t] : acc_t(0)), tile_cap);
+    const acc_t d = g * terms.logit_grad(exp_acc(row_lse.log_prob(y)), true, row_lse.value()) *
+                    softcap_grad_from_output(y, cap);
+    dz[t] = static_cast<grad_t>(d);
+  }
+}
 }  // namespace
 
 template <typename acc_t>
 void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const acc_t* bias,
                                 const int64_t* target, LinearCERowState<acc_t> state) {
-  const int64_t columns = p.chunk_columns;
-  const acc_t cap = static_cast<acc_t>(p.softcap);
-  at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      acc_t* y = logits + row * p.logits_stride;
-      acc_t chunk_max, chunk_sum_logits;
-      transform_row(y, bias, columns, cap, chunk_max, chunk_sum_logits);
-      acc_t chunk_sum_exp = 0;
-#pragma omp simd reduction(+ : chunk_sum_exp)
-      for (int64_t j = 0; j < columns; ++j) chunk_sum_exp += exp_vectorizable(y[j] - chunk_max);
-
-      lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{chunk_max, chunk_sum_exp});
-      state.sum_logits[row] += chunk_sum_logits;
-      const int64_t t = target[row] - p.chunk_start;
-      if (t >= 0 && t < columns) state.target_logit[row] = y[t];
-    }
+  at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) fold_row(p, row, logits + row * p.logits_stride, bias, target, state);
   });
 }
 
@@ -65,45 +108,28 @@ template <typename acc_t, typename grad_t>
 void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
                           const int64_t* target, LseArray<const acc_t> lse, const acc_t* grad_loss,
                           grad_t* dlogits) {
-  const int64_t columns = p.chunk_columns;
-  const acc_t cap = static_cast<acc_t>(p.softcap);
-  const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss),
-                                       acc_t(p.num_classes)};
-  at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const acc_t* z = logits + row * p.logits_stride;
-      grad_t* dz = dlogits + row * p.dlogits_stride;
-      if (target[row] == p.ignore_index) {
-        // Skipped, not multiplied by 0: a padding row may hold inf/NaN.
-        std::fill_n(dz, columns, grad_t(0));
-        continue;
-      }
-      const acc_t g = linear_ce_target_valid(p, target[row]) ? grad_loss[row] : std::numeric_limits<acc_t>::quiet_NaN();
-      const LseParts<acc_t> row_lse = lse[row];
-      // Everything except the target column is  g * (c1 * p_j - c0) * softcap'.
-      const acc_t prob_scale = g * (acc_t(1) + acc_t(2) * terms.z_loss * row_lse.value());
-      const acc_t uniform = g * terms.label_smoothing / terms.num_classes;
-      const acc_t row_max = row_lse.max, log_sum = row_lse.log_sum;
-      // Read the target's raw logit first: dz may alias z.
-      const int64_t t = target[row] - p.chunk_start;
-      const bool target_here = t >= 0 && t < columns;
-      const acc_t target_z = target_here ? z[t] : acc_t(0);
-      const acc_t* column_bias = p.tile_transformed ? nullptr : bias;
-      const acc_t tile_cap = p.tile_transformed ? acc_t(0) : cap;
-#pragma omp simd
-      for (int64_t j = 0; j < columns; ++j) {
-        const acc_t y = softcap_apply(z[j] + (column_bias ? column_bias[j] : acc_t(0)), tile_cap);
-        const acc_t d = (prob_scale * exp_vectorizable((y - row_max) - log_sum) - uniform) *
-                        softcap_grad_from_output(y, cap);
-        dz[j] = static_cast<grad_t>(d);
-      }
-      if (target_here) {
-        // The target column also carries the one-hot term.
-        const acc_t y = softcap_apply(target_z + (column_bias ? column_bias[t] : acc_t(0)), tile_cap);
-        const acc_t d = g * terms.logit_grad(exp_acc(row_lse.log_prob(y)), true, row_lse.value()) *
-                        softcap_grad_from_output(y, cap);
-        dz[t] = static_cast<grad_t>(d);
-      }
+      grad_row(p, row, logits + row * p.logits_stride, bias, target, lse, grad_loss, dlogits + row * p.dlogits_stride);
+    }
+  });
+}
+
+// Each row is folded, finalized and turned into dlogits while it is still in
+// the core's cache: one trip of the tile through memory instead of three.
+template <typename acc_t, typename grad_t>
+void linear_ce_single_pass_rows(const LinearCEParams& p, acc_t* logits, const acc_t* bias, const int64_t* target,
+                                LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss,
+                                const acc_t* grad_loss, grad_t* dlogits) {
+  LinearCEParams transformed = p;
+  transformed.tile_transformed = true;
+  const LseArray<const acc_t> row_lse{lse.max, lse.log_sum};
+  at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t* y = logits + row * p.logits_stride;
+      fold_row(p, row, y, bias, target, state);
+      linear_ce_finalize_row(p, row, target, state, lse, loss);
+      grad_row(transformed, row, y, bias, target, row_lse, grad_loss, dlogits + row * p.dlogits_stride);
     }
   });
 }
@@ -116,7 +142,10 @@ void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const ac
 #define FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU(acc_t, grad_t)                                  \
   template void linear_ce_chunk_grad<acc_t, grad_t>(const LinearCEParams&, const acc_t*,         \
                                                     const acc_t*, const int64_t*,                \
-                                                    LseArray<const acc_t>, const acc_t*, grad_t*);
+                                                    LseArray<const acc_t>, const acc_t*, grad_t*); \
+  template void linear_ce_single_pass_rows<acc_t, grad_t>(                                       \
+      const LinearCEParams&, acc_t*, const acc_t*, const int64_t*, LinearCERowState<acc_t>,      \
+      LseArray<acc_t>, acc_t*, const acc_t*, grad_t*);
 
 FUSEDLOSS_FOR_ACC_TYPES(FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU)
 FUSEDLOSS_FOR_DLOGITS_TYPES(FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU)

@@ -110,6 +110,20 @@ void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const ac
                     dlogits);
 }
 
+// Three launches on the stream (fold, finalize, dlogits): each row is a whole
+// vocabulary, read by one block per kernel.
+template <typename acc_t, typename grad_t>
+void linear_ce_single_pass_rows(const LinearCEParams& p, acc_t* logits, const acc_t* bias, const int64_t* target,
+                                LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss,
+                                const acc_t* grad_loss, grad_t* dlogits, void* stream) {
+  LinearCEParams transformed = p;
+  transformed.tile_transformed = true;  // the fold leaves softcap(logit + bias) in the tile
+  linear_ce_accumulate_chunk(transformed, logits, bias, target, state, stream);
+  linear_ce_finalize(p, target, state, lse, loss, stream);
+  linear_ce_chunk_grad(transformed, logits, bias, target, LseArray<const acc_t>{lse.max, lse.log_sum}, grad_loss,
+                       dlogits, stream);
+}
+
 #define FUSEDLOSS_INSTANTIATE_ROW_STATE(acc_t)                                                      \
   template void linear_ce_accumulate_chunk<acc_t>(const LinearCEParams&, acc_t*, const acc_t*,       \
                                                   const int64_t*, LinearCERowState<acc_t>, void*);   \
@@ -118,7 +132,10 @@ void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const ac
 #define FUSEDLOSS_INSTANTIATE_CHUNK_GRAD(acc_t, grad_t)                                              \
   template void linear_ce_chunk_grad<acc_t, grad_t>(const LinearCEParams&, const acc_t*,             \
                                                     const acc_t*, const int64_t*,                    \
-                                                    LseArray<const acc_t>, const acc_t*, grad_t*, void*);
+                                                    LseArray<const acc_t>, const acc_t*, grad_t*, void*); \
+  template void linear_ce_single_pass_rows<acc_t, grad_t>(                                           \
+      const LinearCEParams&, acc_t*, const acc_t*, const int64_t*, LinearCERowState<acc_t>,          \
+      LseArray<acc_t>, acc_t*, const acc_t*, grad_t*, void*);
 FUSEDLOSS_FOR_ACC_TYPES(FUSEDLOSS_INSTANTIATE_ROW_STATE)
 FUSEDLOSS_FOR_DLOGITS_TYPES(FUSEDLOSS_INSTANTIATE_CHUNK_GRAD)
 #undef FUSEDLOSS_INSTANTIATE_ROW_STATE

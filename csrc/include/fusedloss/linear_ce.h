@@ -90,6 +90,12 @@ template <typename acc_t, typename grad_t>
 void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
                           const int64_t* target, LseArray<const acc_t> lse, const acc_t* grad_loss,
                           grad_t* dlogits);
+// The single pass's row kernel over a whole-vocabulary tile of rows: fold,
+// finalize (lse, loss) and dlogits of every row, written over the tile.
+template <typename acc_t, typename grad_t>
+void linear_ce_single_pass_rows(const LinearCEParams& p, acc_t* logits, const acc_t* bias, const int64_t* target,
+                                LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss,
+                                const acc_t* grad_loss, grad_t* dlogits);
 }  // namespace cpu
 
 #ifdef FUSEDLOSS_WITH_CUDA
@@ -105,6 +111,10 @@ template <typename acc_t, typename grad_t>
 void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
                           const int64_t* target, LseArray<const acc_t> lse, const acc_t* grad_loss,
                           grad_t* dlogits, void* stream);
+template <typename acc_t, typename grad_t>
+void linear_ce_single_pass_rows(const LinearCEParams& p, acc_t* logits, const acc_t* bias, const int64_t* target,
+                                LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss,
+                                const acc_t* grad_loss, grad_t* dlogits, void* stream);
 }  // namespace cuda
 #endif
 
