@@ -26,8 +26,8 @@ def _loss_and_grads(fn, x, w, t, b, **kw):
     return [loss.detach(), *grads]
 
 
-def _problem(dtype=torch.float32):
-    return linear_ce_problem(ROWS, DIM, CLASSES, dtype, "cpu", bias=True, ignore_every=7)
+def _problem(dtype=torch.float32, device="cpu"):
+    return linear_ce_problem(ROWS, DIM, CLASSES, dtype, device, bias=True, ignore_every=7)
 
 
 # A tile of all 200 rows is 200·300·4 = 240,000 bytes; 64 rows (the CPU's
@@ -38,9 +38,10 @@ BUDGETS = {"one_block": None, "three_blocks": 110_000, "below_min_rows": 50_000}
 
 @pytest.mark.parametrize("budget", BUDGETS, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_single_pass_blocks_and_fallback_match_the_oracle(budget, reduction):
-    """Every block layout (and the recompute fallback) gives the oracle's loss and gradients."""
-    x, w, t, b = _problem()
+def test_single_pass_blocks_and_fallback_match_the_oracle(device, budget, reduction):
+    """Every block layout (and the recompute fallback) gives the oracle's loss and gradients.
+    On CUDA the single pass runs under FUSEDLOSS_CUDA_SINGLE_PASS=1 (scripts/gpu_check.sh)."""
+    x, w, t, b = _problem(device=device)
     got = _loss_and_grads(fusedloss.linear_cross_entropy, x, w, t, b, reduction=reduction,
                           memory_budget=BUDGETS[budget])
     want = _loss_and_grads(reference.linear_cross_entropy, *fp64_leaves(x, w)[:2], t, fp64_leaves(b)[0],
