@@ -151,10 +151,11 @@ FL_HOST_DEVICE acc_t sampled_column_logit(const SampledParams& p, const SampledC
                                           int64_t j, acc_t raw) {
   acc_t z = raw;
   const int64_t id = c.ids[row * c.id_row_stride + j];
-  if (!sampled_id_valid(p, id)) return std::numeric_limits<acc_t>::quiet_NaN();
-  if (c.bias != nullptr) z += c.bias[id];
+  // Selects, not branches: the CPU loops over columns stay vectorisable.
+  const bool valid = sampled_id_valid(p, id);
+  if (c.bias != nullptr) z += c.bias[valid ? id : 0];
   if (c.log_q != nullptr) z -= c.log_q[row * c.log_q_row_stride + j];
-  return z;
+  return valid ? z : std::numeric_limits<acc_t>::quiet_NaN();
 }
 
 // exp in the accumulation type; the CPU kernels pass their vectorisable exp instead.
