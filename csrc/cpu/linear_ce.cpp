@@ -115,6 +115,47 @@ void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const ac
   });
 }
 
+// Without a softcap, the single pass keeps exp(y - row max) in the tile from
+// the fold's sum and forms the probabilities from it: one exp per element
+// instead of two. The tile holds a whole row, so the row's max is the fold's.
+template <typename acc_t, typename grad_t>
+void fold_and_grad_uncapped_row(const LinearCEParams& p, int64_t row, acc_t* y, const acc_t* bias,
+                                const int64_t* target, LinearCERowState<acc_t> state, LseArray<acc_t> lse,
+                                acc_t* loss, const acc_t* grad_loss, grad_t* dz) {
+  const int64_t columns = p.chunk_columns;
+  acc_t row_max, sum_logits;
+  transform_row(y, bias, columns, acc_t(0), row_max, sum_logits);
+  const int64_t t = target[row] - p.chunk_start;
+  if (t >= 0 && t < columns) state.target_logit[row] = y[t];
+  acc_t sum_exp = 0;
+#pragma omp simd reduction(+ : sum_exp)
+  for (int64_t j = 0; j < columns; ++j) {
+    const acc_t e = exp_vectorizable(y[j] - row_max);
+    y[j] = e;
+    sum_exp += e;
+  }
+  lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{row_max, sum_exp});
+  state.sum_logits[row] += sum_logits;
+  linear_ce_finalize_row(p, row, target, state, lse, loss);
+  if (target[row] == p.ignore_index) {
+    std::fill_n(dz, columns, grad_t(0));  // skipped, not multiplied by 0 (inf/NaN padding)
+    return;
+  }
+  const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss), acc_t(p.num_classes)};
+  const acc_t g = linear_ce_target_valid(p, target[row]) ? grad_loss[row] : std::numeric_limits<acc_t>::quiet_NaN();
+  const LseParts<acc_t> row_lse = lse[row];
+  // p_j = exp(y_j - row_max) * exp((row_max - lse.max) - lse.log_sum).
+  const acc_t to_prob = exp_acc((row_max - row_lse.max) - row_lse.log_sum);
+  const acc_t prob_scale = g * (acc_t(1) + acc_t(2) * terms.z_loss * row_lse.value()) * to_prob;
+  const acc_t uniform = g * terms.label_smoothing / terms.num_classes;
+  const acc_t target_e = t >= 0 && t < columns ? y[t] : acc_t(0);  // read before dz may overwrite it
+#pragma omp simd
+  for (int64_t j = 0; j < columns; ++j) dz[j] = static_cast<grad_t>(prob_scale * y[j] - uniform);
+  if (t >= 0 && t < columns) {
+    dz[t] = static_cast<grad_t>(g * terms.logit_grad(target_e * to_prob, true, row_lse.value()));
+  }
+}
+
 // Each row is folded, finalized and turned into dlogits while it is still in
 // the core's cache: one trip of the tile through memory instead of three.
 template <typename acc_t, typename grad_t>
@@ -127,9 +168,14 @@ void linear_ce_single_pass_rows(const LinearCEParams& p, acc_t* logits, const ac
   at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       acc_t* y = logits + row * p.logits_stride;
+      grad_t* dz = dlogits + row * p.dlogits_stride;
+      if (p.softcap <= 0.0) {
+        fold_and_grad_uncapped_row(p, row, y, bias, target, state, lse, loss, grad_loss, dz);
+        continue;
+      }
       fold_row(p, row, y, bias, target, state);
       linear_ce_finalize_row(p, row, target, state, lse, loss);
-      grad_row(transformed, row, y, bias, target, row_lse, grad_loss, dlogits + row * p.dlogits_stride);
+      grad_row(transformed, row, y, bias, target, row_lse, grad_loss, dz);
     }
   });
 }
