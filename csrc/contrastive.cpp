@@ -75,13 +75,53 @@ struct ContrastiveProblem {
     scale = scale_.to(acc_dtype).contiguous();
     const int64_t num_rows = queries.size(0), num_cols = keys.size(0);
     chunk_list = column_chunks(num_cols, chunk_columns_for(num_rows, num_cols, requested_chunk, queries.is_cuda()));
-    params = ContrastiveParams{num_rows, num_cols, 0, 0, 0, self_offset.value_or(0), self_offset.has_value(),
+    params = ContrastiveParams{num_rows, num_cols, 0, 0, 0, 0, self_offset.value_or(0), self_offset.has_value(),
                                symmetric};
   }
 
   int64_t rows() const { return params.num_rows; }
   const std::vector<Chunk>& chunks() const { return chunk_list; }
   at::TensorOptions options() const { return queries.options(); }
+
+  // The upstream gradient of each row's term: a symmetric pair loss is the
+  // mean of its row and its column term.
+  Tensor row_term_grads(const Tensor& grad_loss) const {
+    return grad_loss.reshape({params.num_rows}).to(acc_dtype).mul(params.symmetric ? 0.5 : 1.0).contiguous();
+  }
+
+  // The upstream gradient of each column's term (symmetric): that of the pair
+  // whose positive the column is. An out-of-range positive (unchecked only on
+  // CUDA under compile / graph capture) made its row NaN in the forward: it
+  // poisons a column here too, instead of index_add_'s device assert.
+  Tensor column_grads(const Tensor& row_grad) const {
+    const int64_t num_cols = params.num_cols;
+    const Tensor valid = positives.ge(0).logical_and(positives.lt(num_cols));
+    return at::zeros({num_cols}, row_grad.options())
+        .index_add_(0, positives.clamp(0, num_cols - 1), row_grad.where(valid, std::numeric_limits<double>::quiet_NaN()));
+  }
+
+  // The buffer contrastive_chunk_column_lse needs for tiles of `columns`
+  // columns: CUDA reduces columns in row slices through it; the CPU needs none.
+  Tensor column_scratch(int64_t columns) const {
+    int64_t elems = 0;
+#ifdef FUSEDLOSS_WITH_CUDA
+    if (backend.is_cuda() && params.symmetric) elems = cuda::contrastive_column_scratch_elems(params.num_rows, columns);
+#endif
+    return at::empty({elems}, options().dtype(acc_dtype));
+  }
+
+  // The [3, R] row state (max, sum_exp, positive logit) of rows not yet seen.
+  Tensor empty_row_state() const {
+    Tensor state = at::zeros({3, params.num_rows}, options().dtype(acc_dtype));
+    state[0].fill_(-std::numeric_limits<double>::infinity());
+    state[2].fill_(std::numeric_limits<double>::quiet_NaN());  // a positive never seen poisons its row
+    return state;
+  }
+
+  template <typename acc_t>
+  ContrastiveRowState<acc_t> row_state_at(const Tensor& state, int64_t row) {
+    return {state[0].data_ptr<acc_t>() + row, state[1].data_ptr<acc_t>() + row, state[2].data_ptr<acc_t>() + row};
+  }
 
   // Raw dot products of the chunk's columns; points `params` at that chunk.
   template <typename acc_t>
@@ -90,6 +130,7 @@ struct ContrastiveProblem {
     params.chunk_start = c.start;
     params.chunk_columns = c.columns;
     params.logits_stride = c.columns;
+    params.dlogits_stride = c.columns;
   }
 };
 
@@ -99,7 +140,7 @@ struct ContrastiveForward : ContrastiveProblem {
 
   template <typename acc_t>
   ContrastiveRowState<acc_t> row_state() {
-    return {state[0].data_ptr<acc_t>(), state[1].data_ptr<acc_t>(), state[2].data_ptr<acc_t>()};
+    return row_state_at<acc_t>(state, 0);
   }
 
   template <typename acc_t>
@@ -123,34 +164,25 @@ struct ContrastiveForward : ContrastiveProblem {
   void run() {
     const auto acc_opts = options().dtype(acc_dtype);
     const int64_t num_rows = params.num_rows, num_cols = params.num_cols;
-    state = at::zeros({3, num_rows}, acc_opts);
-    state[0].fill_(-std::numeric_limits<double>::infinity());
-    state[2].fill_(std::numeric_limits<double>::quiet_NaN());  // a positive never seen poisons its row
+    state = empty_row_state();
     // Row and column lse as LseParts [2, count] (max, log-sum); only the
     // symmetric loss needs column statistics.
     row_lse = at::empty({2, num_rows}, acc_opts);
     col_lse = at::empty({2, params.symmetric ? num_cols : 0}, acc_opts);
     loss = at::empty({num_rows}, acc_opts);
-    // CUDA reduces columns in row slices through a scratch buffer; the CPU needs none.
-    int64_t scratch_elems = 0;
-#ifdef FUSEDLOSS_WITH_CUDA
-    if (backend.is_cuda() && params.symmetric) {
-      scratch_elems = cuda::contrastive_column_scratch_elems(num_rows, widest(chunk_list));
-    }
-#endif
-    scratch = at::empty({scratch_elems}, acc_opts);
+    scratch = column_scratch(widest(chunk_list));
     forward_chunks(*this);
   }
 };
 
-// dQ accumulates over chunks in fp32 (d scale = sum(Q * dQ) / scale needs it
-// too); each dK row comes from exactly one GEMM (reduction over R inside it),
-// so on CUDA it is written straight in the operand dtype.
+// dQ accumulates over chunks in fp32; each dK row comes from exactly one GEMM
+// (reduction over R inside it), so on CUDA it is written straight in the
+// operand dtype; d scale per row from the row kernels' fp32 terms.
 struct ContrastiveBackward : ContrastiveProblem {
   using ContrastiveProblem::ContrastiveProblem;
   Tensor row_grad, col_grad, row_lse, col_lse;
-  bool need_dq = false, need_cols = false;
-  Tensor grad_rows_acc, grad_cols_buf;
+  bool need_rows = false, need_cols = false;
+  Tensor grad_rows_acc, grad_cols_buf, scale_grad_rows;
 
   template <typename acc_t>
   Tensor chunk_dlogits(const Chunk& c, Tensor& tile, Tensor& dlogits_workspace) {
@@ -159,13 +191,14 @@ struct ContrastiveBackward : ContrastiveProblem {
       backend.run(FUSEDLOSS_KERNELS(contrastive_chunk_grad<acc_t, grad_t>), params, tile.data_ptr<acc_t>(),
                   scale.data_ptr<acc_t>(), positives.data_ptr<int64_t>(), lse_array_at<const acc_t>(row_lse),
                   lse_array_at<const acc_t>(col_lse), row_grad.data_ptr<acc_t>(),
-                  params.symmetric ? col_grad.data_ptr<acc_t>() : nullptr, out);
+                  params.symmetric ? col_grad.data_ptr<acc_t>() : nullptr, out,
+                  scale_grad_rows.defined() ? scale_grad_rows.data_ptr<acc_t>() : nullptr);
     });
     return dlogits_workspace;
   }
 
   void chunk_gradients(const Chunk& c, const Tensor& dlogits) {
-    if (need_dq) matmul_into(grad_rows_acc, dlogits, keys.narrow(0, c.start, c.columns), /*accumulate=*/true);
+    if (need_rows) matmul_into(grad_rows_acc, dlogits, keys.narrow(0, c.start, c.columns), /*accumulate=*/true);
     if (need_cols) {
       Tensor grad_cols_tile = grad_cols_buf.narrow(0, c.start, c.columns);
       matmul_into(grad_cols_tile, dlogits.t(), queries, /*accumulate=*/false);
@@ -181,38 +214,149 @@ struct ContrastiveBackward : ContrastiveProblem {
                           col_lse_in.numel() == 2 * col_stats,
                       "contrastive_backward: grad_loss must have R=", num_rows, " elements, row_lse be [2, R] and "
                       "col_lse [2, ", col_stats, "]");
-    const bool need_rows = output_mask[0], need_scale = output_mask[2];
+    const bool need_scale = output_mask[2];
+    need_rows = output_mask[0];
     need_cols = output_mask[1];
-    need_dq = need_rows || need_scale;
     const auto acc_opts = options().dtype(acc_dtype);
     // A symmetric pair loss is the mean of its row and its column term.
-    row_grad = grad_loss.reshape({num_rows}).to(acc_dtype).mul(params.symmetric ? 0.5 : 1.0).contiguous();
+    row_grad = row_term_grads(grad_loss);
     row_lse = row_lse_in.reshape({2, num_rows}).to(acc_dtype).contiguous();
     col_lse = col_lse_in.reshape({2, col_stats}).to(acc_dtype).contiguous();
-    if (params.symmetric) {
-      // Each column's term is weighted by the upstream gradient of the pair it
-      // is the positive of. An out-of-range positive (unchecked only on CUDA
-      // under compile / graph capture) made its row NaN in the forward: it
-      // poisons a column here too, instead of index_add_'s device assert.
-      const Tensor valid = positives.ge(0).logical_and(positives.lt(num_cols));
-      col_grad = at::zeros({num_cols}, acc_opts)
-                     .index_add_(0, positives.clamp(0, num_cols - 1),
-                                 row_grad.where(valid, std::numeric_limits<double>::quiet_NaN()));
-    }
-    grad_rows_acc = need_dq ? at::zeros({num_rows, queries.size(1)}, acc_opts) : Tensor();
+    if (params.symmetric) col_grad = column_grads(row_grad);
+    grad_rows_acc = need_rows ? at::zeros({num_rows, queries.size(1)}, acc_opts) : Tensor();
+    scale_grad_rows = need_scale ? at::zeros({num_rows}, acc_opts) : Tensor();
     // Every dK row is written by its tile's GEMM (zeros only without rows).
     grad_cols_buf = !need_cols      ? Tensor()
                     : num_rows == 0 ? at::zeros({num_cols, keys.size(1)}, options().dtype(operand_dtype))
                                     : at::empty({num_cols, keys.size(1)}, options().dtype(operand_dtype));
-    if (need_dq || need_cols) backward_chunks(*this);
-    // logits = scale * Q K^T, so d(scale) = sum(dlogits * Q K^T) = sum(Q * dQ) / scale.
-    Tensor grad_scale = need_scale ? (queries.to(acc_dtype) * grad_rows_acc).sum().div(scale).to(scale_.scalar_type())
-                                   : at::empty({0}, acc_opts);
+    if (need_rows || need_cols || need_scale) backward_chunks(*this);
+    Tensor grad_scale = need_scale ? scale_grad_rows.sum().to(scale_.scalar_type()) : at::empty({0}, acc_opts);
     Tensor grad_rows = need_rows ? grad_rows_acc.to(rows_.scalar_type()) : at::empty({0}, rows_.options());
     Tensor grad_cols = need_cols ? grad_cols_buf.to(cols_.scalar_type()) : at::empty({0}, cols_.options());
     return {grad_rows, grad_cols, grad_scale};
   }
 };
+
+// sum_i loss_i / normalizer and its gradients in one pass over row blocks
+// (chunk_driver.h's single_pass, as linear CE): per block, one GEMM forms the
+// [R_block, C] tile of dot products, one row kernel folds, finalizes and
+// writes the dlogits over it, and two GEMMs give dQ for the block's rows and
+// dK (+)= dlogits^T Q_block: three GEMMs per step instead of four. The
+// symmetric loss needs every column's LSE before any column gradient, so it
+// runs single pass only when the whole [R, C] tile is one block.
+struct ContrastiveSinglePass : ContrastiveProblem {
+  using ContrastiveProblem::ContrastiveProblem;
+  int64_t block_rows = 0;
+  int64_t self_offset = 0;  // of the whole problem; each block shifts it by its first row
+  bool need_rows = false, need_cols = false;
+  Tensor state, row_lse, col_lse, loss, row_grad, col_grad, scratch;
+  Tensor grad_rows_acc, grad_cols_acc, scale_grad_rows;
+
+  int64_t columns() const { return params.num_cols; }
+  std::vector<RowBlock> blocks() const { return row_blocks(rows(), block_rows); }
+
+  template <typename acc_t>
+  void fold_rows(const RowBlock& r, Tensor& tile) {
+    matmul_into(tile, queries.narrow(0, r.start, r.count), keys.t(), /*accumulate=*/false);
+  }
+
+  template <typename acc_t>
+  void rows_dlogits(const RowBlock& r, Tensor& tile, Tensor& dlogits) {
+    // The params of this block's tile: its rows, every column.
+    ContrastiveParams block = params;
+    block.num_rows = r.count;
+    block.chunk_start = 0;
+    block.chunk_columns = params.num_cols;
+    block.logits_stride = tile.stride(0);
+    block.dlogits_stride = dlogits.stride(0);
+    block.self_offset = self_offset + r.start;
+    if (params.symmetric) {  // one block: the tile holds every row
+      backend.run(FUSEDLOSS_KERNELS(contrastive_chunk_column_lse<acc_t>), block, tile.data_ptr<acc_t>(),
+                  scale.data_ptr<acc_t>(), lse_array_at<acc_t>(col_lse), scratch.data_ptr<acc_t>());
+    }
+    with_typed_data<acc_t>(dlogits, [&](auto* out) {
+      using grad_t = std::remove_pointer_t<decltype(out)>;
+      backend.run(FUSEDLOSS_KERNELS(contrastive_single_pass_rows<acc_t, grad_t>), block, tile.data_ptr<acc_t>(),
+                  scale.data_ptr<acc_t>(), positives.data_ptr<int64_t>() + r.start,
+                  row_state_at<acc_t>(state, r.start), lse_array_at<const acc_t>(col_lse),
+                  lse_array_at<acc_t>(row_lse, r.start), loss.data_ptr<acc_t>() + r.start,
+                  row_grad.data_ptr<acc_t>() + r.start, params.symmetric ? col_grad.data_ptr<acc_t>() : nullptr,
+                  out, scale_grad_rows.defined() ? scale_grad_rows.data_ptr<acc_t>() + r.start : nullptr);
+    });
+  }
+
+  void rows_gradients(const RowBlock& r, const Tensor& dlogits) {
+    if (need_rows) {
+      Tensor grad_rows_block = grad_rows_acc.narrow(0, r.start, r.count);
+      matmul_into(grad_rows_block, dlogits, keys, /*accumulate=*/false);
+    }
+    if (need_cols) matmul_into(grad_cols_acc, dlogits.t(), queries.narrow(0, r.start, r.count), r.start > 0);
+  }
+};
+
+// The recompute pair with the single pass's interface, for when no block of
+// min_block_rows (the symmetric loss: no whole tile) fits the budget.
+std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_recompute_sum_and_grad(
+    const Tensor& rows, const Tensor& cols, const Tensor& positives, const Tensor& scale,
+    std::optional<int64_t> self_offset, bool symmetric, const Tensor& grad_rows, std::array<bool, 3> output_mask) {
+  ContrastiveForward forward(rows, cols, positives, scale, self_offset, symmetric, 0);
+  forward.run();
+  ContrastiveBackward backward(rows, cols, positives, scale, self_offset, symmetric, 0);
+  auto [grad_q, grad_k, grad_scale] =
+      backward.run(grad_rows, forward.row_lse, forward.col_lse, rows, cols, scale, output_mask);
+  return {forward.loss.mul(grad_rows).sum(), grad_q, grad_k, grad_scale};
+}
+
+// The loss and gradients of sum_i loss_i / normalizer (a 0-dim tensor, or
+// none for 1) formed in the forward, so that the autograd backward only
+// scales them; memory_budget bounds the tile (+ fp32 dK accumulator) in bytes
+// (0: default_memory_budget), row_block > 0 forces the block size.
+std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_sum_and_grad(
+    const Tensor& rows, const Tensor& cols, const Tensor& positives, const Tensor& scale,
+    const std::optional<Tensor>& normalizer, std::optional<int64_t> self_offset, bool symmetric, int64_t row_block,
+    int64_t memory_budget, std::array<bool, 3> output_mask) {
+  c10::DeviceGuard guard(rows.device());
+  check_contrastive(rows, cols, positives, scale, self_offset);
+  checks::normalizer(kOp, normalizer, rows);
+  TORCH_CHECK_VALUE(memory_budget >= 0, kOp, ": memory_budget must be >= 0 bytes, got ", memory_budget);
+  ContrastiveSinglePass pass(rows, cols, positives, scale, self_offset, symmetric, 0);
+  const int64_t num_rows = pass.rows(), num_cols = pass.columns(), dim = rows.size(1);
+  const auto acc_opts = rows.options().dtype(pass.acc_dtype);
+  // Every pair's upstream gradient: 1 / normalizer, without a host sync.
+  const Tensor grad_pairs = normalized_row_grads(normalizer, num_rows, acc_opts);
+  const bool half_keys = pass.operand_dtype != pass.acc_dtype;
+  const int64_t accumulator_bytes = half_keys && output_mask[1] ? 4 * num_cols * dim : 0;
+  pass.block_rows = choose_block_rows(num_rows, num_cols, row_block, memory_budget, accumulator_bytes, rows.is_cuda());
+  if (pass.block_rows == 0 || (symmetric && pass.block_rows < num_rows)) {
+    return contrastive_recompute_sum_and_grad(rows, cols, positives, scale, self_offset, symmetric, grad_pairs,
+                                              output_mask);
+  }
+  pass.need_rows = output_mask[0];
+  pass.need_cols = output_mask[1];
+  pass.self_offset = self_offset.value_or(0);
+  pass.state = pass.empty_row_state();
+  pass.row_lse = at::empty({2, num_rows}, acc_opts);
+  pass.col_lse = at::empty({2, symmetric ? num_cols : 0}, acc_opts);
+  pass.loss = at::empty({num_rows}, acc_opts);
+  pass.row_grad = pass.row_term_grads(grad_pairs);
+  if (symmetric) pass.col_grad = pass.column_grads(pass.row_grad);
+  pass.scratch = pass.column_scratch(num_cols);
+  // dQ rows come from one GEMM per block: written in the input's dtype.
+  pass.grad_rows_acc = pass.need_rows ? at::empty({num_rows, dim}, rows.options()) : Tensor();
+  pass.scale_grad_rows = output_mask[2] ? at::zeros({num_rows}, acc_opts) : Tensor();
+  // One block: its GEMM writes dK in the operand dtype (rounded once); more:
+  // accumulated over blocks in fp32, rounded once at the end.
+  const bool one_block = pass.block_rows >= num_rows && num_rows > 0;
+  pass.grad_cols_acc = !pass.need_cols ? Tensor()
+                       : one_block     ? at::empty({num_cols, dim}, rows.options().dtype(pass.operand_dtype))
+                                       : at::zeros({num_cols, dim}, acc_opts);
+  single_pass(pass);
+  const Tensor total = pass.loss.mul(grad_pairs).sum();
+  Tensor grad_q = pass.need_rows ? pass.grad_rows_acc : at::empty({0}, rows.options());
+  Tensor grad_k = pass.need_cols ? pass.grad_cols_acc.to(cols.scalar_type()) : at::empty({0}, cols.options());
+  Tensor grad_scale = output_mask[2] ? pass.scale_grad_rows.sum().to(scale.scalar_type()) : at::empty({0}, acc_opts);
+  return {total, grad_q, grad_k, grad_scale};
+}
 
 std::tuple<Tensor, Tensor, Tensor> contrastive_forward(const Tensor& rows, const Tensor& cols,
                                                        const Tensor& positives, const Tensor& scale,
@@ -247,17 +391,23 @@ TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
       "contrastive_backward(Tensor grad_loss, Tensor rows, Tensor cols, Tensor positives, Tensor scale, "
       "Tensor row_lse, Tensor col_lse, int? self_offset, bool symmetric, int tile_size, bool[3] output_mask) "
       "-> (Tensor grad_rows, Tensor grad_cols, Tensor grad_scale)");
+  m.def(
+      "contrastive_sum_and_grad(Tensor rows, Tensor cols, Tensor positives, Tensor scale, Tensor? normalizer, "
+      "int? self_offset, bool symmetric, int row_block, int memory_budget, bool[3] output_mask) -> "
+      "(Tensor loss_sum, Tensor grad_rows, Tensor grad_cols, Tensor grad_scale)");
 }
 
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
   m.impl("contrastive_forward", &contrastive_forward);
   m.impl("contrastive_backward", &contrastive_backward);
+  m.impl("contrastive_sum_and_grad", &contrastive_sum_and_grad);
 }
 
 #ifdef FUSEDLOSS_WITH_CUDA
 TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
   m.impl("contrastive_forward", &contrastive_forward);
   m.impl("contrastive_backward", &contrastive_backward);
+  m.impl("contrastive_sum_and_grad", &contrastive_sum_and_grad);
 }
 #endif
 

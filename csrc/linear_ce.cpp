@@ -254,19 +254,6 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
   return pass.run(grad_loss, lse, input, weight, output_mask);
 }
 
-// Budget of the single pass's tile (plus a half-precision weight's fp32 dW
-// accumulator when the rows take more than one block) when the caller gives
-// none: the whole [N, V] tile of the benchmark shapes fits on CUDA, and on the
-// CPU blocks of >= 512 rows at V = 128k.
-int64_t default_memory_budget(bool cuda) { return cuda ? (int64_t(4) << 30) : (int64_t(256) << 20); }
-
-// Below this many rows per block, re-reading and re-writing the V x D weight
-// gradient once per block costs more than the logits GEMM the single pass
-// saves (2·R·V·D FLOPs against 8·V·D bytes: worth it when R > 4 · FLOP/s per
-// byte/s of memory traffic, ≈ 40 for a 2-core CPU in fp32, ≈ 900 for an
-// H100/H200 in bf16), and the recompute pair is used instead.
-int64_t min_block_rows(bool cuda) { return cuda ? 1024 : 64; }
-
 // sum_i loss_i / normalizer and its gradients, in one pass over row blocks
 // (chunk_driver.h's single_pass): 6·N·D·V FLOPs instead of the recompute
 // pair's 8. dX rows come from one GEMM per block; dW is written by its GEMM
@@ -337,24 +324,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_sum_and_grad(
     double softcap, int64_t row_block, int64_t memory_budget, std::array<bool, 3> output_mask) {
   c10::DeviceGuard guard(input.device());
   check_linear_ce(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0, std::nullopt);
-  if (normalizer.has_value()) {
-    TORCH_CHECK_VALUE(normalizer->numel() == 1 && normalizer->device() == input.device(), kOp,
-                      ": normalizer must be a 0-dim tensor on the input's device");
-  }
+  checks::normalizer(kOp, normalizer, input);
   TORCH_CHECK_VALUE(memory_budget >= 0, kOp, ": memory_budget must be >= 0 bytes, got ", memory_budget);
   LinearCESinglePass pass(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
   const int64_t rows = pass.rows(), classes = pass.classes(), dim = input.size(1);
   const auto acc_opts = input.options().dtype(pass.acc_dtype);
   // Every row's upstream gradient: 1 / normalizer, without a host sync.
-  const Tensor grad_rows = normalizer.has_value()
-                               ? normalizer->to(pass.acc_dtype).reciprocal().reshape({1}).expand({rows}).contiguous()
-                               : at::ones({rows}, acc_opts);
+  const Tensor grad_rows = normalized_row_grads(normalizer, rows, acc_opts);
   const bool half_weight = weight.scalar_type() != pass.acc_dtype;
   const int64_t accumulator_bytes = half_weight && output_mask[1] ? 4 * classes * dim : 0;
-  const int64_t budget = memory_budget > 0 ? memory_budget : default_memory_budget(input.is_cuda());
-  pass.block_rows = row_block > 0 ? std::min(row_block, std::max<int64_t>(rows, 1))
-                                  : single_pass_block_rows(rows, classes, budget, accumulator_bytes,
-                                                           min_block_rows(input.is_cuda()));
+  pass.block_rows = choose_block_rows(rows, classes, row_block, memory_budget, accumulator_bytes, input.is_cuda());
   if (pass.block_rows == 0) {
     return recompute_sum_and_grad(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
                                   grad_rows, output_mask);

@@ -4,6 +4,7 @@
 // (defined once, in the C++ headers).
 #include <torch/extension.h>
 
+#include "fusedloss/chunk_driver.h"
 #include "fusedloss/sampled.h"
 
 namespace {
@@ -20,6 +21,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedloss C++/CUDA kernels (ops are registered under torch.ops.fusedloss)";
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled into this build");
   namespace py = pybind11;
+  m.def("single_pass_block_rows", &fusedloss::choose_block_rows, py::arg("rows"), py::arg("columns"),
+        py::arg("row_block"), py::arg("memory_budget"), py::arg("per_pass_bytes"), py::arg("cuda"),
+        "Rows per block of a single pass over [rows, columns] logits (0: the recompute pair runs), the choice "
+        "every *_sum_and_grad op makes");
   using fusedloss::HitMask;
   using fusedloss::SampledMode;
   py::dict modes, hit_masks;

@@ -1,8 +1,26 @@
 """Tensor plumbing shared by the Python wrappers of every loss (argument
 checks live in ``_validate``, the ops' fake kernels and autograd in ``_ops``)."""
+import os
+
 import torch
 
 from . import _validate
+
+# The CUDA single passes have not run on a GPU yet (scripts/gpu_check.sh tests
+# them with this set); until they have, CUDA defaults to the recompute pairs.
+CUDA_SINGLE_PASS_ENV = "FUSEDLOSS_CUDA_SINGLE_PASS"
+
+
+def wants_single_pass(reduction, device, *differentiable):
+    """Form the gradients during the forward in one pass over row blocks (one
+    GEMM fewer than the recompute pair) for a reduced loss that will be
+    differentiated; the op itself falls back to the pair when no block fits
+    its memory budget."""
+    if reduction == "none" or not torch.is_grad_enabled():
+        return False
+    if device.type == "cuda" and os.environ.get(CUDA_SINGLE_PASS_ENV, "0") != "1":
+        return False
+    return any(t is not None and t.requires_grad for t in differentiable)
 
 
 def acc_dtype(dtype):

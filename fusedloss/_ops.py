@@ -71,6 +71,50 @@ def _register_recompute_autograd(op, backward_op, fn, num_tensors, grad_inputs):
     torch.library.register_autograd(f"fusedloss::{op}", backward, setup_context=setup_context)
 
 
+def _register_single_pass_autograd(op, fn, num_tensors, grad_inputs):
+    """Autograd of a single-pass op ``op(*tensors, *options, output_mask) ->
+    (loss_sum, *gradients)`` that forms the gradients of the inputs at
+    positions ``grad_inputs`` in its forward: the backward only scales them by
+    the upstream gradient."""
+
+    def setup_context(ctx, inputs, output):
+        grads = output[1:]
+        # The gradients are op outputs that only this node consumes; marking
+        # them non-differentiable keeps them out of the graph (no reference cycle).
+        ctx.mark_non_differentiable(*grads)
+        # Otherwise autograd would hand backward zero-filled "gradients" of
+        # those outputs: a transient buffer the size of the weight.
+        ctx.set_materialize_grads(False)
+        ctx.grads = grads
+        ctx.save_for_backward(*inputs[:num_tensors])
+        ctx.options = inputs[num_tensors:]
+
+    def backward(ctx, grad_sum, *_unused):
+        mask = ctx.options[-1]
+        out = [None] * (num_tensors + len(ctx.options))
+        if grad_sum is None:  # the loss itself was not differentiated
+            return tuple(out)
+        forbid_double_backward(fn, grad_sum)
+        if ctx.grads is not None:
+            # First backward: scale the forward's gradients in place and hand
+            # them over, so no second copy exists (out of place when traced:
+            # AOT autograd cannot partition a mutation of a forward output).
+            grads, ctx.grads = ctx.grads, None
+            in_place = not is_traced(grad_sum)
+            grads = [g.mul_(grad_sum) if in_place else g * grad_sum for g in grads]
+        else:
+            # A retained graph differentiated again: rerun the same single
+            # pass, so that every backward is bit-identical (gradcheck's
+            # reentrancy test).
+            _, *grads = getattr(ops, op)(*ctx.saved_tensors, *ctx.options)
+            grads = [g * grad_sum for g in grads]
+        for i, wanted, grad in zip(grad_inputs, mask, grads):
+            out[i] = grad if wanted else None
+        return tuple(out)
+
+    torch.library.register_autograd(f"fusedloss::{op}", backward, setup_context=setup_context)
+
+
 # ------------------------------------------------------------ linear cross-entropy
 
 
@@ -98,43 +142,8 @@ def _linear_ce_sum_and_grad_fake(input, weight, target, bias, normalizer, ignore
     return (input.new_empty((), dtype=_common.acc_dtype(input.dtype)), *_fake_grads(output_mask, input, weight, bias))
 
 
-def _sum_setup_context(ctx, inputs, output):
-    input, weight, target, bias, normalizer, *options = inputs
-    _, grad_input, grad_weight, grad_bias = output
-    # The gradients are op outputs that only this node consumes; marking them
-    # non-differentiable keeps them out of the graph (no reference cycle).
-    ctx.mark_non_differentiable(grad_input, grad_weight, grad_bias)
-    # Otherwise autograd would hand backward zero-filled "gradients" of those
-    # outputs: a transient V x D buffer.
-    ctx.set_materialize_grads(False)
-    ctx.grads = (grad_input, grad_weight, grad_bias)
-    ctx.save_for_backward(input, weight, target, bias, normalizer)
-    ctx.options = options  # ignore_index, label_smoothing, z_loss, softcap, row_block, memory_budget, output_mask
-
-
-def _sum_backward(ctx, grad_sum, *_unused):
-    mask = ctx.options[-1]
-    if grad_sum is None:  # the loss itself was not differentiated
-        return (None,) * (5 + len(ctx.options))
-    forbid_double_backward("linear_cross_entropy", grad_sum)
-    if ctx.grads is not None:
-        # First backward: scale the forward's gradients in place and hand them
-        # over, so no second V x D buffer exists (out of place when traced:
-        # AOT autograd cannot partition a mutation of a forward output).
-        grads, ctx.grads = ctx.grads, None
-        in_place = not is_traced(grad_sum)
-        grad_input, grad_weight, grad_bias = (g.mul_(grad_sum) if in_place else g * grad_sum for g in grads)
-    else:
-        # A retained graph differentiated again: rerun the same single pass, so
-        # that every backward is bit-identical (gradcheck's reentrancy test).
-        input, weight, target, bias, normalizer = ctx.saved_tensors
-        _, *grads = ops.linear_ce_sum_and_grad(input, weight, target, bias, normalizer, *ctx.options)
-        grad_input, grad_weight, grad_bias = (g * grad_sum for g in grads)
-    return (grad_input if mask[0] else None, grad_weight if mask[1] else None, None,
-            grad_bias if mask[2] else None, None, *([None] * len(ctx.options)))
-
-
-torch.library.register_autograd("fusedloss::linear_ce_sum_and_grad", _sum_backward, setup_context=_sum_setup_context)
+# (input, weight, target, bias, normalizer, *options, output_mask) -> (loss_sum, *gradients).
+_register_single_pass_autograd("linear_ce_sum_and_grad", "linear_cross_entropy", 5, (0, 1, 3))
 
 
 @torch.library.register_fake("fusedloss::linear_ce_shard_forward")
@@ -178,6 +187,13 @@ _register_recompute_autograd("sampled_forward", ops.sampled_backward, "sampled l
 # ------------------------------------------------------------------------- contrastive
 
 
+def _fake_contrastive_grads(output_mask, rows, cols, scale):
+    grad_rows = torch.empty_like(rows) if output_mask[0] else rows.new_empty(0)
+    grad_cols = torch.empty_like(cols) if output_mask[1] else cols.new_empty(0)
+    grad_scale = scale.new_empty(()) if output_mask[2] else rows.new_empty(0, dtype=_common.acc_dtype(rows.dtype))
+    return grad_rows, grad_cols, grad_scale
+
+
 @torch.library.register_fake("fusedloss::contrastive_forward")
 def _contrastive_forward_fake(rows, cols, positives, scale, self_offset, symmetric, tile_size):
     acc = _common.acc_dtype(rows.dtype)
@@ -191,11 +207,19 @@ def _contrastive_forward_fake(rows, cols, positives, scale, self_offset, symmetr
 @torch.library.register_fake("fusedloss::contrastive_backward")
 def _contrastive_backward_fake(grad_loss, rows, cols, positives, scale, row_lse, col_lse, self_offset, symmetric,
                                tile_size, output_mask):
-    grad_rows = torch.empty_like(rows) if output_mask[0] else rows.new_empty(0)
-    grad_cols = torch.empty_like(cols) if output_mask[1] else cols.new_empty(0)
-    grad_scale = scale.new_empty(()) if output_mask[2] else rows.new_empty(0, dtype=_common.acc_dtype(rows.dtype))
-    return grad_rows, grad_cols, grad_scale
+    return _fake_contrastive_grads(output_mask, rows, cols, scale)
 
 
 # (rows, cols, positives, scale, *options) -> (loss, row_lse, col_lse); gradients of rows, cols, scale.
 _register_recompute_autograd("contrastive_forward", ops.contrastive_backward, "contrastive loss", 4, (0, 1, 3))
+
+
+@torch.library.register_fake("fusedloss::contrastive_sum_and_grad")
+def _contrastive_sum_and_grad_fake(rows, cols, positives, scale, normalizer, self_offset, symmetric, row_block,
+                                   memory_budget, output_mask):
+    return (rows.new_empty((), dtype=_common.acc_dtype(rows.dtype)),
+            *_fake_contrastive_grads(output_mask, rows, cols, scale))
+
+
+# (rows, cols, positives, scale, normalizer, *options, output_mask) -> (loss_sum, *gradients).
+_register_single_pass_autograd("contrastive_sum_and_grad", "contrastive loss", 5, (0, 1, 3))

@@ -51,8 +51,9 @@ def check_pairs(first, second, first_name, second_name, negatives=None):
         _check_features("negatives", negatives, like=(first, first_name))
 
 
-def _check_tile_size(tile_size):
+def _check_tiling(tile_size, memory_budget=None):
     _validate.check_optional_positive_int(tile_size, "tile_size")
+    _validate.check_optional_positive_int(memory_budget, "memory_budget")
 
 
 def _positive_scalar(value, name, features):
@@ -78,11 +79,11 @@ def _positive_scalar(value, name, features):
     return torch.tensor(value, dtype=_common.acc_dtype(features.dtype), device=features.device)
 
 
-def _info_nce_scale(query, key, negatives, temperature, reduction, tile_size):
+def _info_nce_scale(query, key, negatives, temperature, reduction, tile_size, memory_budget=None):
     """The argument checks of :func:`info_nce_loss` (and of its distributed
     twin); returns the logit scale 1 / temperature."""
     _validate.check_reduction(reduction)
-    _check_tile_size(tile_size)
+    _check_tiling(tile_size, memory_budget)
     check_pairs(query, key, "query", "key", negatives)
     return 1.0 / _positive_scalar(temperature, "temperature", query)
 
@@ -97,11 +98,11 @@ def _info_nce_features(query, key, negatives, normalize):
     return query, key, negatives
 
 
-def _clip_scale(image_features, text_features, logit_scale, reduction, tile_size):
+def _clip_scale(image_features, text_features, logit_scale, reduction, tile_size, memory_budget=None):
     """The argument checks of :func:`clip_loss` (and of its distributed twin);
     returns the logit scale."""
     _validate.check_reduction(reduction)
-    _check_tile_size(tile_size)
+    _check_tiling(tile_size, memory_budget)
     check_pairs(image_features, text_features, "image_features", "text_features")
     return _positive_scalar(logit_scale, "logit_scale", image_features)
 
@@ -116,13 +117,25 @@ def _row_losses(rows, cols, positives, scale, tile_size, *, self_offset=None, sy
     return loss
 
 
-def _fused(rows, cols, positives, scale, *, self_offset, symmetric, reduction, tile_size):
+def _fused(rows, cols, positives, scale, *, self_offset, symmetric, reduction, tile_size, memory_budget):
+    """The reduced loss; for a loss that will be differentiated, by default
+    the single pass (the gradients formed in the forward, three GEMMs a step
+    instead of four), unless tile_size asks for the recompute pair."""
+    if tile_size is None and _common.wants_single_pass(reduction, rows.device, rows, cols, scale):
+        acc = _common.acc_dtype(rows.dtype)
+        mask = [rows.requires_grad, cols.requires_grad, scale.requires_grad]
+        # mean: the op divides by the number of pairs (a device tensor, no
+        # host sync), so its stored gradients need no rescaling.
+        normalizer = None if reduction == "sum" else torch.full((), rows.shape[0], dtype=acc, device=rows.device)
+        total, *_ = _ops.ops.contrastive_sum_and_grad(rows, cols, positives, scale.to(acc), normalizer, self_offset,
+                                                      symmetric, 0, memory_budget or 0, mask)
+        return total
     loss = _row_losses(rows, cols, positives, scale, tile_size, self_offset=self_offset, symmetric=symmetric)
     return _common.reduce_rows(loss, None, reduction, loss.shape)
 
 
 def info_nce_loss(query, key, *, negatives=None, temperature=0.07, normalize=False, symmetric=False,
-                  reduction="mean", tile_size=None):
+                  reduction="mean", tile_size=None, memory_budget=None):
     """InfoNCE with in-batch negatives (plus optional extra negatives).
 
     Args:
@@ -135,28 +148,32 @@ def info_nce_loss(query, key, *, negatives=None, temperature=0.07, normalize=Fal
         symmetric: per pair, the mean of the query -> key term (CE over the
             B + M columns) and the key -> query term (CE over the B queries).
         reduction: ``"none"`` ([B] per pair), ``"sum"`` or ``"mean"`` (over B).
-        tile_size: key columns per tile (default: sized to a fixed workspace).
+        tile_size: key columns per tile of the recompute algorithm (default:
+            sized to a fixed workspace). Giving it forces that algorithm.
+        memory_budget: bytes of the single pass's logits tile (see
+            :func:`clip_loss`).
 
     Returns the loss in fp32 (fp64 for fp64 inputs).
     """
-    scale = _info_nce_scale(query, key, negatives, temperature, reduction, tile_size)
+    scale = _info_nce_scale(query, key, negatives, temperature, reduction, tile_size, memory_budget)
     query, key, negatives = _info_nce_features(query, key, negatives, normalize)
     cols = key if negatives is None else torch.cat([key, negatives])
     positives = torch.arange(query.shape[0], device=query.device)
     return _fused(query, cols, positives, scale, self_offset=None, symmetric=symmetric, reduction=reduction,
-                  tile_size=tile_size)
+                  tile_size=tile_size, memory_budget=memory_budget)
 
 
-def nt_xent_loss(hidden, *, temperature=0.5, normalize=True, reduction="mean", tile_size=None):
+def nt_xent_loss(hidden, *, temperature=0.5, normalize=True, reduction="mean", tile_size=None, memory_budget=None):
     """SimCLR's NT-Xent on hidden [2N, D], rows i and i + N being two views.
 
     Each of the 2N rows is an anchor: its positive is the other view, its
     negatives the other 2N - 2 rows (its own similarity is masked out).
     ``reduction="none"`` gives the 2N per-anchor losses, ``"mean"`` their mean
-    (SimCLR's ``objective.py`` returns twice that).
+    (SimCLR's ``objective.py`` returns twice that). ``tile_size`` and
+    ``memory_budget`` as in :func:`clip_loss`.
     """
     _validate.check_reduction(reduction)
-    _check_tile_size(tile_size)
+    _check_tiling(tile_size, memory_budget)
     _check_features("hidden", hidden)
     if hidden.shape[0] % 2 or hidden.shape[0] == 0:
         raise ValueError(f"hidden must have an even, non-zero number of rows [2N, D] (views i and i+N), "
@@ -168,37 +185,49 @@ def nt_xent_loss(hidden, *, temperature=0.5, normalize=True, reduction="mean", t
     rows = hidden.shape[0]
     positives = (torch.arange(rows, device=hidden.device) + rows // 2) % rows
     return _fused(hidden, hidden, positives, scale, self_offset=0, symmetric=False, reduction=reduction,
-                  tile_size=tile_size)
+                  tile_size=tile_size, memory_budget=memory_budget)
 
 
-def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", tile_size=None):
+def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", tile_size=None, memory_budget=None):
     """CLIP's symmetric loss: per pair, the mean of the image -> text and the
     text -> image cross-entropy of ``logit_scale * image @ text.T`` (targets on
     the diagonal). ``logit_scale`` is the multiplier (already exponentiated), a
     float or a 0-dim tensor that receives a gradient. Features are used as
     given (CLIP models normalise them). ``"mean"`` equals
     ``(F.cross_entropy(X, y) + F.cross_entropy(X.T, y)) / 2``.
+
+    Algorithms (all three losses): a reduced loss that will be differentiated
+    runs the single pass by default: row blocks whose [R_block, C] fp32 tile
+    of logits fits ``memory_budget`` (default 256 MiB on the CPU, 4 GiB on
+    CUDA, where it is opt-in with FUSEDLOSS_CUDA_SINGLE_PASS=1 until validated
+    on a GPU), the gradients formed in the forward (three GEMMs a step). The
+    symmetric loss needs every column's log-sum-exp first, so it runs single
+    pass only when the whole [B, B] tile fits; otherwise, for
+    ``reduction="none"``, or when ``tile_size`` (key columns per tile) is
+    given, the recompute pair runs: a tiled forward and a backward that
+    recomputes each tile (four GEMMs, a [B, tile] workspace).
     """
-    scale = _clip_scale(image_features, text_features, logit_scale, reduction, tile_size)
+    scale = _clip_scale(image_features, text_features, logit_scale, reduction, tile_size, memory_budget)
     image_features, text_features = _common.autocast_inputs(image_features.device.type, image_features,
                                                             text_features)
     positives = torch.arange(image_features.shape[0], device=image_features.device)
     return _fused(image_features, text_features, positives, scale, self_offset=None, symmetric=True,
-                  reduction=reduction, tile_size=tile_size)
+                  reduction=reduction, tile_size=tile_size, memory_budget=memory_budget)
 
 
 class InfoNCELoss(_common.LossModule):
     """Module form of :func:`info_nce_loss`; call as ``loss(query, key, negatives=None)``.
     ``temperature`` may be a float or a 0-dim tensor / Parameter (learnable)."""
 
-    def __init__(self, temperature=0.07, *, normalize=False, symmetric=False, reduction="mean", tile_size=None):
+    def __init__(self, temperature=0.07, *, normalize=False, symmetric=False, reduction="mean", tile_size=None,
+                 memory_budget=None):
         super().__init__(reduction, temperature=temperature, normalize=normalize, symmetric=symmetric,
-                         tile_size=tile_size)
+                         tile_size=tile_size, memory_budget=memory_budget)
 
     def forward(self, query, key, negatives=None):
         return info_nce_loss(query, key, negatives=negatives, temperature=self.temperature,
                              normalize=self.normalize, symmetric=self.symmetric, reduction=self.reduction,
-                             tile_size=self.tile_size)
+                             tile_size=self.tile_size, memory_budget=self.memory_budget)
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, normalize={self.normalize}, symmetric={self.symmetric}, "
@@ -208,12 +237,13 @@ class InfoNCELoss(_common.LossModule):
 class NTXentLoss(_common.LossModule):
     """Module form of :func:`nt_xent_loss`; call as ``loss(hidden)``."""
 
-    def __init__(self, temperature=0.5, *, normalize=True, reduction="mean", tile_size=None):
-        super().__init__(reduction, temperature=temperature, normalize=normalize, tile_size=tile_size)
+    def __init__(self, temperature=0.5, *, normalize=True, reduction="mean", tile_size=None, memory_budget=None):
+        super().__init__(reduction, temperature=temperature, normalize=normalize, tile_size=tile_size,
+                         memory_budget=memory_budget)
 
     def forward(self, hidden):
         return nt_xent_loss(hidden, temperature=self.temperature, normalize=self.normalize,
-                            reduction=self.reduction, tile_size=self.tile_size)
+                            reduction=self.reduction, tile_size=self.tile_size, memory_budget=self.memory_budget)
 
     def extra_repr(self):
         return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}"
@@ -222,12 +252,12 @@ class NTXentLoss(_common.LossModule):
 class ClipLoss(_common.LossModule):
     """Module form of :func:`clip_loss`; call as ``loss(image_features, text_features, logit_scale)``."""
 
-    def __init__(self, *, reduction="mean", tile_size=None):
-        super().__init__(reduction, tile_size=tile_size)
+    def __init__(self, *, reduction="mean", tile_size=None, memory_budget=None):
+        super().__init__(reduction, tile_size=tile_size, memory_budget=memory_budget)
 
     def forward(self, image_features, text_features, logit_scale):
         return clip_loss(image_features, text_features, logit_scale, reduction=self.reduction,
-                         tile_size=self.tile_size)
+                         tile_size=self.tile_size, memory_budget=self.memory_budget)
 
     def extra_repr(self):
         return f"reduction={self.reduction!r}"

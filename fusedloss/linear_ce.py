@@ -6,28 +6,9 @@ but never materialises the [N, V] logits: the kernels walk the vocabulary in
 chunks, keeping an online log-sum-exp per row, and the backward recomputes
 each chunk's logits to form its gradient (see csrc/README.md).
 """
-import os
-
 import torch
 
 from . import _common, _ops, _validate
-
-
-# The CUDA single pass has not run on a GPU yet (scripts/gpu_check.sh tests it
-# with this set); until it has, CUDA defaults to the recompute pair.
-_CUDA_SINGLE_PASS_ENV = "FUSEDLOSS_CUDA_SINGLE_PASS"
-
-
-def _wants_single_pass(reduction, chunk_size, input, weight, bias):
-    """Form the gradients during the forward in one pass over row blocks
-    (6·N·D·V FLOPs instead of the recompute pair's 8) for a reduced loss that
-    will be differentiated, unless chunk_size asks for the recompute pair;
-    the op itself falls back to the pair when no block fits memory_budget."""
-    if reduction == "none" or chunk_size is not None or not torch.is_grad_enabled():
-        return False
-    if input.device.type == "cuda" and os.environ.get(_CUDA_SINGLE_PASS_ENV, "0") != "1":
-        return False
-    return any(t is not None and t.requires_grad for t in (input, weight, bias))
 
 
 def _coerce_operands(fn, input, weight, target, bias):
@@ -107,7 +88,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     _check_cuda_targets(flat_target, input, weight, ignore_index)
     options = (int(ignore_index), label_smoothing, z_loss, softcap or 0.0)
     valid = flat_target != ignore_index
-    if _wants_single_pass(reduction, chunk_size, input, weight, bias):
+    if chunk_size is None and _common.wants_single_pass(reduction, input.device, input, weight, bias):
         mask = [input.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
         # mean: the op divides by the number of valid rows itself (a device
         # tensor, no host sync), so its stored gradients need no rescaling.

@@ -266,11 +266,11 @@ class Runner:
             x, w, b, y = self._lce_problem(n, d, v, dtype, bias=True, ignore_every=0, salt=2)
         opts = dict(label_smoothing=0.05, z_loss=1e-4)
         note = ""
-        wants = getattr(getattr(fl, "linear_ce", None), "_wants_single_pass", None)
+        wants = getattr(getattr(fl, "_common", None), "wants_single_pass", None)
         if wants is not None:
             # What the Python layer will choose (the op may still fall back to
             # the recompute pair when no block fits the budget).
-            taken = self._single_pass(lambda: wants("mean", None, x, w, b))
+            taken = self._single_pass(lambda: wants("mean", x.device, x, w, b))
             if not taken:
                 raise CheckError("the single pass was not selected")
             note = "single pass; "

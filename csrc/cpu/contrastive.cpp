@@ -20,36 +20,133 @@ namespace {
 // Columns per strip of the column-wise pass: the strip's running max and sum
 // stay in registers / L1 while the rows stream past.
 constexpr int64_t kColumnStrip = 32;
+
+// Folds one row of raw dot products into its state (and records its positive
+// logit when its column is here).
+template <typename acc_t>
+void fold_row(const ContrastiveParams& p, int64_t row, const acc_t* y, acc_t s, const int64_t* positives,
+              ContrastiveRowState<acc_t> state) {
+  const int64_t columns = p.chunk_columns;
+  // The mask is applied before the max: the self-similarity is usually the
+  // largest logit and would otherwise be a shift that underflows every term.
+  const int64_t masked = p.masked_chunk_column(row);
+  const int64_t t = positives[row] - p.chunk_start;
+  if (t >= 0 && t < columns) state.positive_logit[row] = contrastive_positive_logit(y[t], s, t == masked);
+  acc_t m = neg_infinity<acc_t>();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < columns; ++j) {
+    const acc_t v = contrastive_logit(y[j], s, j == masked);
+    m = v > m ? v : m;
+  }
+  if (m == neg_infinity<acc_t>()) return;  // every column of this tile masked
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < columns; ++j) {
+    const acc_t e = exp_vectorizable(s * y[j] - m);
+    sum += j == masked ? acc_t(0) : e;
+  }
+  lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum});
+}
+
+// Column statistics of the symmetric loss for the chunk's columns (absent
+// for the one-directional loss).
+template <typename acc_t>
+struct ColumnTerms {
+  const acc_t* max = nullptr;
+  const acc_t* log_sum = nullptr;
+  const acc_t* grad = nullptr;
+};
+
+template <bool kSymmetric, typename acc_t>
+ColumnTerms<acc_t> column_terms(const ContrastiveParams& p, LseArray<const acc_t> col_lse, const acc_t* col_grad) {
+  if constexpr (!kSymmetric) return {};
+  return {col_lse.max + p.chunk_start, col_lse.log_sum + p.chunk_start, col_grad + p.chunk_start};
+}
+
+// scale * dLoss/dlogits of one row of raw dot products `z` into `dz` (which
+// may alias z: each element is read before it is written).
+// Returns the row's term of d loss / d scale, sum_j dLoss/dlogit_j * dot_j,
+// in the accumulation dtype (before dz is rounded).
+template <bool kSymmetric, typename acc_t, typename grad_t>
+acc_t grad_row(const ContrastiveParams& p, int64_t row, const acc_t* z, acc_t s, const int64_t* positives,
+               LseArray<const acc_t> row_lse, ColumnTerms<acc_t> cols, const acc_t* row_grad, grad_t* dz) {
+  const LseParts<acc_t> lse = row_lse[row];
+  const acc_t g = row_grad[row];
+  const int64_t t = positives[row] - p.chunk_start;
+  const int64_t masked = p.masked_chunk_column(row);
+  acc_t scale_grad = 0;
+#pragma omp simd reduction(+ : scale_grad)
+  for (int64_t j = 0; j < p.chunk_columns; ++j) {
+    const acc_t dot = z[j];
+    const acc_t x = s * dot;
+    acc_t col_prob = 0, col_g = 0;
+    if constexpr (kSymmetric) {
+      col_prob = exp_vectorizable((x - cols.max[j]) - cols.log_sum[j]);
+      col_g = cols.grad[j];
+    }
+    const acc_t d = contrastive_logit_grad(exp_vectorizable(lse.log_prob(x)), g, col_prob, col_g, j == t, kSymmetric);
+    const acc_t kept = j == masked ? acc_t(0) : d;
+    scale_grad += kept * (j == masked ? acc_t(0) : dot);
+    // d logits / d dot = scale: the GEMMs consume raw operands.
+    dz[j] = static_cast<grad_t>(s * kept);
+  }
+  return scale_grad;
+}
+
+// The one-directional single pass of one row that holds every column: the
+// fold keeps exp(logit - max) in the tile and the gradient reuses it, one exp
+// per element.
+template <typename acc_t, typename grad_t>
+acc_t fold_and_grad_row(const ContrastiveParams& p, int64_t row, acc_t* y, acc_t s, const int64_t* positives,
+                        ContrastiveRowState<acc_t> state, LseArray<acc_t> row_lse, acc_t* loss, acc_t g,
+                        grad_t* dz) {
+  const int64_t columns = p.chunk_columns;
+  const int64_t masked = p.masked_chunk_column(row);
+  const int64_t t = positives[row] - p.chunk_start;
+  const bool positive_here = t >= 0 && t < columns;
+  if (positive_here) state.positive_logit[row] = contrastive_positive_logit(y[t], s, t == masked);
+  acc_t m = neg_infinity<acc_t>();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < columns; ++j) {
+    const acc_t v = contrastive_logit(y[j], s, j == masked);
+    m = v > m ? v : m;
+  }
+  const acc_t positive_dot = positive_here ? y[t] : acc_t(0);
+  acc_t sum = 0, weighted_dots = 0;  // sum of e_j and of e_j * dot_j (for d loss / d scale)
+#pragma omp simd reduction(+ : sum, weighted_dots)
+  for (int64_t j = 0; j < columns; ++j) {
+    const acc_t dot = y[j];
+    const acc_t e = j == masked ? acc_t(0) : exp_vectorizable(s * dot - m);
+    y[j] = e;
+    sum += e;
+    weighted_dots += e * (j == masked ? acc_t(0) : dot);
+  }
+  if (m != neg_infinity<acc_t>()) lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum});
+  contrastive_finalize_row(p, row, positives, state, LseArray<const acc_t>{nullptr, nullptr}, row_lse, loss);
+  if (m == neg_infinity<acc_t>()) {  // no column to differentiate
+    std::fill_n(dz, columns, grad_t(0));
+    return 0;
+  }
+  // p_j = exp(logit_j - m) * exp((m - lse.max) - lse.log_sum).
+  const LseParts<acc_t> lse = row_lse[row];
+  const acc_t to_prob = exp_acc((m - lse.max) - lse.log_sum);
+  const acc_t to_grad = s * g * to_prob;
+  const bool one_hot = positive_here && t != masked;
+  const acc_t positive_e = positive_here ? y[t] : acc_t(0);  // read before dz may overwrite it
+#pragma omp simd
+  for (int64_t j = 0; j < columns; ++j) dz[j] = static_cast<grad_t>(to_grad * y[j]);
+  if (one_hot) dz[t] = static_cast<grad_t>(to_grad * positive_e - s * g);
+  // d loss / d scale = g * (sum_j p_j dot_j - dot_positive).
+  return g * (weighted_dots * to_prob - (one_hot ? positive_dot : acc_t(0)));
+}
 }  // namespace
 
 template <typename acc_t>
 void contrastive_accumulate_chunk(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, ContrastiveRowState<acc_t> state) {
-  const int64_t columns = p.chunk_columns;
   const acc_t s = *scale;
-  at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const acc_t* y = tile + row * p.logits_stride;
-      // The mask is applied before the max: the self-similarity is usually the
-      // largest logit and would otherwise be a shift that underflows every term.
-      const int64_t masked = p.masked_chunk_column(row);
-      acc_t m = neg_infinity<acc_t>();
-#pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < columns; ++j) {
-        const acc_t v = contrastive_logit(y[j], s, j == masked);
-        m = v > m ? v : m;
-      }
-      if (m == neg_infinity<acc_t>()) continue;  // every column of this tile masked
-      acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < columns; ++j) {
-        const acc_t e = exp_vectorizable(s * y[j] - m);
-        sum += j == masked ? acc_t(0) : e;
-      }
-      lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum});
-      const int64_t t = positives[row] - p.chunk_start;
-      if (t >= 0 && t < columns) state.positive_logit[row] = contrastive_positive_logit(y[t], s, t == masked);
-    }
+  at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) fold_row(p, row, tile + row * p.logits_stride, s, positives, state);
   });
 }
 
@@ -104,41 +201,50 @@ template <typename acc_t, typename grad_t>
 void contrastive_chunk_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, LseArray<const acc_t> row_lse,
                            LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
-                           grad_t* dlogits) {
-  const int64_t columns = p.chunk_columns;
+                           grad_t* dlogits, acc_t* scale_grad_rows) {
   const acc_t s = *scale;
   // One loop per variant, so that neither carries a conditional load.
   const auto run = [&](auto symmetric_tag) {
     constexpr bool kSymmetric = decltype(symmetric_tag)::value;
-    const acc_t* tile_col_max = kSymmetric ? col_lse.max + p.chunk_start : nullptr;
-    const acc_t* tile_col_log_sum = kSymmetric ? col_lse.log_sum + p.chunk_start : nullptr;
-    const acc_t* tile_col_grad = kSymmetric ? col_grad + p.chunk_start : nullptr;
-    at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
+    const ColumnTerms<acc_t> cols = column_terms<kSymmetric>(p, col_lse, col_grad);
+    at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const acc_t* z = tile + row * p.logits_stride;
-        grad_t* dz = dlogits + row * p.logits_stride;
-        const LseParts<acc_t> lse = row_lse[row];
-        const acc_t g = row_grad[row];
-        const int64_t t = positives[row] - p.chunk_start;
-        const int64_t masked = p.masked_chunk_column(row);
-#pragma omp simd
-        for (int64_t j = 0; j < columns; ++j) {
-          const acc_t x = s * z[j];
-          acc_t col_prob = 0, col_g = 0;
-          if constexpr (kSymmetric) {
-            col_prob = exp_vectorizable((x - tile_col_max[j]) - tile_col_log_sum[j]);
-            col_g = tile_col_grad[j];
-          }
-          const acc_t d =
-              contrastive_logit_grad(exp_vectorizable(lse.log_prob(x)), g, col_prob, col_g, j == t, kSymmetric);
-          // d logits / d dot = scale: the GEMMs consume raw operands.
-          dz[j] = static_cast<grad_t>(j == masked ? acc_t(0) : s * d);
-        }
+        const acc_t scale_grad = grad_row<kSymmetric>(p, row, tile + row * p.logits_stride, s, positives, row_lse,
+                                                      cols, row_grad, dlogits + row * p.dlogits_stride);
+        if (scale_grad_rows != nullptr) scale_grad_rows[row] += scale_grad;
       }
     });
   };
   if (p.symmetric) run(std::true_type{});
   else run(std::false_type{});
+}
+
+template <typename acc_t, typename grad_t>
+void contrastive_single_pass_rows(const ContrastiveParams& p, acc_t* tile, const acc_t* scale,
+                                  const int64_t* positives, ContrastiveRowState<acc_t> state,
+                                  LseArray<const acc_t> col_lse, LseArray<acc_t> row_lse, acc_t* loss,
+                                  const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits,
+                                  acc_t* scale_grad_rows) {
+  const acc_t s = *scale;
+  const LseArray<const acc_t> finished_row_lse{row_lse.max, row_lse.log_sum};
+  const ColumnTerms<acc_t> cols = p.symmetric ? column_terms<true>(p, col_lse, col_grad) : ColumnTerms<acc_t>{};
+  at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t* y = tile + row * p.logits_stride;
+      grad_t* dz = dlogits + row * p.dlogits_stride;
+      acc_t scale_grad;
+      if (!p.symmetric) {
+        scale_grad = fold_and_grad_row(p, row, y, s, positives, state, row_lse, loss, row_grad[row], dz);
+      } else {
+        // The column term needs the raw logits: the tile is only read until
+        // the gradient pass of the row.
+        fold_row(p, row, y, s, positives, state);
+        contrastive_finalize_row(p, row, positives, state, col_lse, row_lse, loss);
+        scale_grad = grad_row<true>(p, row, y, s, positives, finished_row_lse, cols, row_grad, dz);
+      }
+      if (scale_grad_rows != nullptr) scale_grad_rows[row] += scale_grad;
+    }
+  });
 }
 
 #define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU(acc_t)                                                    \
@@ -153,7 +259,10 @@ void contrastive_chunk_grad(const ContrastiveParams& p, const acc_t* tile, const
   template void contrastive_chunk_grad<acc_t, grad_t>(const ContrastiveParams&, const acc_t*,             \
                                                      const acc_t*, const int64_t*, LseArray<const acc_t>, \
                                                      LseArray<const acc_t>, const acc_t*, const acc_t*,   \
-                                                     grad_t*);
+                                                     grad_t*, acc_t*);                                            \
+  template void contrastive_single_pass_rows<acc_t, grad_t>(                                              \
+      const ContrastiveParams&, acc_t*, const acc_t*, const int64_t*, ContrastiveRowState<acc_t>,         \
+      LseArray<const acc_t>, LseArray<acc_t>, acc_t*, const acc_t*, const acc_t*, grad_t*, acc_t*);
 
 FUSEDLOSS_FOR_ACC_TYPES(FUSEDLOSS_INSTANTIATE_CONTRASTIVE_CPU)
 FUSEDLOSS_FOR_DLOGITS_TYPES(FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD_CPU)

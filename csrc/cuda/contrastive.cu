@@ -94,26 +94,41 @@ template <typename acc_t, typename grad_t>
 __global__ void chunk_grad_kernel(ContrastiveParams p, const acc_t* tile, const acc_t* scale,
                                  const int64_t* positives, LseArray<const acc_t> row_lse,
                                  LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
-                                 grad_t* dlogits) {
+                                 grad_t* dlogits, acc_t* scale_grad_rows) {
   const int64_t row = blockIdx.x;
   const acc_t* z = tile + row * p.logits_stride;
-  grad_t* dz = dlogits + row * p.logits_stride;
+  grad_t* dz = dlogits + row * p.dlogits_stride;
   const acc_t s = *scale;
   const LseParts<acc_t> lse = row_lse[row];
   const acc_t g = row_grad[row];
   const int64_t t = positives[row] - p.chunk_start;
   const int64_t masked = p.masked_chunk_column(row);
-  for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
+  // Half-precision dlogits may be written over the fp32 tile (the single
+  // pass): element j then lands on the bytes of z[j / 2]. Every pass reads its
+  // elements before any thread writes, and j / 2 belongs to this pass or an
+  // earlier one, so no element is overwritten before it is read.
+  constexpr bool kOverwritesWider = sizeof(grad_t) < sizeof(acc_t);
+  const int64_t passes = (p.chunk_columns + blockDim.x - 1) / blockDim.x;
+  acc_t scale_grad = 0;  // sum_j dLoss/dlogit_j * dot_j, before rounding
+  for (int64_t pass = 0; pass < passes; ++pass) {
+    const int64_t j = pass * blockDim.x + threadIdx.x;
     acc_t d = 0;
-    if (j != masked) {
-      const acc_t x = s * z[j];
+    if (j < p.chunk_columns && j != masked) {
+      const acc_t dot = z[j];
+      const acc_t x = s * dot;
       const int64_t col = p.chunk_start + j;
       const acc_t col_prob = p.symmetric ? exp_acc(col_lse[col].log_prob(x)) : acc_t(0);
       const acc_t col_g = p.symmetric ? col_grad[col] : acc_t(0);
-      // d logits / d dot = scale: the GEMMs consume raw operands.
-      d = s * contrastive_logit_grad(exp_acc(lse.log_prob(x)), g, col_prob, col_g, j == t, p.symmetric);
+      d = contrastive_logit_grad(exp_acc(lse.log_prob(x)), g, col_prob, col_g, j == t, p.symmetric);
+      scale_grad += d * dot;
     }
-    dz[j] = static_cast<grad_t>(d);
+    if constexpr (kOverwritesWider) __syncthreads();
+    // d logits / d dot = scale: the GEMMs consume raw operands.
+    if (j < p.chunk_columns) dz[j] = static_cast<grad_t>(s * d);
+  }
+  if (scale_grad_rows != nullptr) {
+    scale_grad = block_allreduce(scale_grad, SumOp{});
+    if (threadIdx.x == 0) scale_grad_rows[row] += scale_grad;
   }
 }
 
@@ -158,9 +173,24 @@ template <typename acc_t, typename grad_t>
 void contrastive_chunk_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, LseArray<const acc_t> row_lse,
                            LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
-                           grad_t* dlogits, void* stream) {
+                           grad_t* dlogits, acc_t* scale_grad_rows, void* stream) {
   launch_row_blocks(chunk_grad_kernel<acc_t, grad_t>, p.num_rows, stream, p, tile, scale, positives, row_lse, col_lse,
-                    row_grad, col_grad, dlogits);
+                    row_grad, col_grad, dlogits, scale_grad_rows);
+}
+
+// Three launches on the stream (fold, finalize, dlogits): each row holds
+// every column and is read by one block per kernel; the column statistics of
+// the symmetric loss were completed before.
+template <typename acc_t, typename grad_t>
+void contrastive_single_pass_rows(const ContrastiveParams& p, acc_t* tile, const acc_t* scale,
+                                  const int64_t* positives, ContrastiveRowState<acc_t> state,
+                                  LseArray<const acc_t> col_lse, LseArray<acc_t> row_lse, acc_t* loss,
+                                  const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits,
+                                  acc_t* scale_grad_rows, void* stream) {
+  contrastive_accumulate_chunk(p, tile, scale, positives, state, stream);
+  contrastive_finalize(p, positives, state, col_lse, row_lse, loss, stream);
+  contrastive_chunk_grad(p, tile, scale, positives, LseArray<const acc_t>{row_lse.max, row_lse.log_sum}, col_lse,
+                         row_grad, col_grad, dlogits, scale_grad_rows, stream);
 }
 
 #define FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE(acc_t)                                                    \
@@ -175,7 +205,10 @@ void contrastive_chunk_grad(const ContrastiveParams& p, const acc_t* tile, const
   template void contrastive_chunk_grad<acc_t, grad_t>(const ContrastiveParams&, const acc_t*, const acc_t*, \
                                                      const int64_t*, LseArray<const acc_t>,                \
                                                      LseArray<const acc_t>, const acc_t*, const acc_t*,    \
-                                                     grad_t*, void*);
+                                                     grad_t*, acc_t*, void*);                                     \
+  template void contrastive_single_pass_rows<acc_t, grad_t>(                                              \
+      const ContrastiveParams&, acc_t*, const acc_t*, const int64_t*, ContrastiveRowState<acc_t>,         \
+      LseArray<const acc_t>, LseArray<acc_t>, acc_t*, const acc_t*, const acc_t*, grad_t*, acc_t*, void*);
 FUSEDLOSS_FOR_ACC_TYPES(FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE)
 FUSEDLOSS_FOR_DLOGITS_TYPES(FUSEDLOSS_INSTANTIATE_CONTRASTIVE_GRAD)
 #undef FUSEDLOSS_INSTANTIATE_CONTRASTIVE_STATE

@@ -78,4 +78,11 @@ inline void non_negative(const char* fn, const char* name, double value) {
   TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0.0, fn, ": ", name, " must be finite and >= 0, got ", value);
 }
 
+// The optional normalizer of a single pass: one element on the input's device.
+inline void normalizer(const char* fn, const std::optional<Tensor>& normalizer, const Tensor& input) {
+  if (!normalizer.has_value()) return;
+  TORCH_CHECK_VALUE(normalizer->numel() == 1 && normalizer->device() == input.device(), fn,
+                    ": normalizer must be a 0-dim tensor on the input's device");
+}
+
 }  // namespace fusedloss::checks

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 namespace fusedloss {
@@ -123,6 +124,37 @@ inline int64_t single_pass_block_rows(int64_t rows, int64_t columns, int64_t bud
   if (rows * row_bytes <= budget_bytes) return std::max<int64_t>(rows, 1);
   const int64_t block = (budget_bytes - per_pass_bytes) / row_bytes;
   return block >= min_rows ? block : 0;
+}
+
+// Budget of the single pass's tile (plus a half-precision weight's fp32 gradient
+// accumulator when the rows take more than one block) when the caller gives
+// none: the whole tile of the benchmark shapes fits on CUDA, and on the
+// CPU blocks of >= 512 rows at V = 128k.
+inline int64_t default_memory_budget(bool cuda) { return cuda ? (int64_t(4) << 30) : (int64_t(256) << 20); }
+
+// Below this many rows per block, re-reading and re-writing the V x D weight
+// gradient once per block costs more than the logits GEMM the single pass
+// saves (2·R·V·D FLOPs against 8·V·D bytes: worth it when R > 4 · FLOP/s per
+// byte/s of memory traffic, ≈ 40 for a 2-core CPU in fp32, ≈ 900 for an
+// H100/H200 in bf16), and the recompute pair is used instead.
+inline int64_t min_block_rows(bool cuda) { return cuda ? 1024 : 64; }
+
+// Rows per block of a single pass: `row_block` when the caller forces one,
+// else the most that fit `memory_budget` (0: the default), or 0 for the
+// recompute pair (see single_pass_block_rows).
+inline int64_t choose_block_rows(int64_t rows, int64_t columns, int64_t row_block, int64_t memory_budget,
+                                 int64_t per_pass_bytes, bool cuda) {
+  if (row_block > 0) return std::min(row_block, std::max<int64_t>(rows, 1));
+  const int64_t budget = memory_budget > 0 ? memory_budget : default_memory_budget(cuda);
+  return single_pass_block_rows(rows, columns, budget, per_pass_bytes, min_block_rows(cuda));
+}
+
+// The upstream gradient of every row of a single pass, 1 / normalizer (none:
+// 1), formed on the device without a host sync.
+inline at::Tensor normalized_row_grads(const std::optional<at::Tensor>& normalizer, int64_t rows,
+                                       const at::TensorOptions& acc_options) {
+  if (!normalizer.has_value()) return at::ones({rows}, acc_options);
+  return normalizer->to(acc_options.dtype()).reciprocal().reshape({1}).expand({rows}).contiguous();
 }
 
 // The dlogits of a tile written over its own fp32 storage: the tile itself, or

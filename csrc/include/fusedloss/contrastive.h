@@ -28,6 +28,8 @@ struct ContrastiveParams {
   int64_t chunk_start;    // first column of the current chunk
   int64_t chunk_columns;  // columns in the current chunk
   int64_t logits_stride;  // elements between consecutive rows of the tile
+  int64_t dlogits_stride; // elements between consecutive rows of the dlogits (twice logits_stride for
+                          // half-precision dlogits written over the fp32 tile)
   int64_t self_offset;  // row i masks column i + self_offset (when mask_self)
   bool mask_self;
   bool symmetric;       // add the column-wise (key -> query) term
@@ -123,12 +125,26 @@ void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives,
 // scale * dLoss/dlogits of one tile of raw dot products, given the per-row
 // upstream gradient of the row term (row_grad[R]) and, when symmetric, the
 // summed upstream gradient of the column terms per column (col_grad[C]).
-// `dlogits` may alias `tile`.
+// `dlogits` may alias `tile`. Unless null, scale_grad_rows[row] is increased
+// by the tile's term of d loss / d scale, sum_j dLoss/dlogit_j * dot_j, taken
+// from the gradient before it is rounded to the dlogits dtype.
 template <typename acc_t, typename grad_t>
 void contrastive_chunk_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, LseArray<const acc_t> row_lse,
                            LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
-                           grad_t* dlogits);
+                           grad_t* dlogits, acc_t* scale_grad_rows);
+// The single pass over a block of rows whose tile holds every column: folds
+// and finalizes each row (row_lse, loss) and writes its dlogits (scaled by
+// scale and row_grad, plus the column term when symmetric: col_lse and
+// col_grad must then be complete) over the tile, one row at a time while it
+// is in cache. `state` must be the empty row state; scale_grad_rows as in
+// contrastive_chunk_grad.
+template <typename acc_t, typename grad_t>
+void contrastive_single_pass_rows(const ContrastiveParams& p, acc_t* tile, const acc_t* scale,
+                                  const int64_t* positives, ContrastiveRowState<acc_t> state,
+                                  LseArray<const acc_t> col_lse, LseArray<acc_t> row_lse, acc_t* loss,
+                                  const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits,
+                                  acc_t* scale_grad_rows);
 }  // namespace cpu
 
 #ifdef FUSEDLOSS_WITH_CUDA
@@ -150,7 +166,13 @@ template <typename acc_t, typename grad_t>
 void contrastive_chunk_grad(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, LseArray<const acc_t> row_lse,
                            LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
-                           grad_t* dlogits, void* stream);
+                           grad_t* dlogits, acc_t* scale_grad_rows, void* stream);
+template <typename acc_t, typename grad_t>
+void contrastive_single_pass_rows(const ContrastiveParams& p, acc_t* tile, const acc_t* scale,
+                                  const int64_t* positives, ContrastiveRowState<acc_t> state,
+                                  LseArray<const acc_t> col_lse, LseArray<acc_t> row_lse, acc_t* loss,
+                                  const acc_t* row_grad, const acc_t* col_grad, grad_t* dlogits,
+                                  acc_t* scale_grad_rows, void* stream);
 }  // namespace cuda
 #endif
 
