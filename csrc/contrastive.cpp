@@ -253,6 +253,8 @@ struct ContrastiveSinglePass : ContrastiveProblem {
   Tensor grad_rows_acc, grad_cols_acc, scale_grad_rows;
 
   int64_t columns() const { return params.num_cols; }
+  // The GEMMs read the dlogits as they are written.
+  at::ScalarType dlogits_dtype() const { return operand_dtype; }
   std::vector<RowBlock> blocks() const { return row_blocks(rows(), block_rows); }
 
   template <typename acc_t>

@@ -268,6 +268,8 @@ struct LinearCESinglePass : LinearCEProblem {
   const Chunk vocabulary() const { return {0, classes()}; }
 
   int64_t columns() const { return classes(); }
+  // The GEMMs read the dlogits as they are written.
+  at::ScalarType dlogits_dtype() const { return operand_dtype; }
   std::vector<RowBlock> blocks() const { return row_blocks(rows(), block_rows); }
 
   template <typename acc_t>

@@ -204,6 +204,19 @@ struct SampledProblem {
     });
   }
 
+  // The [6, N] row state (see SampledRowState) of rows not yet seen.
+  Tensor empty_row_state() const {
+    Tensor state = at::zeros({6, rows()}, options().dtype(acc_dtype));
+    state[0].fill_(-std::numeric_limits<double>::infinity());
+    return state;
+  }
+
+  template <typename acc_t>
+  static SampledRowState<acc_t> row_state_at(const Tensor& state, int64_t row) {
+    return {state[0].data_ptr<acc_t>() + row, state[1].data_ptr<acc_t>() + row, state[2].data_ptr<acc_t>() + row,
+            state[3].data_ptr<acc_t>() + row, state[4].data_ptr<acc_t>() + row, state[5].data_ptr<acc_t>() + row};
+  }
+
   // Every (row, column) id in chunk order: the true classes, then the candidates.
   Tensor all_ids() const { return at::cat({true_classes.view(-1), sampled.view(-1)}); }
 
@@ -224,8 +237,7 @@ struct SampledForward : SampledProblem {
 
   template <typename acc_t>
   SampledRowState<acc_t> row_state() {
-    return {state[0].data_ptr<acc_t>(), state[1].data_ptr<acc_t>(), state[2].data_ptr<acc_t>(),
-            state[3].data_ptr<acc_t>(), state[4].data_ptr<acc_t>(), state[5].data_ptr<acc_t>()};
+    return row_state_at<acc_t>(state, 0);
   }
   template <typename acc_t>
   void fold(const Chunk& c, Tensor& logits) {
@@ -240,8 +252,7 @@ struct SampledForward : SampledProblem {
 
   void run() {
     const auto acc_opts = options().dtype(acc_dtype);
-    state = at::zeros({6, rows()}, acc_opts);
-    state[0].fill_(-std::numeric_limits<double>::infinity());
+    state = empty_row_state();
     loss = at::empty({rows()}, acc_opts);
     stats = at::empty({3, rows()}, acc_opts);
     forward_chunks(*this);
@@ -326,19 +337,16 @@ struct SampledBackward : SampledProblem {
                                dz.size(1), x.size(1), dst.data_ptr<acc_t>());
   }
 
-  std::tuple<Tensor, Tensor, Tensor> run(const Tensor& grad_loss, const Tensor& stats_in, const Tensor& input_,
-                                         const Tensor& weight_, const std::optional<Tensor>& bias_, bool sparse_grad,
-                                         std::array<bool, 3> output_mask) {
-    const int64_t n = rows(), dim = params.dim, classes = weight.size(0);
-    TORCH_CHECK_VALUE(grad_loss.numel() == n && stats_in.numel() == 3 * n, "sampled_backward: grad_loss must have N=",
-                      n, " elements and stats [3, N]");
+  // The accumulators and scatter maps of the gradients asked for, given
+  // every row's upstream gradient.
+  void prepare_gradients(const Tensor& row_grads, bool sparse_grad, std::array<bool, 3> output_mask) {
+    const int64_t n = rows(), dim = params.dim;
     need_input = output_mask[0];
     need_weight = output_mask[1];
     need_bias = output_mask[2] && bias.defined();
     const auto acc_opts = options().dtype(acc_dtype);
-    grad_rows = grad_loss.reshape({n}).to(acc_dtype).contiguous();
-    stats = stats_in.to(acc_dtype).contiguous();
-    int64_t out_rows = classes;
+    grad_rows = row_grads.reshape({n}).to(acc_dtype).contiguous();
+    int64_t out_rows = weight.size(0);
     if (need_weight || need_bias) {
       row_map = all_ids();
       if (sparse_grad) {
@@ -355,8 +363,12 @@ struct SampledBackward : SampledProblem {
       input_for_weight = zero_rows_where(input, grad_rows.eq(0));
       input_acc = input_for_weight.to(acc_dtype);
     }
-    if (need_input || need_weight || need_bias) backward_chunks(*this);
+  }
 
+  // The gradients in the inputs' dtypes: dense, or coalesced sparse COO
+  // tensors over the touched rows.
+  std::tuple<Tensor, Tensor, Tensor> finish_gradients(const Tensor& input_, const Tensor& weight_,
+                                                      const std::optional<Tensor>& bias_, bool sparse_grad) const {
     const auto finish = [&](const Tensor& acc, at::IntArrayRef dense_size, at::ScalarType dtype) {
       if (!sparse_grad) return acc.to(dtype);
       std::vector<int64_t> size(dense_size.begin(), dense_size.end());
@@ -369,7 +381,183 @@ struct SampledBackward : SampledProblem {
                                  : at::empty({0}, input_.options());
     return {grad_input, grad_weight, grad_bias};
   }
+
+  std::tuple<Tensor, Tensor, Tensor> run(const Tensor& grad_loss, const Tensor& stats_in, const Tensor& input_,
+                                         const Tensor& weight_, const std::optional<Tensor>& bias_, bool sparse_grad,
+                                         std::array<bool, 3> output_mask) {
+    const int64_t n = rows();
+    TORCH_CHECK_VALUE(grad_loss.numel() == n && stats_in.numel() == 3 * n, "sampled_backward: grad_loss must have N=",
+                      n, " elements and stats [3, N]");
+    stats = stats_in.to(acc_dtype).contiguous();
+    prepare_gradients(grad_loss, sparse_grad, output_mask);
+    if (need_input || need_weight || need_bias) backward_chunks(*this);
+    return finish_gradients(input_, weight_, bias_, sparse_grad);
+  }
 };
+
+// sum_i loss_i / normalizer and its gradients for shared [K] candidates in one
+// pass over row blocks (chunk_driver.h's single_pass): the candidates' weight
+// rows are gathered once; per block, the row-wise dot fills the true columns
+// and one GEMM the candidates of an [R, T + K] fp32 tile, one row kernel folds,
+// finalizes and writes the dlogits over it, and the gradients follow: dX rows
+// from one GEMM (+ the true columns' axpy), the candidates' dW from dlogits^T X
+// accumulated over blocks in fp32 and scattered once at the end (the true
+// columns' rows scattered per block, in row order: deterministic on the CPU).
+struct SampledSinglePass : SampledBackward {
+  using SampledBackward::SampledBackward;
+  int64_t block_rows = 0;
+  Tensor state, loss, block_stats, candidate_grad_acc, candidate_bias_acc;
+
+  int64_t columns() const { return params.num_true + num_sampled; }
+  // The true columns' scatters read fp32 dlogits; the candidates' GEMMs get a copy.
+  at::ScalarType dlogits_dtype() const { return acc_dtype; }
+  std::vector<RowBlock> blocks() const { return row_blocks(rows(), block_rows); }
+
+  // The params of block r's tile, describing its candidates.
+  SampledParams block_params(const RowBlock& r) const {
+    SampledParams p = params;
+    p.num_rows = r.count;
+    p.is_true_chunk = false;
+    p.chunk_columns = num_sampled;
+    p.logits_stride = columns();
+    return p;
+  }
+
+  // The column sources of chunk c for the rows of block r.
+  template <typename acc_t>
+  SampledColumns<acc_t> block_columns(const Chunk& c, const RowBlock& r) const {
+    SampledColumns<acc_t> cols = columns_of<acc_t>(c);
+    cols.true_classes += r.start * params.num_true;
+    if (c.kind == kTrueColumns) {  // shared candidates have a row stride of 0
+      cols.ids += r.start * params.num_true;
+      if (cols.log_q != nullptr) cols.log_q += r.start * params.num_true;
+    }
+    return cols;
+  }
+
+  Chunk true_columns() const { return {0, params.num_true, kTrueColumns}; }
+  Chunk candidates() const { return {0, num_sampled, kSharedCandidates}; }
+  const int64_t* true_ids_of(const RowBlock& r) const {
+    return true_classes.data_ptr<int64_t>() + r.start * params.num_true;
+  }
+
+  template <typename acc_t>
+  void fold_rows(const RowBlock& r, Tensor& tile) {
+    with_typed_data<acc_t>(input_raw, [&](auto* x) {
+      using in_t = std::remove_pointer_t<decltype(x)>;
+      backend.run(FUSEDLOSS_KERNELS(sampled_row_dot<in_t, acc_t>), block_params(r), x + r.start * params.dim,
+                  weight.data_ptr<in_t>(), true_ids_of(r), params.num_true, params.num_true,
+                  tile.data_ptr<acc_t>(), columns());
+    });
+    Tensor candidate_logits = tile.narrow(1, params.num_true, num_sampled);
+    matmul_into(candidate_logits, input.narrow(0, r.start, r.count), gathered.t(), /*accumulate=*/false);
+  }
+
+  template <typename acc_t>
+  void rows_dlogits(const RowBlock& r, Tensor& tile, Tensor& /*dlogits: the tile itself*/) {
+    backend.run(FUSEDLOSS_KERNELS(sampled_single_pass_rows<acc_t>), block_params(r),
+                block_columns<acc_t>(true_columns(), r), block_columns<acc_t>(candidates(), r),
+                tile.data_ptr<acc_t>(), row_state_at<acc_t>(state, r.start), loss.data_ptr<acc_t>() + r.start,
+                block_stats.data_ptr<acc_t>(), grad_rows.data_ptr<acc_t>() + r.start);
+  }
+
+  void rows_gradients(const RowBlock& r, const Tensor& dlogits) {
+    const int64_t t = params.num_true;
+    const Tensor true_dlogits = dlogits.narrow(1, 0, t);
+    const Tensor candidate_dlogits = dlogits.narrow(1, t, num_sampled).to(operand_dtype);
+    const Tensor true_map = row_map.defined() ? row_map.narrow(0, r.start * t, r.count * t) : Tensor();
+    AT_DISPATCH_FLOATING_TYPES(acc_dtype, "sampled_rows_gradients", [&] {
+      using acc_t = scalar_t;
+      if (need_input) {
+        Tensor grad_input_rows = grad_input_acc.narrow(0, r.start, r.count);
+        matmul_into(grad_input_rows, candidate_dlogits, gathered, /*accumulate=*/false);
+        with_typed_data<acc_t>(weight, [&](auto* w) {
+          using in_t = std::remove_pointer_t<decltype(w)>;
+          backend.run(FUSEDLOSS_KERNELS(sampled_row_axpy<in_t, acc_t>), block_params(r), dlogits.data_ptr<acc_t>(),
+                      columns(), w, true_ids_of(r), t, t, grad_input_rows.data_ptr<acc_t>());
+        });
+      }
+      if (need_weight) {
+        matmul_into(candidate_grad_acc, candidate_dlogits.t(), input_for_weight.narrow(0, r.start, r.count),
+                    /*accumulate=*/r.start > 0);
+        scatter_outer<acc_t>(grad_weight_acc, true_map, true_dlogits.contiguous(),
+                             input_acc.narrow(0, r.start, r.count));
+      }
+      if (need_bias) {
+        candidate_bias_acc.add_(candidate_dlogits.sum(0, false, acc_dtype));
+        scatter_rows<acc_t>(grad_bias_acc, true_map, true_dlogits.contiguous().view(-1));
+      }
+    });
+  }
+
+  // The candidates' gradient rows, accumulated over every block, into place.
+  void scatter_candidates() {
+    if (!need_weight && !need_bias) return;
+    const Tensor candidate_map = row_map.narrow(0, rows() * params.num_true, num_sampled);
+    AT_DISPATCH_FLOATING_TYPES(acc_dtype, "sampled_scatter_candidates", [&] {
+      if (need_weight) scatter_rows<scalar_t>(grad_weight_acc, candidate_map, candidate_grad_acc);
+      if (need_bias) scatter_rows<scalar_t>(grad_bias_acc, candidate_map, candidate_bias_acc);
+    });
+  }
+};
+
+// The recompute pair with the single pass's interface, for per-row candidates
+// and when no block fits the budget.
+std::tuple<Tensor, Tensor, Tensor, Tensor> sampled_recompute_sum_and_grad(
+    const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& true_classes,
+    const Tensor& sampled, const std::optional<Tensor>& true_log_q, const std::optional<Tensor>& sampled_log_q,
+    const SampledOptions& opts, bool sparse_grad, const Tensor& grad_rows, std::array<bool, 3> output_mask) {
+  SampledForward forward(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, opts);
+  forward.run();
+  SampledBackward backward(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, opts);
+  auto [gi, gw, gb] = backward.run(grad_rows, forward.stats, input, weight, bias, sparse_grad, output_mask);
+  return {forward.loss.mul(grad_rows).sum(), gi, gw, gb};
+}
+
+// The loss and gradients of sum_i loss_i / normalizer (a 0-dim tensor, or
+// none for 1) formed in the forward, so that the autograd backward only
+// scales them; memory_budget bounds the tile in bytes (0: the default),
+// row_block > 0 forces the block size. Shared [K] candidates only: per-row
+// [N, K] candidates run the recompute pair.
+std::tuple<Tensor, Tensor, Tensor, Tensor> sampled_sum_and_grad(
+    const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& true_classes,
+    const Tensor& sampled, const std::optional<Tensor>& true_log_q, const std::optional<Tensor>& sampled_log_q,
+    const std::optional<Tensor>& normalizer, int64_t mode, int64_t hit_mask, double label_smoothing,
+    double true_label, bool sparse_grad, int64_t row_block, int64_t memory_budget, std::array<bool, 3> output_mask) {
+  c10::DeviceGuard guard(input.device());
+  const SampledOptions opts{mode, hit_mask, label_smoothing, true_label, 0};
+  check_sampled(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, opts);
+  checks::normalizer(kOp, normalizer, input);
+  TORCH_CHECK_VALUE(memory_budget >= 0, kOp, ": memory_budget must be >= 0 bytes, got ", memory_budget);
+  const int64_t rows = input.size(0), dim = input.size(1);
+  const Tensor grad_rows = normalized_row_grads(normalizer, rows, input.options().dtype(accumulation_dtype(
+                                                                      input.scalar_type())));
+  SampledSinglePass pass(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, opts);
+  if (pass.shared) {
+    // The tile's row: T + K fp32 logits, plus a half-precision copy of the
+    // candidates' dlogits for half GEMM operands (CUDA); once per pass, the
+    // candidates' fp32 [K, D] gradient.
+    const int64_t half_copy = pass.operand_dtype != pass.acc_dtype ? pass.num_sampled / 2 : 0;
+    pass.block_rows = choose_block_rows(rows, pass.columns() + half_copy, row_block, memory_budget,
+                                        4 * pass.num_sampled * dim, input.is_cuda());
+  }
+  if (!pass.shared || pass.block_rows == 0) {
+    return sampled_recompute_sum_and_grad(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, opts,
+                                          sparse_grad, grad_rows, output_mask);
+  }
+  const auto acc_opts = input.options().dtype(pass.acc_dtype);
+  pass.prepare_gradients(grad_rows, sparse_grad, output_mask);
+  pass.state = pass.empty_row_state();
+  pass.loss = at::empty({rows}, acc_opts);
+  pass.block_stats = at::empty({3, std::min(pass.block_rows, std::max<int64_t>(rows, 1))}, acc_opts);
+  pass.gathered = weight.index_select(0, sampled).to(pass.operand_dtype);
+  if (pass.need_weight) pass.candidate_grad_acc = at::zeros({pass.num_sampled, dim}, acc_opts);
+  if (pass.need_bias) pass.candidate_bias_acc = at::zeros({pass.num_sampled}, acc_opts);
+  single_pass(pass);
+  pass.scatter_candidates();
+  auto [gi, gw, gb] = pass.finish_gradients(input, weight, bias, sparse_grad);
+  return {pass.loss.mul(grad_rows).sum(), gi, gw, gb};
+}
 
 std::tuple<Tensor, Tensor> sampled_forward(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                                            const Tensor& true_classes, const Tensor& sampled,
@@ -410,17 +598,24 @@ TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
       "Tensor sampled, Tensor? true_log_q, Tensor? sampled_log_q, Tensor stats, int mode, int hit_mask, "
       "float label_smoothing, float true_label, int chunk_size, bool sparse_grad, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "sampled_sum_and_grad(Tensor input, Tensor weight, Tensor? bias, Tensor true_classes, Tensor sampled, "
+      "Tensor? true_log_q, Tensor? sampled_log_q, Tensor? normalizer, int mode, int hit_mask, "
+      "float label_smoothing, float true_label, bool sparse_grad, int row_block, int memory_budget, "
+      "bool[3] output_mask) -> (Tensor loss_sum, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
   m.impl("sampled_forward", &sampled_forward);
   m.impl("sampled_backward", &sampled_backward);
+  m.impl("sampled_sum_and_grad", &sampled_sum_and_grad);
 }
 
 #ifdef FUSEDLOSS_WITH_CUDA
 TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
   m.impl("sampled_forward", &sampled_forward);
   m.impl("sampled_backward", &sampled_backward);
+  m.impl("sampled_sum_and_grad", &sampled_sum_and_grad);
 }
 #endif
 

@@ -71,6 +71,15 @@ def _register_recompute_autograd(op, backward_op, fn, num_tensors, grad_inputs):
     torch.library.register_autograd(f"fusedloss::{op}", backward, setup_context=setup_context)
 
 
+def _scaled(grad, factor, in_place):
+    """grad * factor; a sparse gradient keeps its coalesced flag (its values are
+    scaled, the indices stay as they are)."""
+    if grad.is_sparse:
+        grad._values().mul_(factor)
+        return grad
+    return grad.mul_(factor) if in_place else grad * factor
+
+
 def _register_single_pass_autograd(op, fn, num_tensors, grad_inputs):
     """Autograd of a single-pass op ``op(*tensors, *options, output_mask) ->
     (loss_sum, *gradients)`` that forms the gradients of the inputs at
@@ -101,13 +110,13 @@ def _register_single_pass_autograd(op, fn, num_tensors, grad_inputs):
             # AOT autograd cannot partition a mutation of a forward output).
             grads, ctx.grads = ctx.grads, None
             in_place = not is_traced(grad_sum)
-            grads = [g.mul_(grad_sum) if in_place else g * grad_sum for g in grads]
+            grads = [_scaled(g, grad_sum, in_place) for g in grads]
         else:
             # A retained graph differentiated again: rerun the same single
             # pass, so that every backward is bit-identical (gradcheck's
             # reentrancy test).
             _, *grads = getattr(ops, op)(*ctx.saved_tensors, *ctx.options)
-            grads = [g * grad_sum for g in grads]
+            grads = [_scaled(g, grad_sum, True) for g in grads]
         for i, wanted, grad in zip(grad_inputs, mask, grads):
             out[i] = grad if wanted else None
         return tuple(out)
@@ -158,6 +167,12 @@ def _linear_ce_shard_forward_fake(input, weight, target, bias, ignore_index, sof
 # ---------------------------------------------------------------- sampled softmax / NCE
 
 
+# The number of touched rows is data-dependent, and unbacked sizes inside
+# sparse tensors are not supported by fake tensors.
+_SPARSE_UNDER_COMPILE = ("sparse_grad=True is not supported under torch.compile (data-dependent number of rows); "
+                         "use the dense weight gradient there")
+
+
 @torch.library.register_fake("fusedloss::sampled_forward")
 def _sampled_forward_fake(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, mode, hit_mask,
                           label_smoothing, true_label, chunk_size, sparse_grad):
@@ -170,18 +185,28 @@ def _sampled_forward_fake(input, weight, bias, true_classes, sampled, true_log_q
 def _sampled_backward_fake(grad_loss, input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, stats,
                            mode, hit_mask, label_smoothing, true_label, chunk_size, sparse_grad, output_mask):
     if sparse_grad:
-        # The number of touched rows is data-dependent, and unbacked sizes inside
-        # sparse tensors are not supported by fake tensors.
-        raise NotImplementedError(
-            "sparse_grad=True is not supported under torch.compile (data-dependent number of rows); "
-            "use the dense weight gradient there"
-        )
+        raise NotImplementedError(_SPARSE_UNDER_COMPILE)
     return _fake_grads(output_mask, input, weight, bias, weight_format=torch.contiguous_format)
 
 
 # (input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, *options) -> (loss, stats);
 # gradients of input, weight, bias.
 _register_recompute_autograd("sampled_forward", ops.sampled_backward, "sampled loss", 7, (0, 1, 2))
+
+
+@torch.library.register_fake("fusedloss::sampled_sum_and_grad")
+def _sampled_sum_and_grad_fake(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, normalizer,
+                               mode, hit_mask, label_smoothing, true_label, sparse_grad, row_block, memory_budget,
+                               output_mask):
+    if sparse_grad:
+        raise NotImplementedError(_SPARSE_UNDER_COMPILE)
+    return (input.new_empty((), dtype=_common.acc_dtype(input.dtype)),
+            *_fake_grads(output_mask, input, weight, bias, weight_format=torch.contiguous_format))
+
+
+# (input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, normalizer, *options, output_mask)
+# -> (loss_sum, *gradients).
+_register_single_pass_autograd("sampled_sum_and_grad", "sampled loss", 8, (0, 1, 2))
 
 
 # ------------------------------------------------------------------------- contrastive

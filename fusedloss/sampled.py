@@ -48,7 +48,8 @@ class SampledOptions:
     true_label: float = 1.0            # NCE's label of a true column (TensorFlow: 1 / num_true)
     reduction: str = "mean"
     sparse_grad: bool = False
-    chunk_size: Optional[int] = None
+    chunk_size: Optional[int] = None     # forces the recompute pair
+    memory_budget: Optional[int] = None  # bytes of the single pass's [rows, T + K] tile
 
     @classmethod
     def native(cls, mode, *, remove_accidental_hits, **settings):
@@ -173,6 +174,7 @@ def _sampled_loss(options, *, input, weight, target, bias=None, sampled_values=N
     if weight.dim() != 2:
         raise ValueError(f"weight must be [num_classes, D], got shape {tuple(weight.shape)}")
     _validate.check_optional_positive_int(options.chunk_size, "chunk_size")
+    _validate.check_optional_positive_int(options.memory_budget, "memory_budget")
     rows = input.shape[0]
     true_classes = _true_classes(target, rows)
     _validate.check_same_device(options.fn, input=input, weight=weight, target=true_classes, bias=bias)
@@ -197,6 +199,18 @@ def _sampled_loss(options, *, input, weight, target, bias=None, sampled_values=N
     true_log_q = torch.log(true_count.detach().to(acc)) if options.subtract_log_q else None
     sampled_log_q = torch.log(sampled_count.detach().to(acc)) if options.subtract_log_q else None
     input, weight, bias = _common.autocast_inputs(input.device.type, input, weight, bias)
+    if (sampled.dim() == 1 and options.chunk_size is None
+            and _common.wants_single_pass(options.reduction, input.device, input, weight, bias)):
+        # Shared candidates: the gradients formed in the forward (one gather,
+        # three GEMMs); mean divides inside the op (no host sync).
+        acc_rows = torch.full((), rows, dtype=acc, device=input.device)
+        normalizer = None if options.reduction == "sum" else acc_rows
+        mask = [input.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad]
+        total, *_ = _ops.ops.sampled_sum_and_grad(
+            input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, normalizer, options.mode,
+            hit_mask, float(options.label_smoothing), float(options.true_label), bool(options.sparse_grad), 0,
+            int(options.memory_budget or 0), mask)
+        return total
     loss, _ = _ops.ops.sampled_forward(
         input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, options.mode, hit_mask,
         float(options.label_smoothing), float(options.true_label), int(options.chunk_size or 0),
@@ -207,7 +221,8 @@ def _sampled_loss(options, *, input, weight, target, bias=None, sampled_values=N
 
 def sampled_softmax_loss(input, weight, target, num_sampled, bias=None, *, num_classes=None, sampler="log_uniform",
                          unique=True, sampled_values=None, remove_accidental_hits=True, subtract_log_q=True,
-                         label_smoothing=0.0, reduction="mean", generator=None, sparse_grad=False, chunk_size=None):
+                         label_smoothing=0.0, reduction="mean", generator=None, sparse_grad=False, chunk_size=None,
+                         memory_budget=None):
     """Sampled softmax cross-entropy (``tf.nn.sampled_softmax_loss`` semantics).
 
     Row i's logits are ``[x_i.W[y_it] + b[y_it] - log Q(y_it)]_t`` for its
@@ -240,19 +255,30 @@ def sampled_softmax_loss(input, weight, target, num_sampled, bias=None, *, num_c
         generator: ``torch.Generator`` on the device of ``input`` for the sampler.
         sparse_grad: return sparse COO gradients for ``weight`` and ``bias``
             (only the touched rows, duplicates summed, coalesced).
-        chunk_size: candidate columns per chunk (default: sized to a fixed workspace).
+        chunk_size: candidate columns per chunk of the recompute algorithm
+            (default: sized to a fixed workspace); giving it forces that algorithm.
+        memory_budget: bytes of the single pass's fp32 logits tile. With
+            shared [K] candidates, a reduced loss that will be differentiated
+            gathers the candidates' weight rows once and forms the gradients
+            in the forward over row blocks whose [R, num_true + K] tile fits
+            the budget (default 256 MiB on the CPU, 4 GiB on CUDA, where it is
+            opt-in with FUSEDLOSS_CUDA_SINGLE_PASS=1 until validated on a GPU);
+            extra memory ≈ 4·R·(num_true + K) + 8·K·D bytes. Otherwise (per-row
+            candidates, ``reduction="none"``, no block of 64 rows fits) the
+            recompute pair runs: a chunked forward and a backward that
+            recomputes each chunk.
     """
     options = SampledOptions.native(
         SOFTMAX, num_sampled=num_sampled, num_classes=num_classes, sampler=sampler, unique=unique,
         remove_accidental_hits=remove_accidental_hits, subtract_log_q=subtract_log_q, label_smoothing=label_smoothing,
-        reduction=reduction, sparse_grad=sparse_grad, chunk_size=chunk_size)
+        reduction=reduction, sparse_grad=sparse_grad, chunk_size=chunk_size, memory_budget=memory_budget)
     return _sampled_loss(options, input=input, weight=weight, target=target, bias=bias, sampled_values=sampled_values,
                          generator=generator)
 
 
 def nce_loss(input, weight, target, num_sampled, bias=None, *, num_classes=None, sampler="log_uniform", unique=True,
              sampled_values=None, remove_accidental_hits=False, subtract_log_q=True, reduction="mean",
-             generator=None, sparse_grad=False, chunk_size=None):
+             generator=None, sparse_grad=False, chunk_size=None, memory_budget=None):
     """Noise-contrastive estimation (``tf.nn.nce_loss`` semantics): the sum over
     the row's true and candidate columns of the sigmoid cross-entropy, with
     label 1 on each true column (TensorFlow: 1/num_true, see
@@ -262,7 +288,7 @@ def nce_loss(input, weight, target, num_sampled, bias=None, *, num_classes=None,
     options = SampledOptions.native(
         NCE, num_sampled=num_sampled, num_classes=num_classes, sampler=sampler, unique=unique,
         remove_accidental_hits=remove_accidental_hits, subtract_log_q=subtract_log_q, reduction=reduction,
-        sparse_grad=sparse_grad, chunk_size=chunk_size)
+        sparse_grad=sparse_grad, chunk_size=chunk_size, memory_budget=memory_budget)
     return _sampled_loss(options, input=input, weight=weight, target=target, bias=bias, sampled_values=sampled_values,
                          generator=generator)
 
@@ -270,18 +296,21 @@ def nce_loss(input, weight, target, num_sampled, bias=None, *, num_classes=None,
 class _SampledLossModule(_common.LossModule):
     def __init__(self, num_classes, num_sampled=None, *, sampler="log_uniform", unique=True,
                  remove_accidental_hits=True, subtract_log_q=True, reduction="mean", sparse_grad=False,
-                 chunk_size=None):
+                 chunk_size=None, memory_budget=None):
         super().__init__(reduction, unique=unique, remove_accidental_hits=remove_accidental_hits,
-                         subtract_log_q=subtract_log_q, sparse_grad=sparse_grad, chunk_size=chunk_size)
+                         subtract_log_q=subtract_log_q, sparse_grad=sparse_grad, chunk_size=chunk_size,
+                         memory_budget=memory_budget)
         self.num_classes = check_positive_int(num_classes, "num_classes")
         self.num_sampled = None if num_sampled is None else check_positive_int(num_sampled, "num_sampled")
         _validate.check_optional_positive_int(chunk_size, "chunk_size")
+        _validate.check_optional_positive_int(memory_budget, "memory_budget")
         self.sampler = sampler if sampler == "in_batch" else _make_sampler(sampler, self.num_classes)
 
     def _options(self):
         return dict(num_classes=self.num_classes, sampler=self.sampler, unique=self.unique,
                     remove_accidental_hits=self.remove_accidental_hits, subtract_log_q=self.subtract_log_q,
-                    reduction=self.reduction, sparse_grad=self.sparse_grad, chunk_size=self.chunk_size)
+                    reduction=self.reduction, sparse_grad=self.sparse_grad, chunk_size=self.chunk_size,
+                    memory_budget=self.memory_budget)
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, num_sampled={self.num_sampled}, sampler={self.sampler}, "

@@ -14,7 +14,9 @@ from conftest import DEVICES, requires_cuda
 from fusedloss import distributed as fdist
 
 ops = torch.ops.fusedloss
-TOL = dict(rtol=1e-5, atol=2e-6)
+# fp32 rounding of O(10) gradients (sum reductions at scale 5) summed in a
+# different order by the gathered and the single-process layouts.
+TOL = dict(rtol=2e-5, atol=1e-5)
 
 
 def _entry(rank, world, init_method, device, checks):

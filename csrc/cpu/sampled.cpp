@@ -38,6 +38,52 @@ void final_row_logits(const SampledParams& p, const SampledColumns<acc_t>& cols,
   }
 }
 
+// Folds one row of a chunk's final logits (-inf: masked) into the row state.
+template <typename acc_t>
+void fold_final_row(const SampledParams& p, int64_t row, const acc_t* y, SampledRowState<acc_t> state) {
+  const int64_t columns = p.chunk_columns;
+  const acc_t skip = neg_infinity<acc_t>();
+  if (p.mode == static_cast<int64_t>(SampledMode::kNCE)) {
+    acc_t nce_sum = 0;
+    for (int64_t j = 0; j < columns; ++j) nce_sum += y[j] == skip ? acc_t(0) : sampled_nce_term(p, y[j]);
+    state.nce_loss[row] += nce_sum;
+    return;
+  }
+  acc_t m = skip, s = 0, unmasked = 0;
+#pragma omp simd reduction(max : m) reduction(+ : s, unmasked)
+  for (int64_t j = 0; j < columns; ++j) {
+    const bool live = y[j] != skip;
+    m = y[j] > m ? y[j] : m;
+    s += live ? y[j] : acc_t(0);
+    unmasked += live ? acc_t(1) : acc_t(0);
+  }
+  acc_t sum_exp = 0;
+  if (m != skip) {
+#pragma omp simd reduction(+ : sum_exp)
+    for (int64_t j = 0; j < columns; ++j) {
+      const acc_t e = exp_vectorizable(y[j] - m);
+      sum_exp += y[j] == skip ? acc_t(0) : e;
+    }
+  }
+  lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum_exp});
+  state.sum_logits[row] += s;
+  state.columns[row] += unmasked;
+  if (p.is_true_chunk) state.true_sum[row] += s;
+}
+
+// g * dLoss/dz of one row of a chunk's final logits y into dz (which may
+// alias y); masked (-inf) columns get exactly 0.
+template <typename acc_t, typename grad_t>
+void grad_final_row(const SampledParams& p, const acc_t* y, LseParts<acc_t> lse, acc_t unmasked, acc_t g,
+                    grad_t* dz) {
+  const acc_t skip = neg_infinity<acc_t>();
+#pragma omp simd
+  for (int64_t j = 0; j < p.chunk_columns; ++j) {
+    const acc_t d = g * sampled_column_grad(p, y[j], lse, unmasked, ExpVectorizable{});
+    dz[j] = static_cast<grad_t>(y[j] == skip ? acc_t(0) : d);
+  }
+}
+
 // The scatters split the D columns across tasks: every task sees every source
 // row, in order, so duplicated destinations never race and sums are reproducible.
 constexpr int64_t kScatterColumns = 64;
@@ -90,39 +136,11 @@ void sampled_row_axpy(const SampledParams& p, const acc_t* dz, int64_t dz_stride
 template <typename acc_t>
 void sampled_accumulate_chunk(const SampledParams& p, const SampledColumns<acc_t>& cols, acc_t* logits,
                               SampledRowState<acc_t> state) {
-  const int64_t columns = p.chunk_columns;
-  const bool nce = p.mode == static_cast<int64_t>(SampledMode::kNCE);
-  const acc_t skip = neg_infinity<acc_t>();
-  at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       acc_t* y = logits + row * p.logits_stride;
       final_row_logits(p, cols, row, y, y);
-      if (nce) {
-        acc_t nce_sum = 0;
-        for (int64_t j = 0; j < columns; ++j) nce_sum += y[j] == skip ? acc_t(0) : sampled_nce_term(p, y[j]);
-        state.nce_loss[row] += nce_sum;
-        continue;
-      }
-      acc_t m = skip, s = 0, unmasked = 0;
-#pragma omp simd reduction(max : m) reduction(+ : s, unmasked)
-      for (int64_t j = 0; j < columns; ++j) {
-        const bool live = y[j] != skip;
-        m = y[j] > m ? y[j] : m;
-        s += live ? y[j] : acc_t(0);
-        unmasked += live ? acc_t(1) : acc_t(0);
-      }
-      acc_t sum_exp = 0;
-      if (m != skip) {
-#pragma omp simd reduction(+ : sum_exp)
-        for (int64_t j = 0; j < columns; ++j) {
-          const acc_t e = exp_vectorizable(y[j] - m);
-          sum_exp += y[j] == skip ? acc_t(0) : e;
-        }
-      }
-      lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum_exp});
-      state.sum_logits[row] += s;
-      state.columns[row] += unmasked;
-      if (p.is_true_chunk) state.true_sum[row] += s;
+      fold_final_row(p, row, y, state);
     }
   });
 }
@@ -136,7 +154,6 @@ template <typename acc_t, typename grad_t>
 void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& cols, const acc_t* logits,
                         const acc_t* stats, const acc_t* grad_loss, grad_t* dlogits) {
   const int64_t columns = p.chunk_columns;
-  const acc_t skip = neg_infinity<acc_t>();
   at::parallel_for(0, p.num_rows, row_grain(columns), [&](int64_t begin, int64_t end) {
     // The final logits of a row need an acc_t row: dlogits itself when it is in
     // the accumulation dtype, else a scratch row.
@@ -153,13 +170,34 @@ void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& col
       if constexpr (std::is_same_v<acc_t, grad_t>) y = dz;
       else y = scratch.data();
       final_row_logits(p, cols, row, logits + row * p.logits_stride, y);
+      grad_final_row(p, y, sampled_row_lse(p, stats, row), sampled_row_columns(p, stats, row), g, dz);
+    }
+  });
+}
+
+template <typename acc_t>
+void sampled_single_pass_rows(const SampledParams& p, const SampledColumns<acc_t>& true_cols,
+                              const SampledColumns<acc_t>& candidate_cols, acc_t* tile, SampledRowState<acc_t> state,
+                              acc_t* loss, acc_t* stats, const acc_t* grad_loss) {
+  const SampledParams true_part = sampled_true_part(p), candidate_part = sampled_candidate_part(p);
+  const int64_t t = p.num_true, width = t + p.chunk_columns;
+  at::parallel_for(0, p.num_rows, row_grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t* y = tile + row * p.logits_stride;
+      final_row_logits(true_part, true_cols, row, y, y);
+      final_row_logits(candidate_part, candidate_cols, row, y + t, y + t);
+      fold_final_row(true_part, row, y, state);
+      fold_final_row(candidate_part, row, y + t, state);
+      sampled_finalize_row(p, row, state, loss, stats);
+      const acc_t g = grad_loss[row];
+      if (g == acc_t(0)) {
+        std::fill_n(y, width, acc_t(0));  // skipped, not multiplied by 0 (inf/NaN logits)
+        continue;
+      }
       const LseParts<acc_t> lse = sampled_row_lse(p, stats, row);
       const acc_t unmasked = sampled_row_columns(p, stats, row);
-#pragma omp simd
-      for (int64_t j = 0; j < columns; ++j) {
-        const acc_t d = g * sampled_column_grad(p, y[j], lse, unmasked, ExpVectorizable{});
-        dz[j] = static_cast<grad_t>(y[j] == skip ? acc_t(0) : d);
-      }
+      grad_final_row(true_part, y, lse, unmasked, g, y);
+      grad_final_row(candidate_part, y + t, lse, unmasked, g, y + t);
     }
   });
 }
@@ -202,6 +240,9 @@ void sampled_scatter_outer(const acc_t* dz, const acc_t* x, const int64_t* index
   template void sampled_accumulate_chunk<acc_t>(const SampledParams&, const SampledColumns<acc_t>&, acc_t*,   \
                                                 SampledRowState<acc_t>);                                      \
   template void sampled_finalize<acc_t>(const SampledParams&, SampledRowState<acc_t>, acc_t*, acc_t*);        \
+  template void sampled_single_pass_rows<acc_t>(const SampledParams&, const SampledColumns<acc_t>&,           \
+                                                const SampledColumns<acc_t>&, acc_t*, SampledRowState<acc_t>, \
+                                                acc_t*, acc_t*, const acc_t*);                                \
   template void sampled_scatter_add_rows<acc_t>(const acc_t*, const int64_t*, int64_t, int64_t, acc_t*);      \
   template void sampled_scatter_outer<acc_t>(const acc_t*, const acc_t*, const int64_t*, int64_t, int64_t,    \
                                              int64_t, acc_t*);

@@ -164,6 +164,22 @@ void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& col
                     dlogits);
 }
 
+// Five launches on the stream (fold the true columns and the candidates,
+// finalize, then each part's dlogits in place): each row is read by one block
+// per kernel. The tile keeps the raw logits until the dlogits overwrite them.
+template <typename acc_t>
+void sampled_single_pass_rows(const SampledParams& p, const SampledColumns<acc_t>& true_cols,
+                              const SampledColumns<acc_t>& candidate_cols, acc_t* tile, SampledRowState<acc_t> state,
+                              acc_t* loss, acc_t* stats, const acc_t* grad_loss, void* stream) {
+  const SampledParams true_part = sampled_true_part(p), candidate_part = sampled_candidate_part(p);
+  acc_t* candidates = tile + p.num_true;
+  sampled_accumulate_chunk(true_part, true_cols, tile, state, stream);
+  sampled_accumulate_chunk(candidate_part, candidate_cols, candidates, state, stream);
+  sampled_finalize(p, state, loss, stats, stream);
+  sampled_chunk_grad(true_part, true_cols, tile, stats, grad_loss, tile, stream);
+  sampled_chunk_grad(candidate_part, candidate_cols, candidates, stats, grad_loss, candidates, stream);
+}
+
 #define FUSEDLOSS_INSTANTIATE_SAMPLED_ROW(in_t, acc_t)                                                             \
   template void sampled_row_dot<in_t, acc_t>(const SampledParams&, const in_t*, const in_t*, const int64_t*,        \
                                              int64_t, int64_t, acc_t*, int64_t, void*);                             \
@@ -172,7 +188,10 @@ void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& col
 #define FUSEDLOSS_INSTANTIATE_SAMPLED_COLUMNS(acc_t)                                                               \
   template void sampled_accumulate_chunk<acc_t>(const SampledParams&, const SampledColumns<acc_t>&, acc_t*,        \
                                                 SampledRowState<acc_t>, void*);                                    \
-  template void sampled_finalize<acc_t>(const SampledParams&, SampledRowState<acc_t>, acc_t*, acc_t*, void*);
+  template void sampled_finalize<acc_t>(const SampledParams&, SampledRowState<acc_t>, acc_t*, acc_t*, void*);   \
+  template void sampled_single_pass_rows<acc_t>(const SampledParams&, const SampledColumns<acc_t>&,               \
+                                                const SampledColumns<acc_t>&, acc_t*, SampledRowState<acc_t>,     \
+                                                acc_t*, acc_t*, const acc_t*, void*);
 #define FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(acc_t, grad_t)                                                          \
   template void sampled_chunk_grad<acc_t, grad_t>(const SampledParams&, const SampledColumns<acc_t>&, const acc_t*, \
                                                   const acc_t*, const acc_t*, grad_t*, void*);

@@ -210,9 +210,9 @@ class TileWorkspace {
   at::Tensor storage_;
 };
 
-// A Family for single_pass provides, besides rows() / acc_dtype /
-// operand_dtype / options():
+// A Family for single_pass provides, besides rows() / acc_dtype / options():
 //   int64_t columns() const;  std::vector<RowBlock> blocks() const;
+//   at::ScalarType dlogits_dtype() const;  // written over the tile (dlogits_over)
 //   template <acc_t> void fold_rows(const RowBlock&, Tensor& tile);        // logits, row state, finalize
 //   template <acc_t> void rows_dlogits(const RowBlock&, Tensor& tile, Tensor& dlogits);
 //   void rows_gradients(const RowBlock&, const Tensor& dlogits);
@@ -226,7 +226,7 @@ void single_pass(Family& family) {
     for (const RowBlock& rows : blocks) {
       at::Tensor tile = tile_view(workspace.storage(), rows.count, columns);
       family.template fold_rows<scalar_t>(rows, tile);
-      at::Tensor dlogits = dlogits_over(tile, family.operand_dtype);
+      at::Tensor dlogits = dlogits_over(tile, family.dlogits_dtype());
       family.template rows_dlogits<scalar_t>(rows, tile, dlogits);
       family.rows_gradients(rows, dlogits);
     }

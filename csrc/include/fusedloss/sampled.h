@@ -93,6 +93,15 @@ void sampled_finalize(const SampledParams& p, SampledRowState<acc_t> state, acc_
 template <typename acc_t, typename grad_t>
 void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& cols, const acc_t* logits,
                         const acc_t* stats, const acc_t* grad_loss, grad_t* dlogits);
+// The single pass over a block of rows whose [rows, T + K] tile holds the
+// raw logits of the true columns (first T) and of the shared candidates: folds
+// and finalizes each row (loss, stats) and writes its dlogits, scaled by
+// grad_loss, in place over the tile (accumulation dtype). `p` describes the
+// candidates (chunk_columns = K, logits_stride = T + K); `state` must be empty.
+template <typename acc_t>
+void sampled_single_pass_rows(const SampledParams& p, const SampledColumns<acc_t>& true_cols,
+                              const SampledColumns<acc_t>& candidate_cols, acc_t* tile, SampledRowState<acc_t> state,
+                              acc_t* loss, acc_t* stats, const acc_t* grad_loss);
 // dst[index[r]] += src[r] for r < rows (rows of `dim` values). Duplicated
 // indices are summed in row order: deterministic, no atomics.
 template <typename acc_t>
@@ -121,11 +130,27 @@ void sampled_finalize(const SampledParams& p, SampledRowState<acc_t> state, acc_
 template <typename acc_t, typename grad_t>
 void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& cols, const acc_t* logits,
                         const acc_t* stats, const acc_t* grad_loss, grad_t* dlogits, void* stream);
+template <typename acc_t>
+void sampled_single_pass_rows(const SampledParams& p, const SampledColumns<acc_t>& true_cols,
+                              const SampledColumns<acc_t>& candidate_cols, acc_t* tile, SampledRowState<acc_t> state,
+                              acc_t* loss, acc_t* stats, const acc_t* grad_loss, void* stream);
 }  // namespace cuda
 #endif
 
 // ---------------------------------------------------------------------------
 // Column arithmetic shared verbatim by the CPU and CUDA kernels.
+
+// The two parts of a single-pass tile row (sampled_single_pass_rows): the
+// true columns, then the candidates that `p` describes.
+FL_HOST_DEVICE SampledParams sampled_true_part(SampledParams p) {
+  p.is_true_chunk = true;
+  p.chunk_columns = p.num_true;
+  return p;
+}
+FL_HOST_DEVICE SampledParams sampled_candidate_part(SampledParams p) {
+  p.is_true_chunk = false;
+  return p;
+}
 
 // Whether column j of `row` is an accidental hit that the mask mode removes.
 template <typename acc_t>
