@@ -1,12 +1,15 @@
 // Binding layer of the InfoNCE family: the argument check (run once, by the
-// forward op), the family's chunk GEMMs and kernels for the shared chunk driver,
-// and the op schemas. Registered as torch ops
-// fusedloss::contrastive_forward/backward; InfoNCE, NT-Xent and CLIP are all
-// this one op (fusedloss/contrastive.py).
+// forward op), the family's chunk GEMMs and kernels for the shared chunk driver
+// and single pass, and the op schemas. Registered as torch ops
+// fusedloss::contrastive_forward/backward (the recompute pair) and
+// fusedloss::contrastive_sum_and_grad (the single pass); InfoNCE, NT-Xent and
+// CLIP are all these ops (fusedloss/contrastive.py).
 //
-// Memory: besides the outputs, one [R, tile] fp32 block of logits (plus a
-// half-precision dlogits block on CUDA), the [3, R] row state, O(C) column
-// statistics and the fp32 dQ accumulator [R, D]. Never R x C.
+// Memory of the recompute pair: besides the outputs, one [R, tile] fp32 block
+// of logits (plus a half-precision dlogits block on CUDA), the [3, R] row
+// state, O(C) column statistics and the fp32 dQ accumulator [R, D]; of the
+// single pass, one [R_block, C] fp32 tile within the memory budget. Never an
+// unbounded R x C.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>

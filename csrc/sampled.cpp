@@ -2,8 +2,10 @@
 // the forward op), the family's chunk logits (GEMMs for shared candidates,
 // row-wise gathered dots for the true columns and per-row candidates) and
 // kernels for the shared chunk driver, the scatter of the weight/bias
-// gradients into a dense or sparse result, and the op schemas. Registered as
-// torch ops fusedloss::sampled_forward/backward.
+// gradients into a dense or sparse result, the single pass for shared
+// candidates, and the op schemas. Registered as torch ops
+// fusedloss::sampled_forward/backward (the recompute pair) and
+// fusedloss::sampled_sum_and_grad (the single pass, csrc/README.md).
 //
 // Memory: besides the outputs, one [N, chunk] fp32 logits tile, the [6, N] row
 // state, the fp32 dX accumulator [N, D], one [chunk, D] gathered weight block

@@ -1,13 +1,16 @@
 """InfoNCE family: InfoNCE (in-batch + extra negatives), SimCLR's NT-Xent and
 CLIP's symmetric loss, without ever materialising the B x B similarity matrix.
 
-All three are one fused op, ``fusedloss::contrastive_forward``: query rows
-Q [R, D] scored against key columns K [C, D] with logits ``scale * Q @ K.T``,
-row i's positive at column ``positives[i]``, optionally its own column masked
-(NT-Xent), optionally the column-wise (key -> query) term (CLIP, symmetric
-InfoNCE). The kernels walk the columns in tiles with an online log-sum-exp per
-row; a tile holds every row, so the column-wise LSE of its columns is complete
-in the same pass. The backward recomputes each tile (see docs/contrastive.md).
+All three are one fused problem: query rows Q [R, D] scored against key
+columns K [C, D] with logits ``scale * Q @ K.T``, row i's positive at column
+``positives[i]``, optionally its own column masked (NT-Xent), optionally the
+column-wise (key -> query) term (CLIP, symmetric InfoNCE). A reduced loss that
+will be differentiated runs ``fusedloss::contrastive_sum_and_grad``, the single
+pass over row blocks that forms the gradients in the forward (three GEMMs);
+otherwise ``contrastive_forward`` walks the columns in tiles with an online
+log-sum-exp per row (a tile holds every row, so the column-wise LSE of its
+columns is complete in the same pass) and its backward recomputes each tile
+(see :func:`clip_loss` and csrc/README.md).
 
 ``normalize=True`` L2-normalises in Python with ``F.normalize`` (autograd
 through it; O(B*D) extra memory, nothing quadratic).

@@ -101,6 +101,26 @@ def test_in_process_run_table_and_json(tmp_path):
     # CPU peers run when installed (benchmarks/run installs Cut Cross-Entropy; CI does not).
     assert lce["variants"]["cut-cross-entropy (torch_compile)"]["status"] in ("ok", "skipped")
     assert lce["variants"]["torch F.linear_cross_entropy (chunked)"]["status"] == "ok"
+    assert lce["fused_path"] == "single pass"
+
+
+@pytest.mark.parametrize("shape", ["sampled_softmax:16x8x5x40", "nce:16x8x5x40", "info_nce:16x8", "nt_xent:16x8",
+                                   "clip:16x8"])
+def test_every_op_races_its_bare_gemm_floor(tmp_path, shape):
+    """The floor of every row: the logits GEMM and its two gradient GEMMs
+    (on the gathered candidates for the sampled losses), and the fused path taken."""
+    path = tmp_path / "out.json"
+    assert cli.main(["--device", "cpu", "--shapes", shape, "--no-isolate", "--repeat", "1", "--warmup", "0",
+                     "--quiet", "--json", str(path)]) == 0
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["variants"]["bare GEMMs"]["status"] == "ok" and row["fused_over_gemm"] > 0
+    assert row["fused_path"] == "single pass" and not row["flagged"]
+
+
+def test_fused_path_names_blocks_and_the_recompute_pair():
+    assert cases.fused_path(100_000, 65536, "cpu") == "single pass, 1024-row blocks"
+    assert cases.fused_path(100_000, 65536, "cpu", whole_tile_only=True) == "recompute"
+    assert cases.fused_path(10, 10**7, "cpu") == "recompute"
 
 
 def test_table_building():

@@ -7,6 +7,7 @@ needs (used on the CPU to report OOM instead of swapping the machine to death).
 """
 import dataclasses
 import math
+import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -38,6 +39,10 @@ class Case:
     logits_copies: int = 3  # fp32 [logits]-sized buffers the reference keeps alive (logits, softmax, grad)
     flops: Optional[Callable] = None  # shape -> useful fwd+bwd FLOPs (6NDV convention for linear CE)
     ref_call: Optional[Callable] = None  # (reference function, inputs) -> loss, when it differs from call
+    # inputs -> (rows [R, D], columns [C, D]) of the logits GEMM: the bare-GEMM floor's operands
+    gemm_operands: Optional[Callable] = None
+    # (shape, dtype, device) -> the algorithm the fused op runs there (see fused_path)
+    path: Optional[Callable] = None
 
     def call_reference(self, fn, inputs):
         return (self.ref_call or self.call)(fn, inputs)
@@ -165,6 +170,44 @@ def _clip_inputs(s, dtype, device, gen):
 INFO_NCE_TEMPERATURE = 0.07
 
 
+def _sampled_gemm_operands(x):
+    # The candidates' weight rows, gathered once (outside the timed floor).
+    return x["input"], x["weight"].detach().index_select(0, x["sampled_values"][0])
+
+
+def fused_path(rows, columns, device, *, per_pass_bytes=0, whole_tile_only=False):
+    """The algorithm a fused op runs for a reduced, differentiated loss (the
+    same block sizing as the *_sum_and_grad ops, default memory budget)."""
+    from fusedloss import _common
+    from fusedloss._extension import C
+
+    cuda = torch.device(device).type == "cuda"
+    if cuda and os.environ.get(_common.CUDA_SINGLE_PASS_ENV, "0") != "1":
+        return "recompute (CUDA single pass off)"
+    block = C.single_pass_block_rows(rows, columns, 0, 0, per_pass_bytes, cuda)
+    if block == 0 or (whole_tile_only and block < rows):
+        return "recompute"
+    return "single pass" if block >= rows else f"single pass, {block}-row blocks"
+
+
+def _half(dtype):
+    return elt_size(dtype) < 4
+
+
+def _linear_ce_path(s, dtype, device):
+    return fused_path(s["N"], s["V"], device, per_pass_bytes=4 * s["V"] * s["D"] if _half(dtype) else 0)
+
+
+def _sampled_path(s, dtype, device):
+    # + a half-precision copy of the candidates' dlogits for half GEMM operands on CUDA
+    half_copy = s["K"] // 2 if _half(dtype) and torch.device(device).type == "cuda" else 0
+    return fused_path(s["N"], 1 + s["K"] + half_copy, device, per_pass_bytes=4 * s["K"] * s["D"])
+
+
+def _pair_path(whole_tile_only):
+    return lambda s, dtype, device: fused_path(s["B"], s["B"], device, whole_tile_only=whole_tile_only)
+
+
 def _linear_flops(s):
     return 6.0 * s["N"] * s["D"] * s["V"]
 
@@ -172,20 +215,26 @@ def _linear_flops(s):
 CASES: Dict[str, Case] = {c.op: c for c in [
     Case("linear_ce", "linear_cross_entropy", ("N", "D", "V"), "V", _linear_ce_inputs,
          lambda fn, x: fn(x["input"], x["weight"], x["target"]),
-         ("input", "weight"), lambda s: s["N"] * s["V"], flops=_linear_flops),
+         ("input", "weight"), lambda s: s["N"] * s["V"], flops=_linear_flops,
+         gemm_operands=lambda x: (x["input"], x["weight"]), path=_linear_ce_path),
     Case("sampled_softmax", "sampled_softmax_loss", ("N", "D", "K", "C"), "C", _sampled_inputs,
-         _sampled_call, ("input", "weight"), lambda s: s["N"] * (s["K"] + 1), ref_call=_sampled_ref_call),
+         _sampled_call, ("input", "weight"), lambda s: s["N"] * (s["K"] + 1), ref_call=_sampled_ref_call,
+         gemm_operands=_sampled_gemm_operands, path=_sampled_path),
     Case("nce", "nce_loss", ("N", "D", "K", "C"), "C", _sampled_inputs,
-         _sampled_call, ("input", "weight"), lambda s: s["N"] * (s["K"] + 1), ref_call=_sampled_ref_call),
+         _sampled_call, ("input", "weight"), lambda s: s["N"] * (s["K"] + 1), ref_call=_sampled_ref_call,
+         gemm_operands=_sampled_gemm_operands, path=_sampled_path),
     Case("info_nce", "info_nce_loss", ("B", "D"), "B", _pair_inputs,
          lambda fn, x: fn(x["query"], x["key"], temperature=INFO_NCE_TEMPERATURE),
-         ("query", "key"), lambda s: s["B"] * s["B"]),
+         ("query", "key"), lambda s: s["B"] * s["B"], gemm_operands=lambda x: (x["query"], x["key"]),
+         path=_pair_path(False)),
     Case("nt_xent", "nt_xent_loss", ("B", "D"), "B",
          lambda s, dtype, device, gen: {"hidden": _unit_rows((s["B"], s["D"]), dtype, device, gen)},
-         lambda fn, x: fn(x["hidden"]), ("hidden",), lambda s: s["B"] * s["B"]),
+         lambda fn, x: fn(x["hidden"]), ("hidden",), lambda s: s["B"] * s["B"],
+         gemm_operands=lambda x: (x["hidden"], x["hidden"]), path=_pair_path(False)),
     Case("clip", "clip_loss", ("B", "D"), "B", _clip_inputs,
          lambda fn, x: fn(x["image"], x["text"], x["logit_scale"]),
-         ("image", "text"), lambda s: s["B"] * s["B"], logits_copies=5),
+         ("image", "text"), lambda s: s["B"] * s["B"], logits_copies=5,
+         gemm_operands=lambda x: (x["image"], x["text"]), path=_pair_path(True)),
 ]}
 
 ALIASES = {c.func: c.op for c in CASES.values()}

@@ -9,8 +9,8 @@ import torch
 import fusedloss
 
 SCHEMA = "fusedloss-bench/1"
-SUMMARY_COLUMNS = ("op", "shape", "dtype", "fused ms", "ref ms", "speedup", "vs GEMMs", "fused MiB", "ref MiB",
-                   "mem ratio", "loss diff", "grad diff", "check")
+SUMMARY_COLUMNS = ("op", "shape", "dtype", "fused ms", "ref ms", "speedup", "vs GEMMs", "fused path", "fused MiB",
+                   "ref MiB", "mem ratio", "loss diff", "grad diff", "check")
 DETAIL_COLUMNS = ("op", "shape", "dtype", "variant", "fwd ms", "bwd ms", "full ms", "TFLOP/s", "extra MiB",
                   "vs fused", "diff vs ref", "note")
 
@@ -52,13 +52,14 @@ def summary_rows(rows):
     out = []
     for row in rows:
         if row.get("status") == "skipped":
-            out.append((row["op"], row["shape_str"], row["dtype"]) + ("-",) * 9 + (f"skipped: {row['reason']}",))
+            out.append((row["op"], row["shape_str"], row["dtype"]) + ("-",) * 10 + (f"skipped: {row['reason']}",))
             continue
         f, r = row["variants"].get("fused", {}), row["variants"].get("reference", {})
-        # "vs GEMMs": the fused step's time over its bare GEMMs' (linear CE), the floor.
+        # "vs GEMMs": the fused step's time over its bare GEMMs', the floor.
         out.append((row["op"], row["shape_str"], row["dtype"], _ms(f), _ms(r), _ratio(row.get("speedup")),
-                    _ratio(row.get("fused_over_gemm")), _mib(f), _mib(r), _ratio(row.get("memory_ratio")), _sci(f.get("loss_diff")),
-                    _sci(f.get("grad_diff")), _check(row, f)))
+                    _ratio(row.get("fused_over_gemm")), row.get("fused_path") or "-", _mib(f), _mib(r),
+                    _ratio(row.get("memory_ratio")), _sci(f.get("loss_diff")), _sci(f.get("grad_diff")),
+                    _check(row, f)))
     return out
 
 

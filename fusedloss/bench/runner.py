@@ -210,7 +210,8 @@ def run(cfg):
         row = {"op": case.op, "function": f"fusedloss.{case.func}", "shape": dict(shape),
                "shape_str": case.shape_str(shape), "size_dim": case.size_dim, "size": shape[case.size_dim],
                "dtype": str(dtype).replace("torch.", ""), "device": str(device),
-               "flop_convention": "6NDV (fwd 2NDV + bwd 4NDV)" if case.flops else None}
+               "flop_convention": "6NDV (fwd 2NDV + bwd 4NDV)" if case.flops else None,
+               "fused_path": case.path(shape, dtype, cfg.device) if case.path else None}
         row["inputs_bytes"] = cases_mod.input_bytes(cases_mod.make_inputs(case, shape, dtype, "meta"))
         runner = _run_row_subprocess if isolate else _run_row_in_process
         results, outputs = runner(case, shape, dtype, variants, cfg, progress, label)

@@ -1,6 +1,6 @@
 """What runs for each case: the fused op, the reference, ``torch.compile`` of the
 reference, public peers (Triton ones on a GPU only) and, for linear CE, torch's
-own chunked ``F.linear_cross_entropy`` and the bare-GEMM floor.
+own chunked ``F.linear_cross_entropy``, and the bare-GEMM floor of every op.
 
 A variant is rebuilt by name in every process (the CPU memory measurement runs
 each variant in a fresh subprocess), so everything here is a pure function of
@@ -88,43 +88,44 @@ PEERS = {
 
 
 class _GemmFloor(torch.autograd.Function):
-    """The three GEMMs of a linear CE step with no softmax: logits = X·Wᵀ, then
-    dX = G·W and dW = Gᵀ·X, each into a buffer kept across calls (like the
-    fused op's kept tile: a fresh output each call would add ≈15 % of page
-    faults to the floor on the CPU)."""
+    """The three GEMMs of a step with no softmax: logits = R·Cᵀ, then dR = G·C
+    and dC = Gᵀ·R (rows R: the hidden states / queries; columns C: the
+    classifier, the gathered candidates or the keys), each into a buffer kept
+    across calls (like the fused ops' kept tile: a fresh output each call
+    would add ≈15 % of page faults to the floor on the CPU)."""
 
     @staticmethod
-    def forward(ctx, input, weight, buffers):
-        ctx.save_for_backward(input, weight)
+    def forward(ctx, rows, columns, buffers):
+        ctx.save_for_backward(rows, columns)
         ctx.buffers = buffers
-        return torch.mm(input, weight.t(), out=buffers["logits"])
+        return torch.mm(rows, columns.t(), out=buffers["logits"])
 
     @staticmethod
     def backward(ctx, grad_logits):
-        input, weight = ctx.saved_tensors
+        rows, columns = ctx.saved_tensors
         buffers = ctx.buffers
-        return (torch.mm(grad_logits, weight, out=buffers["grad_input"]),
-                torch.mm(grad_logits.t(), input, out=buffers["grad_weight"]), None)
+        grad_rows = torch.mm(grad_logits, columns, out=buffers["grad_rows"])
+        grad_columns = torch.mm(grad_logits.t(), rows, out=buffers["grad_columns"])
+        return grad_rows, grad_columns if ctx.needs_input_grad[1] else None, None
 
 
-def _gemm_buffers(x):
-    # Made once (during the warm-up) and kept with the inputs, so neither the
-    # timed steps nor the measured memory include allocating them.
-    if "_gemm_buffers" not in x:
-        input, weight = x["input"], x["weight"]
-        n, v = input.shape[0], weight.shape[0]
-        x["_gemm_buffers"] = {"logits": input.new_empty(n, v), "grad_input": torch.empty_like(input),
-                              "grad_weight": torch.empty_like(weight),
-                              "grad_logits": input.new_full((n, v), 1e-3)}
-    return x["_gemm_buffers"]
+def _gemm_floor(case):
+    def buffers(x):
+        # Made once (during the warm-up) and kept with the inputs, so neither
+        # the timed steps nor the measured memory include allocating them.
+        if "_gemm_buffers" not in x:
+            rows, columns = case.gemm_operands(x)
+            n, c = rows.shape[0], columns.shape[0]
+            x["_gemm_buffers"] = {"rows": rows, "columns": columns, "logits": rows.new_empty(n, c),
+                                  "grad_rows": torch.empty_like(rows), "grad_columns": torch.empty_like(columns),
+                                  "grad_logits": rows.new_full((n, c), 1e-3)}
+        return x["_gemm_buffers"]
 
+    def run(x):
+        b = buffers(x)
+        return _GemmFloor.apply(b["rows"], b["columns"], b)
 
-def _gemm_baseline(x):
-    return _GemmFloor.apply(x["input"], x["weight"], _gemm_buffers(x))
-
-
-def _gemm_grad_output(x):
-    return _gemm_buffers(x)["grad_logits"]
+    return Variant("bare GEMMs", "baseline", fn=run, compare=False, grad_output=lambda x: buffers(x)["grad_logits"])
 
 
 def build_variants(case, device, compile_reference=False):
@@ -143,6 +144,6 @@ def build_variants(case, device, compile_reference=False):
     out += [_peer(name, module, device, build, cuda) for name, module, build, cuda in PEERS.get(case.op, [])]
     if case.op == "linear_ce":
         out.append(_torch_chunked_variant())
-        out.append(Variant("bare GEMMs", "baseline", fn=_gemm_baseline, compare=False,
-                           grad_output=_gemm_grad_output))
+    if case.gemm_operands is not None:
+        out.append(_gemm_floor(case))
     return out
