@@ -56,7 +56,7 @@ setup              20  build.log     install the carried wheels, record device/t
 build             180  build.log     setup.py build_ext --inplace with the device's torch (sm_90)
 kernels            25  sanitizer.log every CUDA kernel, small and default shapes, checked against fp64
 tests              60  tests.log     the CUDA-parametrized tests
-tests_single_pass  25  tests.log     linear CE CUDA tests again with FUSEDLOSS_CUDA_SINGLE_PASS=1
+tests_single_pass  25  tests.log     single-pass CUDA tests again with FUSEDLOSS_CUDA_SINGLE_PASS=1
 memcheck           40  sanitizer.log compute-sanitizer memcheck on the kernel driver (--small)
 racecheck          25  sanitizer.log compute-sanitizer racecheck (shared-memory hazards)
 synccheck          15  sanitizer.log compute-sanitizer synccheck (barrier misuse)
@@ -417,10 +417,12 @@ stage_tests() {
 }
 
 stage_tests_single_pass() {
-    # The CUDA single pass of linear CE is opt-in until validated on a GPU
-    # (fusedloss/linear_ce.py): run the linear CE CUDA tests through it.
+    # The CUDA single passes are opt-in until validated on a GPU
+    # (fusedloss/_common.py): run the CUDA tests of every family through them.
     local files=() f
-    for f in tests/test_linear_ce.py tests/test_single_pass.py tests/test_reliability.py; do
+    for f in tests/test_linear_ce.py tests/test_single_pass.py tests/test_reliability.py \
+             tests/test_contrastive_single_pass.py tests/test_sampled_single_pass.py tests/test_contrastive.py \
+             tests/test_sampled.py; do
         [ -f "$f" ] && files+=("$f")
     done
     [ "${#files[@]}" -gt 0 ] || { note "no single-pass test files"; return 0; }

@@ -56,6 +56,13 @@ CASES = {
     "nt_xent_fp32": "NT-Xent (self-similarity masked), several tiles",
     "nt_xent_bf16": "the same in bf16",
     "clip_fp32": "CLIP symmetric loss, learnable logit scale",
+    "sampled_single_bf16": "sampled softmax single pass (FUSEDLOSS_CUDA_SINGLE_PASS=1), shared candidates, "
+                           "hits and duplicates, bf16",
+    "nce_single_fp32": "NCE single pass, shared candidates, fp32",
+    "info_nce_single_bf16": "InfoNCE single pass, extra negatives, learnable temperature, bf16 dlogits over the "
+                            "fp32 tile",
+    "nt_xent_single_fp32_blocks": "NT-Xent single pass, three row blocks (self mask shifted per block), fp32",
+    "clip_single_bf16": "CLIP single pass (one whole-tile block: column LSEs first), learnable scale, bf16",
 }
 
 # Relative tolerance (of the largest oracle magnitude) per input dtype for --check.
@@ -315,11 +322,12 @@ class Runner:
         sv = tuple(t.to(self.device) for t in (sampled, true_count, sampled_count))
         return x, w, b, y.to(self.device), sv, k, chunk
 
-    def _sampled(self, kind, dtype_name, per_row, salt, sparse_grad=False, **opts):
+    def _sampled(self, kind, dtype_name, per_row, salt, sparse_grad=False, single_pass=False, **opts):
         fl, dtype = self.fl, self.dtypes[dtype_name]
         x, w, b, y, sv, k, chunk = self._sampled_problem(dtype, per_row, salt)
         fused_fn = fl.sampled_softmax_loss if kind == "softmax" else fl.nce_loss
         ref_fn = fl.reference.sampled_softmax_loss if kind == "softmax" else fl.reference.nce_loss
+        chunk = None if single_pass else chunk  # chunk_size= forces the recompute pair
         note = self._case(
             lambda x, w, b: fused_fn(x, w, y, k, b, sampled_values=sv, chunk_size=chunk, sparse_grad=sparse_grad,
                                      **opts),
@@ -405,6 +413,48 @@ class Runner:
         scale = torch.tensor(20.0, device=self.device, requires_grad=True)
         return self._case(lambda i, t, s: fl.clip_loss(i, t, s, tile_size=tile),
                           lambda i, t, s: fl.reference.clip_loss(i, t, s), [img, txt, scale], torch.float32)
+
+
+    # ------------------------------------------------------- other single passes
+
+    def sampled_single_bf16(self):
+        return self._single_pass(lambda: self._sampled("softmax", "bf16", False, 30, single_pass=True,
+                                                       label_smoothing=0.1))
+
+    def nce_single_fp32(self):
+        return self._single_pass(lambda: self._sampled("nce", "fp32", False, 31, single_pass=True))
+
+    def info_nce_single_bf16(self):
+        torch, fl, dtype = self.torch, self.fl, self.dtypes["bf16"]
+        b, d, m, _ = self.shapes["pairs"]
+        g = self._gen(32)
+        q, k, neg = (self._features(r, d, dtype, g) for r in (b, b, m))
+        temp = torch.tensor(0.3, device=self.device, requires_grad=True)
+        return self._single_pass(lambda: self._case(
+            lambda q, k, neg, t: fl.info_nce_loss(q, k, negatives=neg, temperature=t, normalize=True),
+            lambda q, k, neg, t: fl.reference.info_nce_loss(q, k, negatives=neg, temperature=t, normalize=True),
+            [q, k, neg, temp], dtype))
+
+    def nt_xent_single_fp32_blocks(self):
+        fl = self.fl
+        b, d, _, _ = self.shapes["pairs"]
+        rows = max(2 * b, 3 * 1024)  # three blocks of >= 1024 rows
+        h = self._features(rows, d, self.torch.float32, self._gen(33))
+        budget = 4 * 1024 * rows
+        return self._single_pass(lambda: self._case(
+            lambda h: fl.nt_xent_loss(h, temperature=0.5, memory_budget=budget),
+            lambda h: fl.reference.nt_xent_loss(h, temperature=0.5), [h], self.torch.float32))
+
+    def clip_single_bf16(self):
+        torch, fl, dtype = self.torch, self.fl, self.dtypes["bf16"]
+        b, d, _, _ = self.shapes["pairs"]
+        g = self._gen(34)
+        img, txt = (self._leaf(torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=-1), dtype)
+                    for _ in range(2))
+        scale = torch.tensor(20.0, device=self.device, requires_grad=True)
+        return self._single_pass(lambda: self._case(lambda i, t, s: fl.clip_loss(i, t, s),
+                                                    lambda i, t, s: fl.reference.clip_loss(i, t, s),
+                                                    [img, txt, scale], dtype))
 
 
 if __name__ == "__main__":

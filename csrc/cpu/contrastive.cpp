@@ -115,11 +115,13 @@ acc_t fold_and_grad_row(const ContrastiveParams& p, int64_t row, acc_t* y, acc_t
   acc_t sum = 0, weighted_dots = 0;  // sum of e_j and of e_j * dot_j (for d loss / d scale)
 #pragma omp simd reduction(+ : sum, weighted_dots)
   for (int64_t j = 0; j < columns; ++j) {
+    // exp computed unconditionally and then selected: a select vectorises, a branch not.
     const acc_t dot = y[j];
-    const acc_t e = j == masked ? acc_t(0) : exp_vectorizable(s * dot - m);
+    const acc_t exp_logit = exp_vectorizable(s * dot - m);
+    const acc_t e = j == masked ? acc_t(0) : exp_logit;
     y[j] = e;
     sum += e;
-    weighted_dots += e * (j == masked ? acc_t(0) : dot);
+    weighted_dots += e * dot;
   }
   if (m != neg_infinity<acc_t>()) lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum});
   contrastive_finalize_row(p, row, positives, state, LseArray<const acc_t>{nullptr, nullptr}, row_lse, loss);
