@@ -149,3 +149,16 @@ def test_half_precision_operands():
     result = subprocess.run([sys.executable, "-c", _HALF_OPERANDS_SCRIPT], cwd=tests, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("scale", [1e-3, 20.0, 1e4])
+def test_nce_softplus_and_sigmoid_across_logit_scales(scale):
+    """NCE's single pass forms softplus and sigmoid from one vectorised exp(-|z|)
+    (and a polynomial log1p): tiny, large and ±1e4 logits match the fp64 oracle."""
+    x, w, b, target, sv = _problem()
+    x = x * scale
+    fused, ref = KINDS["nce"]
+    got = _run(fused, *_leaves(x, w, b), target, sv)
+    want = _run(ref, *fp64_leaves(x, w, b), target, (sv[0], sv[1].double(), sv[2].double()))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.double(), r, rtol=2e-5, atol=2e-6 * max(1.0, r.abs().max().item()))

@@ -71,6 +71,27 @@ void fold_final_row(const SampledParams& p, int64_t row, const acc_t* y, Sampled
   if (p.is_true_chunk) state.true_sum[row] += s;
 }
 
+// NCE's single pass over one row of a chunk's final logits (-inf: masked):
+// returns the row's sigmoid cross-entropy sum and writes g * (sigmoid(z) -
+// label) over y, both from one exp(-|z|) per column, vectorised.
+template <typename acc_t>
+acc_t nce_fold_and_grad_row(const SampledParams& p, acc_t* y, acc_t g) {
+  const acc_t label = p.is_true_chunk ? acc_t(p.true_label) : acc_t(0);
+  const acc_t skip = neg_infinity<acc_t>();
+  acc_t loss = 0;
+#pragma omp simd reduction(+ : loss)
+  for (int64_t j = 0; j < p.chunk_columns; ++j) {
+    const acc_t z = y[j];
+    const bool live = z != skip;
+    const acc_t e = exp_vectorizable(z < acc_t(0) ? z : -z);  // exp(-|z|)
+    const acc_t softplus = (z > acc_t(0) ? z : acc_t(0)) + log1p_unit_vectorizable(e);
+    const acc_t sigmoid = (z >= acc_t(0) ? acc_t(1) : e) / (acc_t(1) + e);
+    loss += live ? softplus - label * z : acc_t(0);
+    y[j] = live ? g * (sigmoid - label) : acc_t(0);
+  }
+  return loss;
+}
+
 // g * dLoss/dz of one row of a chunk's final logits y into dz (which may
 // alias y); masked (-inf) columns get exactly 0.
 template <typename acc_t, typename grad_t>
@@ -186,10 +207,17 @@ void sampled_single_pass_rows(const SampledParams& p, const SampledColumns<acc_t
       acc_t* y = tile + row * p.logits_stride;
       final_row_logits(true_part, true_cols, row, y, y);
       final_row_logits(candidate_part, candidate_cols, row, y + t, y + t);
+      const acc_t g = grad_loss[row];
+      if (p.mode == static_cast<int64_t>(SampledMode::kNCE)) {
+        // No row statistics: the loss and the gradient in the same sweep.
+        state.nce_loss[row] += nce_fold_and_grad_row(true_part, y, g) + nce_fold_and_grad_row(candidate_part, y + t, g);
+        sampled_finalize_row(p, row, state, loss, stats);
+        if (g == acc_t(0)) std::fill_n(y, width, acc_t(0));  // skipped, not multiplied by 0 (inf/NaN logits)
+        continue;
+      }
       fold_final_row(true_part, row, y, state);
       fold_final_row(candidate_part, row, y + t, state);
       sampled_finalize_row(p, row, state, loss, stats);
-      const acc_t g = grad_loss[row];
       if (g == acc_t(0)) {
         std::fill_n(y, width, acc_t(0));  // skipped, not multiplied by 0 (inf/NaN logits)
         continue;

@@ -35,4 +35,23 @@ inline float exp_vectorizable(float x) {
 
 inline double exp_vectorizable(double x) { return std::exp(x); }
 
+// log(1 + x) for x in [0, 1] (the softplus of NCE's sigmoid cross-entropy,
+// x = exp(-|z|)): 2 atanh(s) with s = x / (2 + x) in [0, 1/3], whose odd series
+// to s^15 is within 3e-8 relative, below float's ulp. Branch-free.
+inline float log1p_unit_vectorizable(float x) {
+  const float s = x / (2.0f + x);
+  const float s2 = s * s;
+  float p = 1.0f / 15.0f;
+  p = p * s2 + 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p;
+}
+
+inline double log1p_unit_vectorizable(double x) { return std::log1p(x); }
+
 }  // namespace fusedloss::cpu
