@@ -91,6 +91,14 @@ def _flat_collective(new_name, old_name):
     return getattr(dist, new_name, None) or getattr(dist, old_name)
 
 
+def all_gather_rows(tensor, group):
+    """The ranks' tensors concatenated along dim 0 in rank order (no autograd)."""
+    tensor = tensor.contiguous()
+    out = tensor.new_empty((dist.get_world_size(group) * tensor.shape[0], *tensor.shape[1:]))
+    _flat_collective("all_gather_single", "all_gather_into_tensor")(out, tensor, group=group)
+    return out
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 (rank order). The backward reduce-scatters the
     gathered gradient, so each rank receives the sum over all ranks' losses of
@@ -98,11 +106,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor, group):
-        tensor = tensor.contiguous()
         ctx.group = group
-        out = tensor.new_empty((dist.get_world_size(group) * tensor.shape[0], *tensor.shape[1:]))
-        _flat_collective("all_gather_single", "all_gather_into_tensor")(out, tensor, group=group)
-        return out
+        return all_gather_rows(tensor, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -155,3 +160,82 @@ def broadcast_from_first(tensors, group):
         dist.broadcast(t, src=src, group=group)
         out.append(t)
     return out
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward; the backward all-reduces (SUM) the gradient. Wraps a
+    replicated input whose consumers each produce a partial gradient
+    (Megatron's copy-to-model-parallel-region)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def copy_to_group(tensor, group):
+    return _CopyToGroup.apply(tensor, group)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce (SUM) forward of per-rank partial results; the gradient of
+    the (replicated) sum is already this rank's, so the backward is the identity."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sum_over_group(tensor, group):
+    return _SumOverGroup.apply(tensor, group)
+
+
+class _OwnRows(torch.autograd.Function):
+    """Rows ``[rank * n, (rank + 1) * n)`` of a [world * n, ...] tensor that
+    every rank computed alike (losses of the all-gathered batch). Each rank
+    differentiates only its own rows' loss, so the backward all-gathers the
+    ranks' gradients: every rank then holds the gradient of the sum of all
+    ranks' losses, as the replicated pass before this one expects."""
+
+    @staticmethod
+    def forward(ctx, tensor, rank, group):
+        ctx.group = group
+        rows = tensor.shape[0] // dist.get_world_size(group)
+        return tensor.narrow(0, rank * rows, rows).clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_rows(grad, ctx.group), None, None
+
+
+def own_rows(tensor, rank, group):
+    return _OwnRows.apply(tensor, rank, group)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient times ``scale``."""
+
+    @staticmethod
+    def forward(ctx, tensor, scale):
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def scale_grad(tensor, scale):
+    return _ScaleGrad.apply(tensor, scale)
