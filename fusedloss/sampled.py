@@ -164,7 +164,12 @@ def _candidates(options, true_classes, num_classes, generator, prefix="", share=
 
 def _sampled_loss(options, *, input, weight, target, bias=None, sampled_values=None, generator=None):
     """The driver of the native, TF-compatible and distributed sampled losses:
-    checks, candidates, the fused op; returns the reduced losses."""
+    checks, candidates, the fused op; returns the reduced losses. A DTensor
+    weight goes to ``fusedloss.distributed.dtensor``."""
+    if _common.is_dtensor(weight) or _common.is_dtensor(bias):
+        from .distributed import dtensor
+        return dtensor.sampled_loss(options, input=input, weight=weight, target=target, bias=bias,
+                                    sampled_values=sampled_values, generator=generator)
     _validate.check_reduction(options.reduction)
     input = _check_tensor(input, "input")
     weight = _check_tensor(weight, "weight")
