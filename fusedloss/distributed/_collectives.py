@@ -24,6 +24,11 @@ def validated(fn, group, first, local_check, sizes):
     None) must be the same on every rank. Returns ``(rank, world_size,
     gathered)`` with ``gathered`` a list of per-rank integer lists."""
     rank, world = _group_geometry(fn, group)
+    if torch.compiler.is_compiling():
+        # Reading the gathered integers on the host would break the graph:
+        # while tracing, only this rank's own checks run (docs/distributed.md).
+        local_check()
+        return rank, world, None
     device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
     error, values = None, [-1] * len(sizes)
     try:
@@ -60,7 +65,14 @@ def require_equal(fn, gathered, index, what):
 
 def check_shard_layout(fn, gathered, num_classes, world):
     """gathered[r] = [vocab_start, V_local, num_classes or -1] of rank r. The
-    shards must tile [0, num_classes) exactly. Returns num_classes."""
+    shards must tile [0, num_classes) exactly. Returns num_classes. Under
+    torch.compile (gathered is None) the layout is taken on trust and
+    num_classes must be given."""
+    if gathered is None:
+        if num_classes is None:
+            raise ValueError(f"fusedloss.distributed.{fn}: num_classes is required under torch.compile (the other "
+                             "ranks' shard sizes are not gathered while tracing)")
+        return num_classes
     require_equal(fn, gathered, 2, "num_classes (None counts as -1)")
     total = sum(g[1] for g in gathered)
     if num_classes is None:
@@ -119,36 +131,6 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def gather(tensor, group):
     return _GatherWithGrad.apply(tensor, group)
-
-
-class _OwnedRows(torch.autograd.Function):
-    """Rows ``classes`` of the sharded table, assembled on every rank: the owner
-    of each row contributes it, an all-reduce sums. The loss built from them is
-    replicated, so each rank's gradient of the assembled rows is already the
-    full one: the backward keeps the owned rows' share, with no collective."""
-
-    @staticmethod
-    def forward(ctx, shard, classes, vocab_start, group):
-        local = classes - vocab_start
-        # Masks and clamped indices rather than boolean indexing: no host sync.
-        owned = ((local >= 0) & (local < shard.shape[0])).view(-1, *([1] * (shard.dim() - 1)))
-        local = local.clamp(0, shard.shape[0] - 1)
-        out = torch.where(owned, shard.index_select(0, local), torch.zeros((), dtype=shard.dtype,
-                                                                           device=shard.device))
-        dist.all_reduce(out, group=group)
-        ctx.save_for_backward(local, owned)
-        ctx.shard_shape = shard.shape
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        local, owned = ctx.saved_tensors
-        grad_shard = grad.new_zeros(ctx.shard_shape).index_add_(0, local, grad * owned)
-        return grad_shard, None, None, None
-
-
-def owned_rows(shard, classes, vocab_start, group):
-    return _OwnedRows.apply(shard, classes, vocab_start, group)
 
 
 def broadcast_from_first(tensors, group):

@@ -13,6 +13,8 @@ bias is a DTensor: see docs/distributed.md.
   this rank's rows of the weight, and the backward reduce-scatters the input
   gradient to each rank's rows.
 """
+import dataclasses
+
 import torch
 
 from .. import _common
@@ -132,6 +134,8 @@ def sampled_loss(options, *, input, weight, target, bias, sampled_values, genera
         if sampled.dim() == 2:  # per-row candidates follow their rows
             sampled, sampled_count = all_gather_rows(sampled, dp.group), all_gather_rows(sampled_count, dp.group)
         sampled_values = (sampled, all_gather_rows(true_count, dp.group), sampled_count)
+    if options.num_classes is None:  # known here, so not gathered (nor needed under torch.compile)
+        options = dataclasses.replace(options, num_classes=dp.num_classes)
     return _sharded_sampled(options, input=gather(input, dp.group), weight_shard=dp.weight,
                             target=all_gather_rows(true_classes, dp.group), bias_shard=dp.bias,
                             vocab_start=dp.vocab_start, group=dp.group, sampled_values=sampled_values,

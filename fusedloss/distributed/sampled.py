@@ -27,16 +27,19 @@ def _owned_columns(shard_rows, vocab_start, true_classes, sampled, true_log_q, s
     stay the op's business as long as the id standing in for a true class of
     another rank is no owned candidate's. A shard row that no candidate uses
     is such an id; when the candidates may cover the whole shard, the
-    candidates go row by row instead and the hits are masked through log Q."""
+    candidates go row by row instead and the hits are masked through log Q
+    (when there are at least as many candidates as shard rows)."""
     local_true = true_classes - vocab_start
     owned_true = (local_true >= 0) & (local_true < shard_rows)
     true_log_q = torch.where(owned_true, true_log_q, _INF)
     local = sampled - vocab_start
     owned = (local >= 0) & (local < shard_rows)
     if sampled.dim() == 1:
+        # Fewer candidates than shard rows (a static test, also under torch.compile): some row is no candidate.
+        stand_in_exists = hit_mask == HIT_NONE or sampled.numel() < shard_rows
         keep = owned.nonzero().squeeze(1)
         local, sampled, sampled_log_q = local[keep], sampled[keep], sampled_log_q[keep]
-        if hit_mask == HIT_NONE or local.numel() < shard_rows:
+        if stand_in_exists:
             if hit_mask == HIT_NONE:
                 stand_in = torch.zeros((), dtype=local.dtype, device=local.device)
             else:  # the first shard row no owned candidate uses
@@ -174,7 +177,7 @@ def _sharded_sampled(options, *, input, weight_shard, target, bias_shard, vocab_
     # [rows, D, vocab_start, V_local, num_classes, bias, num_true, num_sampled]; the shard layout is checked next.
     _, world, gathered = validated(fn, group, input, local_check,
                                    (_ROWS, _FEATURES, None, None, None, _BIAS, "num_true", "num_sampled"))
-    num_classes = check_shard_layout(fn, [g[2:5] for g in gathered], options.num_classes, world)
+    num_classes = check_shard_layout(fn, gathered and [g[2:5] for g in gathered], options.num_classes, world)
     _validate.check_index_range(true_classes, num_classes, "target")
 
     hit_mask = options.hit_mask
