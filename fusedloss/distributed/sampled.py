@@ -58,8 +58,7 @@ def _owned_columns(shard_rows, vocab_start, true_classes, sampled, true_log_q, s
 
 def _owned_true_logit_sum(input, weight, bias, vocab_start, true_classes, true_log_q):
     """Per row, the sum of the true logits this rank owns (0 elsewhere), in the
-    accumulation dtype and differentiable: gathers [N, num_true, D] rows of the
-    local shard (this rank's, no communication)."""
+    accumulation dtype, from [N, num_true, D] rows of the local shard."""
     local = true_classes - vocab_start
     owned = (local >= 0) & (local < weight.shape[0])
     local = local.clamp(0, weight.shape[0] - 1)
@@ -77,48 +76,43 @@ class _OwnerSampledSoftmax(torch.autograd.Function):
     The local op runs with label_smoothing=1, where its loss is
     lse_r - (sum of live logits) / count_r: with its statistics (lse_r as
     (max, log-sum), count_r) that yields the sum of this rank's live logits.
-    One MAX and one SUM all-reduce of [N] and [4, N] combine the ranks
-    (lse, column count M, sum of logits S, sum of true logits T):
-    loss = lse - (1 - eps) / num_true * T - eps * S / M. The backward runs the
-    local op's backward against the global statistics, with label_smoothing=1
-    and count M / eps, so each live column gets p_j - eps / M (the true target
-    term reaches the true logits through ``true_sum``, computed outside)."""
+    One MAX and one SUM all-reduce of [N] and [4, N] combine the ranks (lse,
+    column count M, sum of logits S, sum of true logits T, the last from the
+    owners' rows): loss = lse - (1 - eps) / num_true * T - eps * S / M. The
+    backward is the local op's against the global statistics (lse, M): every
+    live column of this rank gets its exact share of the full gradient."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, true_sum, columns, label_smoothing, num_true, chunk_size, group):
+    def forward(ctx, input, weight, bias, columns, vocab_start, true_classes, label_smoothing, chunk_size, group):
         true_ids, candidates, true_log_q, candidate_log_q, hit_mask = columns
         loss, (local_max, local_log_sum, count) = _ops.ops.sampled_forward(
             input, weight, bias, true_ids, candidates, true_log_q, candidate_log_q, SOFTMAX, hit_mask, 1.0, 1.0,
             chunk_size, False)
-        live = count > 0
-        sum_logits = torch.where(live, (local_max + local_log_sum - loss) * count, 0)
+        sum_logits = torch.where(count > 0, (local_max + local_log_sum - loss) * count, 0)
         global_max = local_max.clone()
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
         # A rank with no live column in a row has max = -inf: exp(-inf) = 0.
         stats = torch.stack([torch.exp(local_max - global_max + local_log_sum), count, sum_logits,
-                             true_sum.to(loss.dtype)])
+                             _owned_true_logit_sum(input, weight, bias, vocab_start, true_classes, true_log_q)])
         dist.all_reduce(stats, group=group)
         lse_parts = torch.stack([global_max, torch.log(stats[0])])
-        out = lse_parts.sum(0) - (1.0 - label_smoothing) / num_true * stats[3]
+        out = lse_parts.sum(0) - (1.0 - label_smoothing) / true_classes.shape[1] * stats[3]
         if label_smoothing > 0:
             out = out - label_smoothing * stats[2] / stats[1]
-        ctx.save_for_backward(input, weight, bias, true_ids, candidates, true_log_q, candidate_log_q, lse_parts,
-                              stats[1])
-        ctx.options = (hit_mask, label_smoothing, num_true, chunk_size)
+        ctx.save_for_backward(input, weight, bias, true_ids, candidates, true_log_q, candidate_log_q,
+                              torch.cat([lse_parts, stats[1:2]]))
+        ctx.options = (hit_mask, label_smoothing, chunk_size)
         return out
 
     @staticmethod
     def backward(ctx, grad_loss):
         _ops.forbid_double_backward("distributed.sampled_softmax_loss", grad_loss)
-        input, weight, bias, true_ids, candidates, true_log_q, candidate_log_q, lse_parts, count = ctx.saved_tensors
-        hit_mask, label_smoothing, num_true, chunk_size = ctx.options
-        scaled_count = count / label_smoothing if label_smoothing > 0 else torch.full_like(count, _INF)
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
-        grads = _ops.ops.sampled_backward(
-            grad_loss.contiguous(), input, weight, bias, true_ids, candidates, true_log_q, candidate_log_q,
-            torch.cat([lse_parts, scaled_count.unsqueeze(0)]), SOFTMAX, hit_mask, 1.0, 1.0, chunk_size, False, mask)
-        grad_true_sum = grad_loss * (-(1.0 - label_smoothing) / num_true) if ctx.needs_input_grad[3] else None
-        return (*(g if wanted else None for g, wanted in zip(grads, mask)), grad_true_sum, *([None] * 5))
+        *tensors, global_stats = ctx.saved_tensors
+        hit_mask, label_smoothing, chunk_size = ctx.options
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], tensors[2] is not None and ctx.needs_input_grad[2]]
+        grads = _ops.ops.sampled_backward(grad_loss.contiguous(), *tensors, global_stats, SOFTMAX, hit_mask,
+                                          label_smoothing, 1.0, chunk_size, False, mask)
+        return (*(g if wanted else None for g, wanted in zip(grads, mask)), *([None] * 6))
 
 
 def _owner_scored_rows(options, hit_mask, input, weight_shard, bias_shard, vocab_start, true_classes, sampled,
@@ -143,9 +137,8 @@ def _owner_scored_rows(options, hit_mask, input, weight_shard, bias_shard, vocab
                                               candidate_lq, NCE, op_hit_mask, 0.0, float(options.true_label),
                                               chunk_size, False)
         return sum_over_group(partial, group)
-    true_sum = _owned_true_logit_sum(input, weight_shard, bias_shard, vocab_start, true_classes, true_log_q)
-    return _OwnerSampledSoftmax.apply(input, weight_shard, bias_shard, true_sum, columns,
-                                      float(options.label_smoothing), true_classes.shape[1], chunk_size, group)
+    return _OwnerSampledSoftmax.apply(input, weight_shard, bias_shard, columns, vocab_start, true_classes,
+                                      float(options.label_smoothing), chunk_size, group)
 
 
 def _sharded_sampled(options, *, input, weight_shard, target, bias_shard, vocab_start, group, sampled_values,
