@@ -440,7 +440,9 @@ def _check_dtensor(rank, world, device):
             (fusedloss.linear_cross_entropy, {}, [("all_reduce", n), ("all_reduce", 3 * n)]),
             (fusedloss.sampled_softmax_loss, dict(num_sampled=num_sampled, sampler="uniform"),
              [("broadcast", num_sampled), ("broadcast", n), ("broadcast", num_sampled), ("all_reduce", n),
-              ("all_reduce", 4 * n)])):
+              ("all_reduce", 4 * n)]),
+            (fusedloss.nce_loss, dict(num_sampled=num_sampled, sampler="uniform"),
+             [("broadcast", num_sampled), ("broadcast", n), ("broadcast", num_sampled), ("all_reduce", n)])):
         dw = distribute_tensor(weight.clone(), mesh, [Shard(0)]).requires_grad_()
         local_x = _leaf(x[mine])
         sizes = _collective_sizes(lambda: loss_fn(local_x, dw, target, **kwargs).backward())
@@ -458,6 +460,9 @@ def _check_dtensor(rank, world, device):
                                                                                                [Shard(0)]), target)
     with pytest.raises(TypeError, match="both be DTensors"):
         fusedloss.sampled_softmax_loss(x[mine], distribute_tensor(weight, mesh, [Shard(0)]), target, 2, bias=bias)
+    with pytest.raises(ValueError, match="number of rows .*same on every rank"):
+        fusedloss.linear_cross_entropy(x[:rows + rank], distribute_tensor(weight, mesh, [Shard(0)]),
+                                       target[:rows + rank] if rank == 0 else torch.zeros(rows + rank, dtype=torch.long))
     with pytest.raises(ValueError, match="sparse_grad"):
         fusedloss.sampled_softmax_loss(x[mine], distribute_tensor(weight, mesh, [Shard(0)]), target, 2,
                                        sparse_grad=True)
@@ -507,6 +512,50 @@ def _check_fsdp2(rank, world, device):
         assert isinstance(param.grad, DTensor), name
         torch.testing.assert_close(param.grad.full_tensor(), 2 * dict(ref.named_parameters())[name].grad, **TOL,
                                    msg=f"fsdp2 {name} rank {rank}")
+
+
+def _check_compile(rank, world, device):
+    """torch.compile(fullgraph=True) of the distributed losses (their
+    collectives are traced into the graph) equals eager: loss and gradients."""
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    num_classes, dim, rows = 12, 4, 6
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(rows, dim, generator=gen)
+    weight = torch.randn(num_classes, dim, generator=gen)
+    target = torch.randint(0, num_classes, (rows,), generator=gen)
+    values = (torch.tensor([1, 7, 3, 11, 7]), torch.rand(rows, 1, generator=gen) + 0.5,
+              torch.rand(5, generator=gen) + 0.5)
+    start, end = _shard_bounds(rank, world, num_classes)
+    mesh = init_device_mesh(device, (world,))
+    cases = {
+        "linear_ce": lambda x, w: fdist.linear_cross_entropy(x, w, target, vocab_start=start, num_classes=num_classes,
+                                                             label_smoothing=0.1),
+        "sampled_softmax": lambda x, w: fdist.sampled_softmax_loss(x, w, target, 5, vocab_start=start,
+                                                                   num_classes=num_classes, sampled_values=values),
+        "nce": lambda x, w: fdist.nce_loss(x, w, target, 5, vocab_start=start, num_classes=num_classes,
+                                           sampled_values=values, remove_accidental_hits=True),
+        "info_nce": lambda x, w: fdist.info_nce_loss(x, x.flip(0) * 0.5, symmetric=True),
+        "dtensor_linear_ce": lambda x, w: fusedloss.linear_cross_entropy(x, w, target),
+        "dtensor_sampled": lambda x, w: fusedloss.sampled_softmax_loss(x, w, target, 5, sampled_values=values),
+    }
+    for name, fn in cases.items():
+        if name.startswith("dtensor"):
+            make_weight = lambda: distribute_tensor(weight.clone(), mesh, [Shard(0)]).requires_grad_()  # noqa: E731
+        else:
+            make_weight = lambda: _leaf(weight[start:end])  # noqa: E731
+        results = []
+        for run in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+            local_x, local_w = _leaf(x), make_weight()
+            loss = run(local_x, local_w)
+            loss.backward()
+            results.append((loss.detach(), local_x.grad, local_w.grad))
+        for eager, compiled in zip(*results):
+            torch.testing.assert_close(compiled, eager, **TOL, msg=f"compile {name} rank {rank}")
+    # The cross-rank checks are not traced: the vocabulary-sharded losses need num_classes.
+    with pytest.raises(Exception, match="num_classes is required under torch.compile"):
+        torch.compile(lambda x, w: fdist.linear_cross_entropy(x, w, target, vocab_start=start), fullgraph=True,
+                      backend="aot_eager")(x, weight[start:end])
 
 
 # ---------------------------------------------------------------------------
@@ -586,7 +635,7 @@ def test_distributed_matches_single_process(tmp_path, world):
 
 
 def test_dtensor_weights_and_fsdp2(tmp_path):
-    _spawn(tmp_path, 2, _check_dtensor, _check_fsdp2)
+    _spawn(tmp_path, 2, _check_dtensor, _check_fsdp2, _check_compile)
 
 
 @pytest.mark.parametrize("world", [2, 3])
