@@ -223,7 +223,8 @@ def sampled_softmax_loss(input, weight, target, num_sampled, bias=None, *, num_c
 
     Args:
         input: [N, D] hidden states (fp32, bf16, fp16; fp64 on the CPU).
-        weight: [num_classes, D] class embeddings, same dtype as ``input``.
+        weight: [num_classes, D] class embeddings, same dtype as ``input``;
+            or a DTensor (FSDP2's ``Shard(0)``, ``Replicate``): see docs/distributed.md.
         target: [N] or [N, num_true] int64 class ids.
         num_sampled: K, candidates to draw (ignored with ``sampled_values`` or ``sampler="in_batch"``).
         bias: optional [num_classes].

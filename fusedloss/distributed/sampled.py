@@ -21,14 +21,15 @@ def _owned_columns(shard_rows, vocab_start, true_classes, sampled, true_log_q, s
     A column this rank does not own keeps a valid (clamped) id and gets
     log Q = +inf: its logit is -inf, which the op treats exactly as a masked
     column (no logit, not counted, zero gradient). Shared candidates are
-    compacted to the owned ones (a host sync), so a rank scores only those.
-    The op's accidental-hit test compares ids, and a hit (a candidate equal to
-    one of the row's true classes) always has the owner of that class: hits
-    stay the op's business as long as the id standing in for a true class of
-    another rank is no owned candidate's. A shard row that no candidate uses
-    is such an id; when the candidates may cover the whole shard, the
-    candidates go row by row instead and the hits are masked through log Q
-    (when there are at least as many candidates as shard rows)."""
+    compacted to the owned ones (a host sync in eager mode), so a rank scores
+    only those.
+
+    Accidental hits: a candidate equal to one of the row's true classes has
+    the owner of that class, so the op's own hit test (which compares ids)
+    stays exact if the id standing in for another rank's true class is no
+    owned candidate's: a shard row no candidate uses, which exists when there
+    are fewer candidates than shard rows. Otherwise (tiny shards) the
+    candidates go row by row and the hits are masked through log Q instead."""
     local_true = true_classes - vocab_start
     owned_true = (local_true >= 0) & (local_true < shard_rows)
     true_log_q = torch.where(owned_true, true_log_q, _INF)
