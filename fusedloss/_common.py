@@ -43,6 +43,13 @@ def reduce_rows(rows, valid, reduction, shape):
     return total / count.clamp(min=1).to(total.dtype)
 
 
+def is_dtensor(t):
+    """Whether ``t`` is a DTensor; none can exist before torch.distributed.tensor
+    is imported, so this imports nothing."""
+    module = getattr(torch.distributed, "tensor", None)
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def as_rows(t):
     """[..., D] as [rows, D] (reshape(-1, D) is ambiguous when D = 0)."""
     return t.reshape(t.shape[:-1].numel(), t.shape[-1])

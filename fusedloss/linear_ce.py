@@ -73,8 +73,14 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
             runs instead. The CPU keeps the tile between calls
             (``fusedloss.release_cpu_tile()`` frees it).
 
-    Returns the loss in fp32 (fp64 for fp64 inputs).
+    Returns the loss in fp32 (fp64 for fp64 inputs). A DTensor weight (FSDP2,
+    tensor parallel) goes to ``fusedloss.distributed.dtensor``.
     """
+    if _common.is_dtensor(weight) or _common.is_dtensor(bias):
+        from .distributed import dtensor
+        return dtensor.linear_cross_entropy(input, weight, target, bias, ignore_index=ignore_index,
+                                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                                            reduction=reduction, chunk_size=chunk_size, memory_budget=memory_budget)
     _validate.check_reduction(reduction)
     softcap = _validate.check_finite(softcap, "softcap", positive=True, allow_none=True)
     z_loss = _validate.check_finite(z_loss, "z_loss")

@@ -165,7 +165,12 @@ def _candidates(options, true_classes, num_classes, generator, prefix="", share=
 
 def _sampled_loss(options, *, input, weight, target, bias=None, sampled_values=None, generator=None):
     """The driver of the native, TF-compatible and distributed sampled losses:
-    checks, candidates, the fused op; returns the reduced losses."""
+    checks, candidates, the fused op; returns the reduced losses. A DTensor
+    weight goes to ``fusedloss.distributed.dtensor``."""
+    if _common.is_dtensor(weight) or _common.is_dtensor(bias):
+        from .distributed import dtensor
+        return dtensor.sampled_loss(options, input=input, weight=weight, target=target, bias=bias,
+                                    sampled_values=sampled_values, generator=generator)
     _validate.check_reduction(options.reduction)
     input = _check_tensor(input, "input")
     weight = _check_tensor(weight, "weight")
@@ -233,7 +238,8 @@ def sampled_softmax_loss(input, weight, target, num_sampled, bias=None, *, num_c
 
     Args:
         input: [N, D] hidden states (fp32, bf16, fp16; fp64 on the CPU).
-        weight: [num_classes, D] class embeddings, same dtype as ``input``.
+        weight: [num_classes, D] class embeddings, same dtype as ``input``;
+            or a DTensor (FSDP2's ``Shard(0)``, ``Replicate``): see docs/distributed.md.
         target: [N] or [N, num_true] int64 class ids.
         num_sampled: K, candidates to draw (ignored with ``sampled_values`` or ``sampler="in_batch"``).
         bias: optional [num_classes].

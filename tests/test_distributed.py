@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import fusedloss
 from conftest import DEVICES, requires_cuda
 from fusedloss import distributed as fdist
+from fusedloss.bench.comm import count_collectives
 
 ops = torch.ops.fusedloss
 # fp32 rounding of O(10) gradients (sum reductions at scale 5) summed in a
@@ -214,6 +215,9 @@ SAMPLED_CASES = [
     ("nce", dict(reduction="none"), 2, False, "in_batch"),
     ("softmax", dict(reduction="sum", subtract_log_q=False), 2, True, "given_per_row"),
     ("nce", dict(reduction="mean", remove_accidental_hits=True, sampler="uniform", unique=False), 1, True, "drawn"),
+    # More candidates than shard rows: row-wise candidates, hits masked through log Q.
+    ("softmax", dict(reduction="mean", label_smoothing=0.2, dtype=torch.float64), 2, True, "in_batch"),
+    ("nce", dict(reduction="mean", dtype=torch.bfloat16), 1, True, "drawn"),
 ]
 
 
@@ -222,13 +226,16 @@ def _check_sampled(rank, world, device):
     num_classes, dim, rows, num_sampled = 23, 6, 8, 5
     for index, (loss_name, kwargs, num_true, with_bias, candidates) in enumerate(SAMPLED_CASES):
         gen = torch.Generator().manual_seed(10 + index)
-        x = torch.randn(rows, dim, generator=gen)
-        weight = torch.randn(num_classes, dim, generator=gen)
-        bias = torch.randn(num_classes, generator=gen) if with_bias else None
+        kwargs = dict(kwargs)
+        dtype = kwargs.pop("dtype", torch.float32)
+        if dtype == torch.float64 and device == "cuda":
+            continue  # the CUDA kernels take fp32 / bf16 / fp16
+        x = torch.randn(rows, dim, generator=gen, dtype=dtype)
+        weight = torch.randn(num_classes, dim, generator=gen, dtype=dtype)
+        bias = torch.randn(num_classes, generator=gen, dtype=dtype) if with_bias else None
         target = torch.randint(0, num_classes, (rows, num_true), generator=gen)
         upstream = torch.rand(rows, generator=gen)
         x, weight, bias, target, upstream = _to(device, x, weight, bias, target, upstream)
-        kwargs = dict(kwargs)
         sampler_name = kwargs.pop("sampler", "log_uniform")
         unique = kwargs.get("unique", True)
         extra = {}
@@ -263,8 +270,36 @@ def _check_sampled(rank, world, device):
                        **extra)
         (loss * upstream if kwargs["reduction"] == "none" else loss).sum().backward()
 
-        _assert_shard_matches(loss, ref, (local_x, local_w, local_b), (ref_x, ref_w, ref_b), start, end, tol,
-                              _context(f"sampled {loss_name} {kwargs} {candidates} rank {rank}/{world}"))
+        case_tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else tol
+        _assert_shard_matches(loss, ref, (local_x, local_w, local_b), (ref_x, ref_w, ref_b), start, end, case_tol,
+                              _context(f"sampled {loss_name} {kwargs} {dtype} {candidates} rank {rank}/{world}"))
+
+
+def _collective_sizes(run):
+    """[(op, numel)] of the collectives ``run()`` issues, the cross-rank checks'
+    all-gathers of a few integers (the list form of all_gather) left out."""
+    with count_collectives() as log:
+        run()
+    return [(c.op, c.numel) for c in log if c.function != "all_gather"]
+
+
+def _check_sampled_collectives(rank, world, device):
+    """Owner-only scoring: per step one MAX [N] and one SUM [4, N] (softmax) or
+    one SUM [N] (NCE), the candidates' broadcast, and the input gradient's
+    all-reduce [N, D]; no collective carries weight rows."""
+    rows, dim, num_true, num_sampled, num_classes = 6, 5, 2, 4, 40
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, dim, generator=gen)
+    weight = torch.randn(num_classes, dim, generator=gen)
+    target = torch.randint(0, num_classes, (rows, num_true), generator=gen)
+    start, end = _shard_bounds(rank, world, num_classes)
+    drawn = [("broadcast", num_sampled), ("broadcast", rows * num_true), ("broadcast", num_sampled)]
+    for sharded, combine in ((fdist.sampled_softmax_loss, [("all_reduce", rows), ("all_reduce", 4 * rows)]),
+                             (fdist.nce_loss, [("all_reduce", rows)])):
+        local_x, local_w = _leaf(x), _leaf(weight[start:end])
+        sizes = _collective_sizes(lambda: sharded(local_x, local_w, target, num_sampled, vocab_start=start,
+                                                  sampler="uniform").backward())
+        assert sizes == drawn + combine + [("all_reduce", rows * dim)], (sharded.__name__, sizes)
 
 
 def _check_subgroup(rank, world, device):
@@ -300,6 +335,240 @@ def _check_subgroup(rank, world, device):
     loss = fdist.sampled_softmax_loss(x, weight[start:end], target, 3, vocab_start=start, group=sub,
                                       sampler="uniform", generator=torch.Generator().manual_seed(rank))
     torch.testing.assert_close(loss, ref, **TOL)
+
+
+# ---------------------------------------------------------------------------
+# DTensor weights in the single-device entry points (FSDP2's Shard(0), Replicate)
+
+
+def _dtensor_cases(world, num_classes, rows, num_sampled, gen):
+    """(name, single-device loss of the whole batch -> per-row losses, kwargs
+    for this rank's call given its rows): every case the checks run."""
+    target1 = torch.randint(0, num_classes, (world * rows,), generator=gen)
+    target1[3] = -100
+    target2 = torch.randint(0, num_classes, (world * rows, 2), generator=gen)
+    uniform = fusedloss.samplers.UniformSampler(num_classes)
+    drawn = uniform.sample(target2, num_sampled, generator=torch.Generator().manual_seed(7))
+    per_row = (torch.randint(0, num_classes, (world * rows, num_sampled), generator=gen),
+               torch.rand(world * rows, 1, generator=gen) + 0.5,
+               torch.rand(world * rows, num_sampled, generator=gen) + 0.5)
+
+    def rows_of(t, r):
+        return t[r * rows:(r + 1) * rows]
+
+    return [
+        ("linear_ce", fusedloss.linear_cross_entropy, target1, dict(label_smoothing=0.1, z_loss=1e-3, chunk_size=3),
+         lambda r: {}),
+        ("linear_ce", fusedloss.linear_cross_entropy, target1, dict(softcap=4.0), lambda r: {}),
+        # Candidates drawn on rank 0 (the others' generators differ) and shared.
+        ("sampled", fusedloss.sampled_softmax_loss, target2, dict(num_sampled=num_sampled, label_smoothing=0.1,
+                                                                  chunk_size=2, sampled_values=drawn),
+         lambda r: dict(sampled_values=None, sampler="uniform", generator=torch.Generator().manual_seed(7 + r))),
+        ("sampled", fusedloss.nce_loss, target2, dict(num_sampled=num_sampled, sampled_values=per_row,
+                                                      remove_accidental_hits=True),
+         lambda r: dict(sampled_values=tuple(rows_of(t, r) for t in per_row))),
+        # In-batch negatives: the targets of every rank's rows.
+        ("sampled", fusedloss.sampled_softmax_loss, target2,
+         dict(num_sampled=None, label_smoothing=0.1, sampled_values=fusedloss.sampled.in_batch_candidates(target2)),
+         lambda r: dict(sampled_values=None, sampler="in_batch")),
+    ]
+
+
+def _check_dtensor(rank, world, device):
+    """Shard(0): each rank's loss is over its rows, the weight gradient is the
+    mean over ranks of each rank's gradient (FSDP's), as a Shard(0) DTensor;
+    the weight is never gathered. Replicate: the single-device loss."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh(device, (world,))
+    num_classes, dim, rows, num_sampled = 13, 5, 4, 3  # 13 rows: uneven torch.chunk shards
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(world * rows, dim, generator=gen)
+    weight, bias = torch.randn(num_classes, dim, generator=gen), torch.randn(num_classes, generator=gen)
+    mine = slice(rank * rows, (rank + 1) * rows)
+    for index, (kind, loss_fn, target, ref_kwargs, local_kwargs) in enumerate(
+            _dtensor_cases(world, num_classes, rows, num_sampled, gen)):
+        where = _context(f"dtensor {kind} {loss_fn.__name__} case {index} rank {rank}/{world}")
+        for reduction in ("mean", "none"):
+            # Single process: every rank's loss over its rows; their gradients averaged.
+            ref_x, ref_w, ref_b = _leaf(x), _leaf(weight), _leaf(bias)
+            ref_rows = loss_fn(ref_x, ref_w, target, bias=ref_b, reduction="none", **ref_kwargs)
+            valid = (target != -100).float().view(world, rows) if kind == "linear_ce" else torch.ones(world, rows)
+            per_rank = (ref_rows.view(world, rows) * valid).sum(1) / valid.sum(1)
+            upstream = torch.rand(rows, generator=torch.Generator().manual_seed(index))
+            if reduction == "mean":
+                per_rank.mean().backward()
+                ref_x_grad = world * ref_x.grad  # rank r's rows feed only its loss
+            else:
+                (ref_rows.view(world, rows)[rank] * upstream).sum().backward(inputs=[ref_x])
+                ref_x_grad = ref_x.grad
+            local_ref = per_rank[rank] if reduction == "mean" else ref_rows.view(world, rows)[rank]
+
+            for placement in (Shard(0), Replicate()):
+                dw = distribute_tensor(weight.clone(), mesh, [placement]).requires_grad_()
+                db = distribute_tensor(bias.clone(), mesh, [placement]).requires_grad_()
+                local_x = _leaf(x[mine])
+                kwargs = {**ref_kwargs, **local_kwargs(rank)}
+                if kind == "sampled" and kwargs["sampled_values"] is None:
+                    kwargs.pop("sampled_values")
+                if placement == Replicate():  # the whole batch on every rank: the single-device loss
+                    if kind == "sampled" and "generator" in kwargs:
+                        continue  # per-rank generators draw per-rank candidates
+                    kwargs = dict(ref_kwargs)
+                    local_x = _leaf(x)
+                loss = loss_fn(local_x, dw, target[mine] if placement == Shard(0) else target, bias=db,
+                               reduction=reduction, **kwargs)
+                if placement == Replicate():
+                    ref_all = loss_fn(_leaf(x), weight, target, bias=bias, reduction=reduction, **ref_kwargs)
+                    torch.testing.assert_close(loss, ref_all, **TOL, msg=where("replicate loss"))
+                    loss.sum().backward()
+                    assert dw.grad.placements == (Replicate(),), where("replicate grad placement")
+                    continue
+                torch.testing.assert_close(loss.detach(), local_ref.detach(), **TOL, msg=where(f"{reduction} loss"))
+                (loss if reduction == "mean" else loss * upstream).sum().backward()
+                torch.testing.assert_close(local_x.grad, ref_x_grad[mine], **TOL, msg=where("input grad"))
+                if reduction == "none":
+                    continue
+                assert dw.grad.placements == (Shard(0),) and db.grad.placements == (Shard(0),), where("placement")
+                torch.testing.assert_close(dw.grad.full_tensor(), ref_w.grad, **TOL, msg=where("weight grad"))
+                torch.testing.assert_close(db.grad.full_tensor(), ref_b.grad, **TOL, msg=where("bias grad"))
+
+    # Identical inputs on every rank: the single-process loss and gradients.
+    target = torch.randint(0, num_classes, (rows,), generator=gen)
+    ref_x, ref_w = _leaf(x[:rows]), _leaf(weight)
+    fusedloss.linear_cross_entropy(ref_x, ref_w, target).backward()
+    dw = distribute_tensor(weight.clone(), mesh, [Shard(0)]).requires_grad_()
+    local_x = _leaf(x[:rows])
+    fusedloss.linear_cross_entropy(local_x, dw, target).backward()
+    torch.testing.assert_close(local_x.grad, ref_x.grad, **TOL)
+    torch.testing.assert_close(dw.grad.full_tensor(), ref_w.grad, **TOL)
+
+    # Collectives of one step: the batch is all-gathered, never the weight.
+    n = world * rows
+    for loss_fn, kwargs, combine in (
+            (fusedloss.linear_cross_entropy, {}, [("all_reduce", n), ("all_reduce", 3 * n)]),
+            (fusedloss.sampled_softmax_loss, dict(num_sampled=num_sampled, sampler="uniform"),
+             [("broadcast", num_sampled), ("broadcast", n), ("broadcast", num_sampled), ("all_reduce", n),
+              ("all_reduce", 4 * n)]),
+            (fusedloss.nce_loss, dict(num_sampled=num_sampled, sampler="uniform"),
+             [("broadcast", num_sampled), ("broadcast", n), ("broadcast", num_sampled), ("all_reduce", n)])):
+        dw = distribute_tensor(weight.clone(), mesh, [Shard(0)]).requires_grad_()
+        local_x = _leaf(x[mine])
+        sizes = _collective_sizes(lambda: loss_fn(local_x, dw, target, **kwargs).backward())
+        assert sizes == [("all_gather", rows * dim), ("all_gather", rows)] + combine + \
+            [("all_gather", rows), ("reduce_scatter", n * dim)], (loss_fn.__name__, sizes)
+
+    # Other placements and meshes, DTensor inputs, a plain bias beside a DTensor weight.
+    with pytest.raises(ValueError, match="Replicate\\(\\) or Shard\\(0\\)"):
+        fusedloss.linear_cross_entropy(x[mine], distribute_tensor(weight, mesh, [Shard(1)]), target)
+    with pytest.raises(ValueError, match="1-D device mesh"):
+        mesh2 = init_device_mesh(device, (1, world), mesh_dim_names=("a", "b"))
+        fusedloss.nce_loss(x[mine], distribute_tensor(weight, mesh2, [Replicate(), Shard(0)]), target, 2)
+    with pytest.raises(ValueError, match="input is a DTensor"):
+        fusedloss.linear_cross_entropy(distribute_tensor(x, mesh, [Shard(0)]), distribute_tensor(weight, mesh,
+                                                                                               [Shard(0)]), target)
+    with pytest.raises(TypeError, match="both be DTensors"):
+        fusedloss.sampled_softmax_loss(x[mine], distribute_tensor(weight, mesh, [Shard(0)]), target, 2, bias=bias)
+    with pytest.raises(ValueError, match="number of rows .*same on every rank"):
+        fusedloss.linear_cross_entropy(x[:rows + rank], distribute_tensor(weight, mesh, [Shard(0)]),
+                                       torch.zeros(rows + rank, dtype=torch.long))
+    with pytest.raises(ValueError, match="sparse_grad"):
+        fusedloss.sampled_softmax_loss(x[mine], distribute_tensor(weight, mesh, [Shard(0)]), target, 2,
+                                       sparse_grad=True)
+
+
+class _ToyLM(torch.nn.Module):
+    """The fused-loss pattern: forward hands lm_head.weight to the loss
+    without calling lm_head (under fully_shard it stays a Shard(0) DTensor)."""
+
+    def __init__(self, vocab, dim):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.body = torch.nn.Linear(dim, dim)
+        self.lm_head = torch.nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids, labels, sampled_values):
+        hidden = torch.tanh(self.body(self.embed(ids)))
+        return (fusedloss.linear_cross_entropy(hidden, self.lm_head.weight, labels)
+                + 0.5 * fusedloss.sampled_softmax_loss(hidden, self.lm_head.weight, labels, None,
+                                                       sampled_values=sampled_values))
+
+
+def _check_fsdp2(rank, world, device):
+    """fully_shard on the CPU (gloo): per-rank batches, gradients equal to the
+    single-process run on the whole batch."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, init_device_mesh
+
+    vocab, dim, rows = 11, 6, 5
+    torch.manual_seed(0)
+    ref = _ToyLM(vocab, dim)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (world * rows,), generator=gen)
+    labels = torch.randint(0, vocab, (world * rows,), generator=gen)
+    candidates = torch.tensor([1, 4, 7, 9])
+    counts = (torch.rand(world * rows, 1, generator=gen) + 0.5, torch.full((4,), 0.8))
+    ref(ids, labels, (candidates, counts[0], counts[1])).backward()
+    mine = slice(rank * rows, (rank + 1) * rows)
+    mesh = init_device_mesh(device, (world,))
+    # lm_head its own FSDP unit (its weight reaches the loss as a Shard(0)
+    # DTensor), or part of the root's (unsharded by the root's pre-forward).
+    for head_unit in (True, False):
+        model = _ToyLM(vocab, dim)
+        model.load_state_dict(ref.state_dict())
+        if head_unit:
+            fully_shard(model.lm_head, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        for step in range(2):  # gradients accumulate alike on the second step
+            model(ids[mine], labels[mine], (candidates, counts[0][mine], counts[1])).backward()
+        for name, param in model.named_parameters():
+            assert isinstance(param.grad, DTensor), name
+            torch.testing.assert_close(param.grad.full_tensor(), 2 * dict(ref.named_parameters())[name].grad, **TOL,
+                                       msg=f"fsdp2 head_unit={head_unit} {name} rank {rank}")
+
+
+def _check_compile(rank, world, device):
+    """torch.compile(fullgraph=True) of the distributed losses (their
+    collectives are traced into the graph) equals eager: loss and gradients."""
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    num_classes, dim, rows = 12, 4, 6
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(rows, dim, generator=gen)
+    weight = torch.randn(num_classes, dim, generator=gen)
+    target = torch.randint(0, num_classes, (rows,), generator=gen)
+    values = (torch.tensor([1, 7, 3, 11, 7]), torch.rand(rows, 1, generator=gen) + 0.5,
+              torch.rand(5, generator=gen) + 0.5)
+    start, end = _shard_bounds(rank, world, num_classes)
+    mesh = init_device_mesh(device, (world,))
+    cases = {
+        "linear_ce": lambda x, w: fdist.linear_cross_entropy(x, w, target, vocab_start=start, num_classes=num_classes,
+                                                             label_smoothing=0.1),
+        "sampled_softmax": lambda x, w: fdist.sampled_softmax_loss(x, w, target, 5, vocab_start=start,
+                                                                   num_classes=num_classes, sampled_values=values),
+        "nce": lambda x, w: fdist.nce_loss(x, w, target, 5, vocab_start=start, num_classes=num_classes,
+                                           sampled_values=values, remove_accidental_hits=True),
+        "info_nce": lambda x, w: fdist.info_nce_loss(x, x.flip(0) * 0.5, symmetric=True),
+        "dtensor_linear_ce": lambda x, w: fusedloss.linear_cross_entropy(x, w, target),
+        "dtensor_sampled": lambda x, w: fusedloss.sampled_softmax_loss(x, w, target, 5, sampled_values=values),
+    }
+    for name, fn in cases.items():
+        if name.startswith("dtensor"):
+            make_weight = lambda: distribute_tensor(weight.clone(), mesh, [Shard(0)]).requires_grad_()  # noqa: E731
+        else:
+            make_weight = lambda: _leaf(weight[start:end])  # noqa: E731
+        results = []
+        for run in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+            local_x, local_w = _leaf(x), make_weight()
+            loss = run(local_x, local_w)
+            loss.backward()
+            results.append((loss.detach(), local_x.grad, local_w.grad))
+        for eager, compiled in zip(*results):
+            torch.testing.assert_close(compiled, eager, **TOL, msg=f"compile {name} rank {rank}")
+    # The cross-rank checks are not traced: the vocabulary-sharded losses need num_classes.
+    with pytest.raises(Exception, match="num_classes is required under torch.compile"):
+        torch.compile(lambda x, w: fdist.linear_cross_entropy(x, w, target, vocab_start=start), fullgraph=True,
+                      backend="aot_eager")(x, weight[start:end])
 
 
 # ---------------------------------------------------------------------------
@@ -374,7 +643,12 @@ def _check_bad_inputs(rank, world, device):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_matches_single_process(tmp_path, world):
-    _spawn(tmp_path, world, _check_contrastive, _check_linear_ce, _check_sampled, _check_subgroup)
+    _spawn(tmp_path, world, _check_contrastive, _check_linear_ce, _check_sampled, _check_sampled_collectives,
+           _check_subgroup)
+
+
+def test_dtensor_weights_and_fsdp2(tmp_path):
+    _spawn(tmp_path, 2, _check_dtensor, _check_fsdp2, _check_compile)
 
 
 @pytest.mark.parametrize("world", [2, 3])

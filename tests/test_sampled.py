@@ -257,3 +257,37 @@ def test_large_chunking_default():
     got = loss_and_grads(fused("softmax"), x, w, b, target, sv)
     want = loss_and_grads(ref("softmax"), x, w, b, target, sv)
     assert_all_close(got, want)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "nce"])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_infinite_log_q_removes_a_column(device, kind, per_row):
+    """A column whose log Q is +inf has logit -inf, which the op treats as a
+    masked column: it adds no logit, is not counted (label smoothing's M) and
+    gets exactly zero gradient — the same loss, statistics and gradients as
+    without the column. fusedloss.distributed's owner-only scoring removes the
+    columns of other ranks this way."""
+    gen = torch.Generator().manual_seed(0)
+    rows, dim, classes, k = 5, 4, 12, 6
+    x, w, b = torch.randn(rows, dim, generator=gen), torch.randn(classes, dim, generator=gen), \
+        torch.randn(classes, generator=gen)
+    true = torch.randint(0, classes, (rows, 2), generator=gen)
+    sampled = torch.randint(0, classes, (rows, k) if per_row else (k,), generator=gen)
+    true_lq, sampled_lq = torch.rand(rows, 2, generator=gen), torch.rand(sampled.shape, generator=gen)
+    removed_true, removed_sampled = true_lq.clone(), sampled_lq.clone()
+    removed_true[:, 1] = float("inf")
+    removed_sampled[..., 2] = float("inf")
+    keep = [j for j in range(k) if j != 2]
+    # Softmax at label_smoothing=1 (loss lse - mean of the live logits): the
+    # true target term, which divides by num_true, does not enter.
+    mode, smoothing = (0, 1.0) if kind == "softmax" else (1, 0.0)
+    runs = []
+    for args in ((true, sampled, removed_true, removed_sampled),
+                 (true[:, :1], sampled[..., keep], true_lq[:, :1], sampled_lq[..., keep])):
+        leaves = [t.to(device).requires_grad_() for t in (x, w, b)]
+        loss, stats = torch.ops.fusedloss.sampled_forward(*leaves, *(t.to(device) for t in args), mode, 0, smoothing,
+                                                          1.0, 2, False)
+        loss.sum().backward()
+        runs.append((loss.detach(), stats, *(t.grad for t in leaves)))
+    for removed, absent in zip(*runs):
+        torch.testing.assert_close(removed, absent, rtol=1e-6, atol=1e-6)

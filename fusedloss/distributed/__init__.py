@@ -26,17 +26,25 @@ formed on any rank. See docs/distributed.md.
   keys are scored against them (a second call of the op, roles swapped).
 
 - :func:`sampled_softmax_loss` / :func:`nce_loss` with a vocabulary-sharded
-  weight: candidates are drawn on group rank 0 and broadcast; the (few) weight
-  rows of the true and candidate classes are assembled on every rank from
-  their owners (one all-reduce of [U, D]) and scored with the single-device
-  fused op; their gradients go back to the owning shard only.
+  weight: candidates are drawn on group rank 0 and broadcast; each rank scores
+  only the true and candidate classes of its shard with the single-device
+  fused op (the others' columns removed through an infinite log Q), and small
+  all-reduces of per-row statistics ([N] and [4, N] for softmax, [N] for NCE)
+  combine the ranks; no weight row is communicated.
+- DTensor weights (``dtensor``): ``fusedloss.linear_cross_entropy`` /
+  ``sampled_softmax_loss`` / ``nce_loss`` given a DTensor weight on a 1-D mesh
+  call here. ``Replicate()`` is unwrapped; ``Shard(0)`` (FSDP2) is data
+  parallel: the batch is all-gathered, the vocabulary-parallel pass runs on
+  this rank's rows of the weight, the input gradient is reduce-scattered and
+  the weight gradient is the mean over ranks (FSDP's convention).
 
 Cross-rank consistency (batch sizes, feature sizes, shard layout) is checked
 with one small all-gather of sizes; an invalid argument on any rank makes every
 rank raise, instead of leaving the others waiting in a collective.
 
-One module per family (``linear_ce``, ``contrastive``, ``sampled``) and one for
-the group handling, cross-rank checks and collectives (``_collectives``).
+One module per family (``linear_ce``, ``contrastive``, ``sampled``), one for
+DTensor weights (``dtensor``) and one for the group handling, cross-rank
+checks and autograd-aware collectives (``_collectives``).
 """
 # Module attributes of the single-file version, kept for code that reached them here.
 import torch  # noqa: F401

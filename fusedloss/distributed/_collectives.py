@@ -24,6 +24,11 @@ def validated(fn, group, first, local_check, sizes):
     None) must be the same on every rank. Returns ``(rank, world_size,
     gathered)`` with ``gathered`` a list of per-rank integer lists."""
     rank, world = _group_geometry(fn, group)
+    if torch.compiler.is_compiling():
+        # Reading the gathered integers on the host would break the graph:
+        # while tracing, only this rank's own checks run (docs/distributed.md).
+        local_check()
+        return rank, world, None
     device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
     error, values = None, [-1] * len(sizes)
     try:
@@ -60,7 +65,14 @@ def require_equal(fn, gathered, index, what):
 
 def check_shard_layout(fn, gathered, num_classes, world):
     """gathered[r] = [vocab_start, V_local, num_classes or -1] of rank r. The
-    shards must tile [0, num_classes) exactly. Returns num_classes."""
+    shards must tile [0, num_classes) exactly. Returns num_classes. Under
+    torch.compile (gathered is None) the layout is taken on trust and
+    num_classes must be given."""
+    if gathered is None:
+        if num_classes is None:
+            raise ValueError(f"fusedloss.distributed.{fn}: num_classes is required under torch.compile (the other "
+                             "ranks' shard sizes are not gathered while tracing)")
+        return num_classes
     require_equal(fn, gathered, 2, "num_classes (None counts as -1)")
     total = sum(g[1] for g in gathered)
     if num_classes is None:
@@ -91,6 +103,14 @@ def _flat_collective(new_name, old_name):
     return getattr(dist, new_name, None) or getattr(dist, old_name)
 
 
+def all_gather_rows(tensor, group):
+    """The ranks' tensors concatenated along dim 0 in rank order (no autograd)."""
+    tensor = tensor.contiguous()
+    out = tensor.new_empty((dist.get_world_size(group) * tensor.shape[0], *tensor.shape[1:]))
+    _flat_collective("all_gather_single", "all_gather_into_tensor")(out, tensor, group=group)
+    return out
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 (rank order). The backward reduce-scatters the
     gathered gradient, so each rank receives the sum over all ranks' losses of
@@ -98,11 +118,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor, group):
-        tensor = tensor.contiguous()
         ctx.group = group
-        out = tensor.new_empty((dist.get_world_size(group) * tensor.shape[0], *tensor.shape[1:]))
-        _flat_collective("all_gather_single", "all_gather_into_tensor")(out, tensor, group=group)
-        return out
+        return all_gather_rows(tensor, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -116,36 +133,6 @@ def gather(tensor, group):
     return _GatherWithGrad.apply(tensor, group)
 
 
-class _OwnedRows(torch.autograd.Function):
-    """Rows ``classes`` of the sharded table, assembled on every rank: the owner
-    of each row contributes it, an all-reduce sums. The loss built from them is
-    replicated, so each rank's gradient of the assembled rows is already the
-    full one: the backward keeps the owned rows' share, with no collective."""
-
-    @staticmethod
-    def forward(ctx, shard, classes, vocab_start, group):
-        local = classes - vocab_start
-        # Masks and clamped indices rather than boolean indexing: no host sync.
-        owned = ((local >= 0) & (local < shard.shape[0])).view(-1, *([1] * (shard.dim() - 1)))
-        local = local.clamp(0, shard.shape[0] - 1)
-        out = torch.where(owned, shard.index_select(0, local), torch.zeros((), dtype=shard.dtype,
-                                                                           device=shard.device))
-        dist.all_reduce(out, group=group)
-        ctx.save_for_backward(local, owned)
-        ctx.shard_shape = shard.shape
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        local, owned = ctx.saved_tensors
-        grad_shard = grad.new_zeros(ctx.shard_shape).index_add_(0, local, grad * owned)
-        return grad_shard, None, None, None
-
-
-def owned_rows(shard, classes, vocab_start, group):
-    return _OwnedRows.apply(shard, classes, vocab_start, group)
-
-
 def broadcast_from_first(tensors, group):
     """The tensors of the group's rank 0, on every rank."""
     src = dist.get_global_rank(group if group is not None else dist.group.WORLD, 0)
@@ -155,3 +142,82 @@ def broadcast_from_first(tensors, group):
         dist.broadcast(t, src=src, group=group)
         out.append(t)
     return out
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward; the backward all-reduces (SUM) the gradient. Wraps a
+    replicated input whose consumers each produce a partial gradient
+    (Megatron's copy-to-model-parallel-region)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def copy_to_group(tensor, group):
+    return _CopyToGroup.apply(tensor, group)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce (SUM) forward of per-rank partial results; the gradient of
+    the (replicated) sum is already this rank's, so the backward is the identity."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def sum_over_group(tensor, group):
+    return _SumOverGroup.apply(tensor, group)
+
+
+class _OwnRows(torch.autograd.Function):
+    """Rows ``[rank * n, (rank + 1) * n)`` of a [world * n, ...] tensor that
+    every rank computed alike (losses of the all-gathered batch). Each rank
+    differentiates only its own rows' loss, so the backward all-gathers the
+    ranks' gradients: every rank then holds the gradient of the sum of all
+    ranks' losses, as the replicated pass before this one expects."""
+
+    @staticmethod
+    def forward(ctx, tensor, rank, group):
+        ctx.group = group
+        rows = tensor.shape[0] // dist.get_world_size(group)
+        return tensor.narrow(0, rank * rows, rows).clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_rows(grad, ctx.group), None, None
+
+
+def own_rows(tensor, rank, group):
+    return _OwnRows.apply(tensor, rank, group)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient times ``scale``."""
+
+    @staticmethod
+    def forward(ctx, tensor, scale):
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def scale_grad(tensor, scale):
+    return _ScaleGrad.apply(tensor, scale)

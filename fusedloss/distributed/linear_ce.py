@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from .. import _common, _ops, _validate
 from .. import linear_ce as _linear_ce
-from ._collectives import check_shard_layout, validated
+from ._collectives import check_shard_layout, copy_to_group, own_rows, validated
 
 # Stands for "not given yet" in linear_ce_check: bounds no shard and no target.
 _UNKNOWN_NUM_CLASSES = 2 ** 62
@@ -51,9 +51,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
         grad_input, grad_weight, grad_bias = _ops.ops.linear_ce_backward(
             grad_loss.contiguous(), input, weight, target, bias, lse, *ctx.options, mask, vocab_start, num_classes)
-        if mask[0]:
-            # Each shard's columns contribute dlogits_shard @ W_shard.
-            dist.all_reduce(grad_input, group=group)
+        # grad_input is this shard's part, dlogits_shard @ W_shard: the caller's
+        # wrapper of the input sums the parts (copy_to_group or gather).
         return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
                 grad_bias if mask[2] else None, *([None] * 9))
 
@@ -69,6 +68,8 @@ def _check_shard_args(fn, input, weight_shard, target, bias_shard, vocab_start, 
     _validate.check_optional_positive_int(chunk_size, "chunk_size")
     softcap = _validate.check_finite(softcap, "softcap", positive=True, allow_none=True)
     target = _linear_ce._coerce_operands(fn, input, weight_shard, target, bias_shard)
+    if torch.compiler.is_compiling():  # the checker has no fake kernel; the op checks shapes itself
+        return target
     # Without num_classes the shard layout (checked across ranks next) fixes
     # it; until then targets are only checked to be non-negative.
     _ops.ops.linear_ce_check(_common.as_rows(input), weight_shard, target.reshape(-1), bias_shard,
@@ -103,6 +104,17 @@ def linear_cross_entropy(input, weight_shard, target, bias_shard=None, *, vocab_
     their rows of the full gradient. Always uses the chunk-recompute
     algorithm (forward, then backward recomputing each chunk).
     """
+    return _linear_cross_entropy(input, weight_shard, target, bias_shard, vocab_start=vocab_start,
+                                 num_classes=num_classes, group=group, ignore_index=ignore_index,
+                                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction,
+                                 chunk_size=chunk_size)
+
+
+def _linear_cross_entropy(input, weight_shard, target, bias_shard, *, vocab_start, num_classes, group, ignore_index,
+                          label_smoothing, z_loss, softcap, reduction, chunk_size, own_rank=None):
+    """:func:`linear_cross_entropy`; with ``own_rank`` (data parallel over an
+    all-gathered batch, see ``dtensor``) the loss is over that rank's rows and
+    the input gradient is left to the gather's reduce-scatter."""
     fn = "linear_cross_entropy"
 
     def local_check():
@@ -116,14 +128,21 @@ def linear_cross_entropy(input, weight_shard, target, bias_shard=None, *, vocab_
     # [rows, D, vocab_start, V_local, num_classes, bias]; the shard layout is checked next.
     _, world, gathered = validated(fn, group, input, local_check, (_ROWS, _FEATURES, None, None, None, _BIAS))
     checked_range = num_classes is not None and not target.is_cuda
-    num_classes = check_shard_layout(fn, [g[2:5] for g in gathered], num_classes, world)
+    num_classes = check_shard_layout(fn, gathered and [g[2:5] for g in gathered], num_classes, world)
 
     input, weight_shard, bias_shard = _common.autocast_inputs(input.device.type, input, weight_shard, bias_shard)
     flat_input = _common.as_rows(input)
     flat_target = target.reshape(-1)
     if not checked_range:  # replicated targets: every rank raises alike
         _validate.check_index_range(flat_target, num_classes, "target", ignore_index)
+    if own_rank is None:
+        flat_input = copy_to_group(flat_input, group)
     loss = _VocabParallelLinearCE.apply(flat_input, weight_shard, bias_shard, flat_target, vocab_start, num_classes,
                                         group, int(ignore_index), float(label_smoothing), float(z_loss),
                                         float(softcap or 0.0), int(chunk_size or 0))
-    return _common.reduce_rows(loss, flat_target != ignore_index, reduction, target.shape)
+    shape = target.shape
+    if own_rank is not None:
+        loss = own_rows(loss, own_rank, group)
+        flat_target = flat_target.view(world, -1)[own_rank]
+        shape = (flat_target.numel(),)
+    return _common.reduce_rows(loss, flat_target != ignore_index, reduction, shape)
