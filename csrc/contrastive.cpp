@@ -329,6 +329,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_sum_and_grad(
   const auto acc_opts = rows.options().dtype(pass.acc_dtype);
   // Every pair's upstream gradient: 1 / normalizer, without a host sync.
   const Tensor grad_pairs = normalized_row_grads(normalizer, num_rows, acc_opts);
+  // The fp32 dK (half-precision keys; an fp32 dK is the output itself).
   const bool half_keys = pass.operand_dtype != pass.acc_dtype;
   const int64_t accumulator_bytes = half_keys && output_mask[1] ? 4 * num_cols * dim : 0;
   pass.block_rows = choose_block_rows(num_rows, num_cols, row_block, memory_budget, accumulator_bytes, rows.is_cuda());
@@ -343,24 +344,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_sum_and_grad(
   pass.row_lse = at::empty({2, num_rows}, acc_opts);
   pass.col_lse = at::empty({2, symmetric ? num_cols : 0}, acc_opts);
   pass.loss = at::empty({num_rows}, acc_opts);
-  pass.row_grad = pass.row_term_grads(grad_pairs);
+  // The dlogits are formed for an upstream gradient of 1 per pair and the
+  // GEMMs' fp32 results scaled by 1 / normalizer afterwards: scaled first, a
+  // mean's dlogits (≈ p / B) would underflow in fp16.
+  pass.row_grad = pass.row_term_grads(at::ones({num_rows}, acc_opts));
   if (symmetric) pass.col_grad = pass.column_grads(pass.row_grad);
   pass.scratch = pass.column_scratch(num_cols);
-  // dQ rows come from one GEMM per block: written in the input's dtype.
-  pass.grad_rows_acc = pass.need_rows ? at::empty({num_rows, dim}, rows.options()) : Tensor();
-  pass.scale_grad_rows = output_mask[2] ? at::zeros({num_rows}, acc_opts) : Tensor();
-  // One block: its GEMM writes dK in the operand dtype (rounded once); more:
-  // accumulated over blocks in fp32, rounded once at the end.
-  const bool one_block = pass.block_rows >= num_rows && num_rows > 0;
+  // dQ rows come from one GEMM per block, dK from one GEMM (one block) or an
+  // accumulation over blocks: both in fp32, rounded once at the end.
+  pass.grad_rows_acc = pass.need_rows ? at::empty({num_rows, dim}, acc_opts) : Tensor();
   pass.grad_cols_acc = !pass.need_cols ? Tensor()
-                       : one_block     ? at::empty({num_cols, dim}, rows.options().dtype(pass.operand_dtype))
+                       : num_rows > 0  ? at::empty({num_cols, dim}, acc_opts)
                                        : at::zeros({num_cols, dim}, acc_opts);
+  pass.scale_grad_rows = output_mask[2] ? at::zeros({num_rows}, acc_opts) : Tensor();
   single_pass(pass);
+  const Tensor inverse = grad_pairs.numel() > 0 ? grad_pairs[0] : at::ones({}, acc_opts);
   const Tensor total = pass.loss.mul(grad_pairs).sum();
-  Tensor grad_q = pass.need_rows ? pass.grad_rows_acc : at::empty({0}, rows.options());
-  Tensor grad_k = pass.need_cols ? pass.grad_cols_acc.to(cols.scalar_type()) : at::empty({0}, cols.options());
-  Tensor grad_scale = output_mask[2] ? pass.scale_grad_rows.sum().to(scale.scalar_type()) : at::empty({0}, acc_opts);
-  return {total, grad_q, grad_k, grad_scale};
+  const auto finish = [&](const Tensor& acc, const Tensor& like) {
+    return acc.defined() ? acc.mul_(inverse).to(like.scalar_type()) : at::empty({0}, like.options());
+  };
+  Tensor grad_scale = output_mask[2] ? pass.scale_grad_rows.sum().mul_(inverse).to(scale.scalar_type())
+                                     : at::empty({0}, acc_opts);
+  return {total, finish(pass.grad_rows_acc, rows), finish(pass.grad_cols_acc, cols), grad_scale};
 }
 
 std::tuple<Tensor, Tensor, Tensor> contrastive_forward(const Tensor& rows, const Tensor& cols,

@@ -409,6 +409,7 @@ struct SampledSinglePass : SampledBackward {
   using SampledBackward::SampledBackward;
   int64_t block_rows = 0;
   Tensor state, loss, block_stats, candidate_grad_acc, candidate_bias_acc;
+  Tensor inverse;  // 0-dim 1 / normalizer
 
   int64_t columns() const { return params.num_true + num_sampled; }
   // The true columns' scatters read fp32 dlogits; the candidates' GEMMs get a copy.
@@ -466,7 +467,8 @@ struct SampledSinglePass : SampledBackward {
   void rows_gradients(const RowBlock& r, const Tensor& dlogits) {
     const int64_t t = params.num_true;
     const Tensor true_dlogits = dlogits.narrow(1, 0, t);
-    const Tensor candidate_dlogits = dlogits.narrow(1, t, num_sampled).to(operand_dtype);
+    const Tensor candidate_dlogits_acc = dlogits.narrow(1, t, num_sampled);
+    const Tensor candidate_dlogits = candidate_dlogits_acc.to(operand_dtype);
     const Tensor true_map = row_map.defined() ? row_map.narrow(0, r.start * t, r.count * t) : Tensor();
     AT_DISPATCH_FLOATING_TYPES(acc_dtype, "sampled_rows_gradients", [&] {
       using acc_t = scalar_t;
@@ -482,23 +484,26 @@ struct SampledSinglePass : SampledBackward {
       if (need_weight) {
         matmul_into(candidate_grad_acc, candidate_dlogits.t(), input_for_weight.narrow(0, r.start, r.count),
                     /*accumulate=*/r.start > 0);
+        // input_acc holds x / normalizer (sampled_sum_and_grad).
         scatter_outer<acc_t>(grad_weight_acc, true_map, true_dlogits.contiguous(),
                              input_acc.narrow(0, r.start, r.count));
       }
       if (need_bias) {
-        candidate_bias_acc.add_(candidate_dlogits.sum(0, false, acc_dtype));
-        scatter_rows<acc_t>(grad_bias_acc, true_map, true_dlogits.contiguous().view(-1));
+        candidate_bias_acc.add_(candidate_dlogits_acc.sum(0));
+        scatter_rows<acc_t>(grad_bias_acc, true_map, true_dlogits.mul(inverse).view(-1));
       }
     });
   }
 
-  // The candidates' gradient rows, accumulated over every block, into place.
-  void scatter_candidates() {
+  // The candidates' gradient rows, accumulated over every block, scaled by
+  // 1 / normalizer into place; dX scaled likewise.
+  void finish_candidates() {
+    if (need_input) grad_input_acc.mul_(inverse);
     if (!need_weight && !need_bias) return;
     const Tensor candidate_map = row_map.narrow(0, rows() * params.num_true, num_sampled);
     AT_DISPATCH_FLOATING_TYPES(acc_dtype, "sampled_scatter_candidates", [&] {
-      if (need_weight) scatter_rows<scalar_t>(grad_weight_acc, candidate_map, candidate_grad_acc);
-      if (need_bias) scatter_rows<scalar_t>(grad_bias_acc, candidate_map, candidate_bias_acc);
+      if (need_weight) scatter_rows<scalar_t>(grad_weight_acc, candidate_map, candidate_grad_acc.mul_(inverse));
+      if (need_bias) scatter_rows<scalar_t>(grad_bias_acc, candidate_map, candidate_bias_acc.mul_(inverse));
     });
   }
 };
@@ -548,7 +553,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sampled_sum_and_grad(
                                           sparse_grad, grad_rows, output_mask);
   }
   const auto acc_opts = input.options().dtype(pass.acc_dtype);
-  pass.prepare_gradients(grad_rows, sparse_grad, output_mask);
+  // The dlogits are formed for an upstream gradient of 1 per row and the
+  // gradients scaled by 1 / normalizer afterwards: scaled first, a mean's
+  // dlogits (≈ p / N) would underflow in an fp16 copy for the GEMMs.
+  pass.prepare_gradients(at::ones({rows}, acc_opts), sparse_grad, output_mask);
+  pass.inverse = grad_rows.numel() > 0 ? grad_rows[0] : at::ones({}, acc_opts);
+  if (pass.need_weight) pass.input_acc = pass.input_acc.mul(pass.inverse);  // the true columns' outer products
   pass.state = pass.empty_row_state();
   pass.loss = at::empty({rows}, acc_opts);
   pass.block_stats = at::empty({3, std::min(pass.block_rows, std::max<int64_t>(rows, 1))}, acc_opts);
@@ -556,7 +566,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sampled_sum_and_grad(
   if (pass.need_weight) pass.candidate_grad_acc = at::zeros({pass.num_sampled, dim}, acc_opts);
   if (pass.need_bias) pass.candidate_bias_acc = at::zeros({pass.num_sampled}, acc_opts);
   single_pass(pass);
-  pass.scatter_candidates();
+  pass.finish_candidates();
   auto [gi, gw, gb] = pass.finish_gradients(input, weight, bias, sparse_grad);
   return {pass.loss.mul(grad_rows).sum(), gi, gw, gb};
 }

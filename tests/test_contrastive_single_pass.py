@@ -168,3 +168,36 @@ def test_half_precision_dlogits_over_the_fp32_tile():
     result = subprocess.run([sys.executable, "-c", _HALF_OPERANDS_SCRIPT], cwd=tests, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+
+_FP16_MEAN_SCRIPT = r"""
+import torch, fusedloss
+from fusedloss import reference
+from conftest import features
+# A mean over 2048 pairs of unit features at scale 1: every dlogit is ≈ p/B ≈
+# 2.4e-7, subnormal in fp16 (step 6e-8) had it been scaled by 1/B before rounding.
+unit = lambda seed: torch.nn.functional.normalize(features(2048, 16, "cpu", seed=seed).detach(), dim=-1)
+q, k = (unit(seed).half().requires_grad_() for seed in (5, 6))
+cases = {"info_nce": lambda mod, q, k, **kw: mod.info_nce_loss(q, k, temperature=1.0, **kw),
+         "clip": lambda mod, q, k, **kw: mod.clip_loss(q, k, 1.0, **kw)}
+for name, fn in cases.items():
+    got = torch.autograd.grad(fn(fusedloss, q, k), [q, k])
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    want = torch.autograd.grad(fn(reference, q64, k64), [q64, k64])
+    for g, w in zip(got, want):
+        error = ((g.double() - w).norm() / w.norm()).item()
+        assert error < 6e-4, (name, error)  # scaled before rounding: 1.6e-3
+        print(name, f"{error:.1e}")
+print("ok")
+"""
+
+
+def test_fp16_mean_gradients_do_not_underflow():
+    """fp16 dlogits (the CUDA layout) of a mean over many pairs: formed for an
+    upstream gradient of 1 and scaled after the GEMMs, so they stay normal."""
+    env = dict(os.environ, FUSEDLOSS_CPU_HALF_OPERANDS="1")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-c", _FP16_MEAN_SCRIPT], cwd=tests, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr

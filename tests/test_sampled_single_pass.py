@@ -162,3 +162,36 @@ def test_nce_softplus_and_sigmoid_across_logit_scales(scale):
     want = _run(ref, *fp64_leaves(x, w, b), target, (sv[0], sv[1].double(), sv[2].double()))
     for g, r in zip(got, want):
         torch.testing.assert_close(g.double(), r, rtol=2e-5, atol=2e-6 * max(1.0, r.abs().max().item()))
+
+
+_FP16_MEAN_SCRIPT = r"""
+import torch, fusedloss
+from fusedloss import reference
+from conftest import sampled_problem
+from test_sampled_single_pass import KINDS, _leaves, _run
+# A mean over 2048 rows of 512 shared candidates at logits ≈ 0: each
+# candidate's dlogit is ≈ p/N ≈ 1e-6, subnormal in fp16 had it been scaled by
+# 1/N before the half-precision copy the GEMMs read.
+x, w, b, target, sv = sampled_problem(n=2048, d=16, c=4000, k=512, dtype=torch.float16)
+x = (x * 0.01).detach()
+sv64 = (sv[0], sv[1].double(), sv[2].double())
+for kind, (fused, ref) in KINDS.items():
+    got = _run(fused, *_leaves(x, w, b), target, sv)
+    want = _run(ref, *(t.detach().double().requires_grad_() for t in (x, w, b)), target, sv64)
+    # dX and db (dW's entries are ≈ 1e-6 themselves: subnormal in any fp16 result).
+    for name, g, r in (("input", got[1], want[1]), ("bias", got[3], want[3])):
+        error = ((g.double() - r).norm() / r.norm()).item()
+        assert error < 5e-4, (kind, name, error)  # scaled before rounding: 7.6e-4 / 5.0e-3
+        print(kind, name, f"{error:.1e}")
+print("ok")
+"""
+
+
+def test_fp16_mean_gradients_do_not_underflow():
+    """The candidates' fp16 dlogits (the CUDA layout) of a mean over many rows
+    are formed for an upstream gradient of 1 and scaled after the GEMMs."""
+    env = dict(os.environ, FUSEDLOSS_CPU_HALF_OPERANDS="1")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-c", _FP16_MEAN_SCRIPT], cwd=tests, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
