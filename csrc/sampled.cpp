@@ -77,10 +77,12 @@ void check_sampled(const Tensor& input, const Tensor& weight, const std::optiona
   checks::index_range(kOp, "sampled candidates", sampled, weight.size(0));
 }
 
-// Candidate columns per chunk when each row has its own ids on CUDA: the
-// backward forms an [N, chunk, D] outer-product block for index_add_, so the
-// chunk keeps that block within chunk_columns_for's CUDA workspace (512 MiB).
-// (The CPU scatters the outer products directly and uses chunk_columns_for.)
+// Candidate columns per chunk of a CUDA backward over per-row ids under
+// torch.use_deterministic_algorithms: it forms an [N, chunk, D] outer-product
+// block for index_add_ (sorted, reproducible), so the chunk keeps that block
+// within chunk_columns_for's CUDA workspace (512 MiB). Every other pass (the
+// forward, the CPU, a CUDA backward scattering with atomics) uses
+// chunk_columns_for.
 int64_t cuda_per_row_chunk_columns(int64_t rows, int64_t dim, int64_t columns, int64_t requested) {
   if (requested > 0) return std::min(requested, std::max<int64_t>(columns, 1));
   const int64_t budget_bytes = int64_t(512) << 20;
@@ -115,7 +117,7 @@ struct SampledProblem {
 
   SampledProblem(const Tensor& input_, const Tensor& weight_, const std::optional<Tensor>& bias_,
                  const Tensor& true_classes_, const Tensor& sampled_, const std::optional<Tensor>& true_log_q_,
-                 const std::optional<Tensor>& sampled_log_q_, const SampledOptions& o)
+                 const std::optional<Tensor>& sampled_log_q_, const SampledOptions& o, bool backward_pass = false)
       : backend(input_) {
     acc_dtype = accumulation_dtype(input_.scalar_type());
     operand_dtype = gemm_operand_dtype(input_);
@@ -134,9 +136,9 @@ struct SampledProblem {
     params = SampledParams{rows,          weight.size(0),    true_classes.size(1), dim, o.mode,
                            o.hit_mask != int64_t(HitMask::kNone), o.label_smoothing, o.true_label, false, 0, 0};
     chunk_list.push_back({0, params.num_true, kTrueColumns});
-    const int64_t chunk = (shared || !input.is_cuda())
-                              ? chunk_columns_for(rows, num_sampled, o.chunk_size, input.is_cuda())
-                              : cuda_per_row_chunk_columns(rows, dim, num_sampled, o.chunk_size);
+    const int64_t chunk = backward_pass && !shared && materializes_outer_products()
+                              ? cuda_per_row_chunk_columns(rows, dim, num_sampled, o.chunk_size)
+                              : chunk_columns_for(rows, num_sampled, o.chunk_size, input.is_cuda());
     for (const Chunk& c : column_chunks(num_sampled, chunk, shared ? kSharedCandidates : kPerRowCandidates)) {
       chunk_list.push_back(c);
     }
@@ -145,6 +147,13 @@ struct SampledProblem {
   int64_t rows() const { return params.num_rows; }
   const std::vector<Chunk>& chunks() const { return chunk_list; }
   at::TensorOptions options() const { return input.options(); }
+
+  // Whether the per-row candidates' weight gradient goes through index_add_
+  // of an outer-product block (CUDA, deterministic algorithms) rather than a
+  // direct scatter (the CPU's ordered kernel, CUDA's atomics).
+  bool materializes_outer_products() const {
+    return backend.is_cuda() && at::globalContext().deterministicAlgorithms();
+  }
 
   // TensorFlow masks only the last copy of a duplicated candidate id (its hit
   // table maps id -> position and later positions overwrite earlier ones). A
@@ -330,13 +339,13 @@ struct SampledBackward : SampledProblem {
   // dst[index[i * columns + j]] += dz[i, j] * x[i] for an [N, columns] dz.
   template <typename acc_t>
   void scatter_outer(Tensor& dst, const Tensor& index, const Tensor& dz, const Tensor& x) const {
-    if (backend.is_cuda()) {
+    if (materializes_outer_products()) {
       dst.index_add_(0, index, (dz.unsqueeze(2) * x.unsqueeze(1)).view({-1, x.size(1)}));
       return;
     }
-    const Tensor idx = index.contiguous();
-    cpu::sampled_scatter_outer(dz.data_ptr<acc_t>(), x.data_ptr<acc_t>(), idx.data_ptr<int64_t>(), dz.size(0),
-                               dz.size(1), x.size(1), dst.data_ptr<acc_t>());
+    const Tensor idx = index.contiguous(), values = dz.contiguous(), rows = x.contiguous();
+    backend.run(FUSEDLOSS_KERNELS(sampled_scatter_outer<acc_t>), values.data_ptr<acc_t>(), rows.data_ptr<acc_t>(),
+                idx.data_ptr<int64_t>(), values.size(0), values.size(1), rows.size(1), dst.data_ptr<acc_t>());
   }
 
   // The accumulators and scatter maps of the gradients asked for, given
@@ -516,7 +525,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sampled_recompute_sum_and_grad(
     const SampledOptions& opts, bool sparse_grad, const Tensor& grad_rows, std::array<bool, 3> output_mask) {
   SampledForward forward(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, opts);
   forward.run();
-  SampledBackward backward(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, opts);
+  SampledBackward backward(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, opts,
+                           /*backward_pass=*/true);
   auto [gi, gw, gb] = backward.run(grad_rows, forward.stats, input, weight, bias, sparse_grad, output_mask);
   return {forward.loss.mul(grad_rows).sum(), gi, gw, gb};
 }
@@ -594,7 +604,8 @@ std::tuple<Tensor, Tensor, Tensor> sampled_backward(
     double label_smoothing, double true_label, int64_t chunk_size, bool sparse_grad, std::array<bool, 3> output_mask) {
   c10::DeviceGuard guard(input.device());
   const SampledOptions opts{mode, hit_mask, label_smoothing, true_label, chunk_size};
-  SampledBackward pass(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, opts);
+  SampledBackward pass(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, opts,
+                       /*backward_pass=*/true);
   return pass.run(grad_loss, stats, input, weight, bias, sparse_grad, output_mask);
 }
 

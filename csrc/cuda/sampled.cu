@@ -129,7 +129,27 @@ __global__ void chunk_grad_kernel(SampledParams p, SampledColumns<acc_t> cols, c
   }
 }
 
+template <typename acc_t>
+__global__ void scatter_outer_kernel(const acc_t* dz, const acc_t* x, const int64_t* index, int64_t columns,
+                                     int64_t dim, acc_t* dst) {
+  const int64_t row = blockIdx.x;
+  const acc_t* dz_row = dz + row * columns;
+  const acc_t* x_row = x + row * dim;
+  for (int64_t j = 0; j < columns; ++j) {
+    const acc_t g = dz_row[j];
+    if (g == acc_t(0)) continue;  // masked columns and zero upstream rows (uniform across the block)
+    acc_t* out = dst + index[row * columns + j] * dim;
+    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) atomicAdd(out + d, g * x_row[d]);
+  }
+}
+
 }  // namespace
+
+template <typename acc_t>
+void sampled_scatter_outer(const acc_t* dz, const acc_t* x, const int64_t* index, int64_t rows, int64_t columns,
+                           int64_t dim, acc_t* dst, void* stream) {
+  launch_row_blocks(scatter_outer_kernel<acc_t>, rows, stream, dz, x, index, columns, dim, dst);
+}
 
 template <typename in_t, typename acc_t>
 void sampled_row_dot(const SampledParams& p, const in_t* x, const in_t* w, const int64_t* ids, int64_t id_row_stride,
@@ -191,7 +211,9 @@ void sampled_single_pass_rows(const SampledParams& p, const SampledColumns<acc_t
   template void sampled_finalize<acc_t>(const SampledParams&, SampledRowState<acc_t>, acc_t*, acc_t*, void*);   \
   template void sampled_single_pass_rows<acc_t>(const SampledParams&, const SampledColumns<acc_t>&,               \
                                                 const SampledColumns<acc_t>&, acc_t*, SampledRowState<acc_t>,     \
-                                                acc_t*, acc_t*, const acc_t*, void*);
+                                                acc_t*, acc_t*, const acc_t*, void*);                             \
+  template void sampled_scatter_outer<acc_t>(const acc_t*, const acc_t*, const int64_t*, int64_t, int64_t,         \
+                                             int64_t, acc_t*, void*);
 #define FUSEDLOSS_INSTANTIATE_SAMPLED_GRAD(acc_t, grad_t)                                                          \
   template void sampled_chunk_grad<acc_t, grad_t>(const SampledParams&, const SampledColumns<acc_t>&, const acc_t*, \
                                                   const acc_t*, const acc_t*, grad_t*, void*);

@@ -134,6 +134,13 @@ template <typename acc_t>
 void sampled_single_pass_rows(const SampledParams& p, const SampledColumns<acc_t>& true_cols,
                               const SampledColumns<acc_t>& candidate_cols, acc_t* tile, SampledRowState<acc_t> state,
                               acc_t* loss, acc_t* stats, const acc_t* grad_loss, void* stream);
+// dst[index[i * columns + j]] += dz[i, j] * x[i] with atomic adds (one block
+// per row, threads over D): the per-row candidates' weight gradient without
+// an [N, columns, D] outer-product block. Not bitwise reproducible; the
+// binding uses index_add_ instead under torch.use_deterministic_algorithms.
+template <typename acc_t>
+void sampled_scatter_outer(const acc_t* dz, const acc_t* x, const int64_t* index, int64_t rows, int64_t columns,
+                           int64_t dim, acc_t* dst, void* stream);
 }  // namespace cuda
 #endif
 
