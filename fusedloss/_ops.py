@@ -199,3 +199,75 @@ def _contrastive_backward_fake(grad_loss, rows, cols, positives, scale, row_lse,
 
 # (rows, cols, positives, scale, *options) -> (loss, row_lse, col_lse); gradients of rows, cols, scale.
 _register_recompute_autograd("contrastive_forward", ops.contrastive_backward, "contrastive loss", 4, (0, 1, 3))
+
+
+# ------------------------------------------------------------------------------ SigLIP
+
+
+def _siglip_fake_grads(output_mask, image, text, scale, bias):
+    empty = image.new_empty(0, dtype=_common.acc_dtype(image.dtype))
+    return (torch.empty_like(image) if output_mask[0] else empty, torch.empty_like(text) if output_mask[1] else empty,
+            scale.new_empty(()) if output_mask[2] else empty, bias.new_empty(()) if output_mask[3] else empty)
+
+
+@torch.library.register_fake("fusedloss::siglip_forward")
+def _siglip_forward_fake(image, text, scale, bias, positive_offset, tile_size):
+    return image.new_empty(image.shape[0], dtype=_common.acc_dtype(image.dtype))
+
+
+@torch.library.register_fake("fusedloss::siglip_backward")
+def _siglip_backward_fake(grad_loss, image, text, scale, bias, positive_offset, tile_size, output_mask):
+    return _siglip_fake_grads(output_mask, image, text, scale, bias)
+
+
+def _siglip_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.options = inputs[4:]
+
+
+def _siglip_backward(ctx, grad_loss):
+    forbid_double_backward("siglip_loss", grad_loss)
+    mask = list(ctx.needs_input_grad[:4])
+    grads = ops.siglip_backward(grad_loss, *ctx.saved_tensors, *ctx.options, mask)
+    return (*(g if wanted else None for g, wanted in zip(grads, mask)), *([None] * len(ctx.options)))
+
+
+# (image, text, scale, bias, positive_offset, tile_size) -> per-row loss; the backward recomputes the tiles.
+torch.library.register_autograd("fusedloss::siglip_forward", _siglip_backward, setup_context=_siglip_setup_context)
+
+
+@torch.library.register_fake("fusedloss::siglip_sum_and_grad")
+def _siglip_sum_and_grad_fake(image, text, scale, bias, positive_offset, tile_size, output_mask):
+    total = image.new_empty((), dtype=_common.acc_dtype(image.dtype))
+    return (total, *_siglip_fake_grads(output_mask, image, text, scale, bias))
+
+
+def _siglip_sum_setup_context(ctx, inputs, output):
+    # As linear_ce_sum_and_grad: the gradients are outputs only this node consumes.
+    grads = output[1:]
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
+    ctx.grads = grads
+    ctx.save_for_backward(*inputs[:4])
+    ctx.options = inputs[4:]  # positive_offset, tile_size, output_mask
+
+
+def _siglip_sum_backward(ctx, grad_sum, *_unused):
+    mask = ctx.options[-1]
+    if grad_sum is None:
+        return (None,) * (4 + len(ctx.options))
+    forbid_double_backward("siglip_loss", grad_sum)
+    if ctx.grads is not None:
+        # First backward: scale the forward's gradients (in place unless traced).
+        grads, ctx.grads = ctx.grads, None
+        in_place = not is_traced(grad_sum)
+        grads = [g.mul_(grad_sum) if in_place else g * grad_sum for g in grads]
+    else:
+        # A retained graph differentiated again: rerun the same pass (bit-identical).
+        _, *grads = ops.siglip_sum_and_grad(*ctx.saved_tensors, *ctx.options)
+        grads = [g * grad_sum for g in grads]
+    return (*(g if wanted else None for g, wanted in zip(grads, mask)), *([None] * len(ctx.options)))
+
+
+torch.library.register_autograd("fusedloss::siglip_sum_and_grad", _siglip_sum_backward,
+                                setup_context=_siglip_sum_setup_context)

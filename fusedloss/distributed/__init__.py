@@ -30,6 +30,9 @@ formed on any rank. See docs/distributed.md.
   rows of the true and candidate classes are assembled on every rank from
   their owners (one all-reduce of [U, D]) and scored with the single-device
   fused op; their gradients go back to the owning shard only.
+- :func:`siglip_loss`: texts all-gathered as for CLIP; local images are scored
+  against every rank's texts, local image i's positive at column
+  ``rank * B + i``; ``"mean"`` divides this rank's pair sum by its B.
 
 Cross-rank consistency (batch sizes, feature sizes, shard layout) is checked
 with one small all-gather of sizes; an invalid argument on any rank makes every
@@ -46,5 +49,6 @@ import torch.nn.functional as F  # noqa: F401
 from .contrastive import clip_loss, info_nce_loss
 from .linear_ce import linear_cross_entropy
 from .sampled import nce_loss, sampled_softmax_loss
+from .siglip import siglip_loss
 
-__all__ = ["clip_loss", "info_nce_loss", "linear_cross_entropy", "nce_loss", "sampled_softmax_loss"]
+__all__ = ["clip_loss", "info_nce_loss", "linear_cross_entropy", "nce_loss", "sampled_softmax_loss", "siglip_loss"]
