@@ -162,11 +162,12 @@ struct SiglipPass {
                 : num_rows == 0 ? at::zeros({num_cols, text.size(1)}, options().dtype(operand_dtype))
                                 : at::empty({num_cols, text.size(1)}, options().dtype(operand_dtype));
     backward_chunks(*this);
-    const auto empty = at::empty({0}, options().dtype(acc_dtype));
-    return {need_image ? grad_image_acc.to(image_.scalar_type()) : empty,
-            need_text ? grad_text.to(text_.scalar_type()) : empty,
-            mask[2] ? state[2].sum().to(scale_.scalar_type()) : empty,
-            mask[3] ? state[1].sum().to(bias_.scalar_type()) : empty};
+    // A fresh empty tensor per output: outputs must not alias (op schema).
+    const auto empty = [&] { return at::empty({0}, options().dtype(acc_dtype)); };
+    return {need_image ? grad_image_acc.to(image_.scalar_type()) : empty(),
+            need_text ? grad_text.to(text_.scalar_type()) : empty(),
+            mask[2] ? state[2].sum().to(scale_.scalar_type()) : empty(),
+            mask[3] ? state[1].sum().to(bias_.scalar_type()) : empty()};
   }
 };
 
@@ -204,8 +205,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> siglip_sum_and_grad(const Ten
   SiglipPass pass(image, text, scale, bias, positive_offset, tile_size);
   const bool any_grad = output_mask[0] || output_mask[1] || output_mask[2] || output_mask[3];
   if (!any_grad) {
-    const auto empty = at::empty({0}, image.options().dtype(pass.acc_dtype));
-    return {pass.losses().sum(), empty, empty, empty, empty};
+    const auto empty = [&] { return at::empty({0}, image.options().dtype(pass.acc_dtype)); };
+    return {pass.losses().sum(), empty(), empty(), empty(), empty()};
   }
   auto [gi, gt, gs, gb] = pass.gradients(at::ones({image.size(0)}, image.options().dtype(pass.acc_dtype)), image,
                                          text, scale, bias, output_mask);

@@ -205,9 +205,9 @@ _register_recompute_autograd("contrastive_forward", ops.contrastive_backward, "c
 
 
 def _siglip_fake_grads(output_mask, image, text, scale, bias):
-    empty = image.new_empty(0, dtype=_common.acc_dtype(image.dtype))
-    return (torch.empty_like(image) if output_mask[0] else empty, torch.empty_like(text) if output_mask[1] else empty,
-            scale.new_empty(()) if output_mask[2] else empty, bias.new_empty(()) if output_mask[3] else empty)
+    grads = (torch.empty_like(image), torch.empty_like(text), scale.new_empty(()), bias.new_empty(()))
+    return tuple(g if wanted else image.new_empty(0, dtype=_common.acc_dtype(image.dtype))
+                 for g, wanted in zip(grads, output_mask))
 
 
 @torch.library.register_fake("fusedloss::siglip_forward")
