@@ -36,10 +36,9 @@ void siglip_chunk(const SiglipParams& p, const acc_t* tile, const acc_t* scale, 
           const acc_t dot = y[j];
           const acc_t z = s * dot + b;
           const acc_t e = exp_vectorizable(z < acc_t(0) ? z : -z);
-          const SiglipTerm<acc_t> term = siglip_term(z, j == t, e, kLoss ? log1p_vectorizable(e) : acc_t(0));
-          if constexpr (kLoss) loss += term.loss;
+          if constexpr (kLoss) loss += siglip_pair_loss(z, j == t, log1p_vectorizable(e));
           if constexpr (kGrad) {
-            const acc_t d = g * term.grad;
+            const acc_t d = g * siglip_pair_grad(z, j == t, e);
             grad_bias += d;
             grad_scale += d * dot;
             // d z / d dot = scale: the GEMMs consume raw operands.

@@ -32,10 +32,9 @@ __global__ void siglip_chunk_kernel(SiglipParams p, const acc_t* tile, const acc
     const acc_t dot = y[j];
     const acc_t z = s * dot + b;
     const acc_t e = exp_acc(z < acc_t(0) ? z : -z);
-    const SiglipTerm<acc_t> term = siglip_term(z, j == t, e, with_loss ? log1p_acc(e) : acc_t(0));
-    loss += term.loss;
+    if (with_loss) loss += siglip_pair_loss(z, j == t, log1p_acc(e));
     if (with_grad) {
-      const acc_t d = g * term.grad;
+      const acc_t d = g * siglip_pair_grad(z, j == t, e);
       grad_bias += d;
       grad_scale += d * dot;
       // d z / d dot = scale: the GEMMs consume raw operands.

@@ -165,6 +165,18 @@ def _clip_inputs(s, dtype, device, gen):
 INFO_NCE_TEMPERATURE = 0.07
 
 
+def _scalar(value, device):
+    t = torch.empty((), device="meta") if str(device) == "meta" else torch.tensor(value)
+    return t.to(device=device, dtype=torch.float32)
+
+
+def _siglip_inputs(s, dtype, device, gen):
+    # SigLIP's initial multiplier (already exponentiated) and bias, both learnt.
+    x = _pair_inputs(s, dtype, device, gen)
+    return {"image": x["query"], "text": x["key"], "logit_scale": _scalar(10.0, device),
+            "logit_bias": _scalar(-10.0, device)}
+
+
 def _linear_flops(s):
     return 6.0 * s["N"] * s["D"] * s["V"]
 
@@ -186,6 +198,9 @@ CASES: Dict[str, Case] = {c.op: c for c in [
     Case("clip", "clip_loss", ("B", "D"), "B", _clip_inputs,
          lambda fn, x: fn(x["image"], x["text"], x["logit_scale"]),
          ("image", "text"), lambda s: s["B"] * s["B"], logits_copies=5),
+    Case("siglip", "siglip_loss", ("B", "D"), "B", _siglip_inputs,
+         lambda fn, x: fn(x["image"], x["text"], x["logit_scale"], x["logit_bias"]),
+         ("image", "text", "logit_scale", "logit_bias"), lambda s: s["B"] * s["B"], logits_copies=6),
 ]}
 
 ALIASES = {c.func: c.op for c in CASES.values()}

@@ -18,7 +18,7 @@ def _pair(op, b, d, dtype=None):
     return (op, {"B": b, "D": d}, dtype)
 
 
-CONTRASTIVE_OPS = ("info_nce", "nt_xent", "clip")
+CONTRASTIVE_OPS = ("info_nce", "nt_xent", "clip", "siglip")
 SAMPLED_OPS = ("sampled_softmax", "nce")
 
 PRESETS = {

@@ -39,24 +39,26 @@ struct SiglipRowState {
   acc_t* grad_scale;
 };
 
+// One pair's terms, with e = exp(-|z|) computed by the caller (its backend's
+// vectorised or device exp). With x = label * z (label +1 at the positive):
+// loss = -log sigmoid(x) = softplus(-x) = log1p(e) + max(-x, 0), and
+// d loss / d z = -label * sigmoid(-x) = sigmoid(z) - [positive], where
+// sigmoid(-x) is e / (1 + e) for x >= 0 and 1 / (1 + e) otherwise: no
+// cancellation at any |z| (the typical negative sits at z ≈ bias = -10,
+// where 1 - sigmoid(10) would lose every digit). Two functions rather than
+// one returning a pair: plain scalars keep the CPU loops vectorisable.
 template <typename acc_t>
-struct SiglipTerm {
-  acc_t loss;  // -log sigmoid(label * z)
-  acc_t grad;  // d loss / d z = sigmoid(z) - [label = +1]
-};
+FL_HOST_DEVICE acc_t siglip_pair_loss(acc_t z, bool positive, acc_t log1p_e) {
+  const acc_t x = positive ? z : -z;
+  return log1p_e + (x < acc_t(0) ? -x : acc_t(0));
+}
 
-// One pair's term, given e = exp(-|z|) and log1p(e) (computed by the caller
-// with its backend's vectorised or device math). With x = label * z:
-// loss = softplus(-x) = log1p(e) + max(-x, 0), and d loss / d z =
-// -label * sigmoid(-x), where sigmoid(-x) is e / (1 + e) for x >= 0 and
-// 1 / (1 + e) otherwise: no cancellation at any |z| (the typical negative
-// sits at z ≈ bias = -10, where 1 - sigmoid would lose every digit).
 template <typename acc_t>
-FL_HOST_DEVICE SiglipTerm<acc_t> siglip_term(acc_t z, bool positive, acc_t e, acc_t log1p_e) {
+FL_HOST_DEVICE acc_t siglip_pair_grad(acc_t z, bool positive, acc_t e) {
   const acc_t x = positive ? z : -z;
   const acc_t inv = acc_t(1) / (acc_t(1) + e);
   const acc_t sigmoid_neg_x = x >= acc_t(0) ? e * inv : inv;
-  return {log1p_e + (x < acc_t(0) ? -x : acc_t(0)), positive ? -sigmoid_neg_x : sigmoid_neg_x};
+  return positive ? -sigmoid_neg_x : sigmoid_neg_x;
 }
 
 namespace cpu {
