@@ -63,22 +63,29 @@ def _autocast(state):
     return stack
 
 
+def _is_rows(value):
+    """A tensor split along dim 0 (0-dim tensors, like other values, reach every mini-batch as they are)."""
+    return isinstance(value, torch.Tensor) and value.dim() > 0
+
+
 def _batch_size(batch, index):
-    tensors = [t for t in (batch.values() if isinstance(batch, dict) else
-                           batch if isinstance(batch, (tuple, list)) else [batch]) if isinstance(t, torch.Tensor)]
-    if not tensors:
-        raise TypeError(f"towers[{index}]: the batch must be a tensor, or a tuple / list / dict holding tensors; got "
-                        f"{type(batch).__name__}")
-    rows = {t.shape[0] if t.dim() else -1 for t in tensors}
-    if len(rows) != 1 or -1 in rows:
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch]
+    rows = {t.shape[0] for t in values if _is_rows(t)}
+    if not rows:
+        raise TypeError(f"towers[{index}]: the batch must be a tensor, or a tuple / list / dict holding tensors "
+                        f"with a batch dimension; got {type(batch).__name__}")
+    if len(rows) != 1:
         raise ValueError(f"towers[{index}]: every tensor of the batch must have the same number of rows (dim 0), "
-                         f"got {sorted(t.shape[0] if t.dim() else 'a 0-dim tensor' for t in tensors)}")
-    return rows.pop()
+                         f"got {sorted(rows)}")
+    rows = rows.pop()
+    if rows == 0:
+        raise ValueError(f"towers[{index}]: the batch has no rows")
+    return rows
 
 
 def _rows(batch, start, stop):
     """Rows [start, stop) of every tensor of the batch (other values as they are)."""
-    pick = lambda v: v[start:stop] if isinstance(v, torch.Tensor) else v  # noqa: E731
+    pick = lambda v: v[start:stop] if _is_rows(v) else v  # noqa: E731
     if isinstance(batch, dict):
         return {k: pick(v) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
@@ -163,8 +170,8 @@ def cached_loss(loss_fn, towers, *, mini_batch_size):
             images), (text_encoder, texts)]``. ``encoder`` is an ``nn.Module``
             (or any callable) returning [rows, D] embeddings; ``batch`` a
             tensor, or a tuple / list (passed positionally) or dict (passed as
-            keywords) of tensors, split along dim 0 (non-tensor values are
-            passed to every mini-batch as they are).
+            keywords) of tensors, split along dim 0 (0-dim tensors and
+            non-tensor values are passed to every mini-batch as they are).
         mini_batch_size: rows per encoder call.
 
     Returns the loss (detached value). Call ``.backward()`` on it (once; the

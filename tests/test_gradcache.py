@@ -140,7 +140,8 @@ def test_upstream_gradient_scales_everything():
 
 
 def test_dict_and_tuple_batches():
-    """A dict batch is passed as keywords, a tuple positionally; non-tensor values reach every mini-batch."""
+    """A dict batch is passed as keywords, a tuple positionally; non-tensor values and 0-dim tensors reach every
+    mini-batch."""
 
     class Keyed(torch.nn.Module):
         def __init__(self):
@@ -153,9 +154,10 @@ def test_dict_and_tuple_batches():
     model = Keyed()
     features, = batches(11, 1)
     mask = (torch.arange(11) % 3 != 0).double()
-    towers_dict = [(model, {"features": features, "mask": mask, "scale": 2.0}), (model, (features, mask))]
+    scale = torch.tensor(0.5, dtype=torch.float64)
+    towers_dict = [(model, {"features": features, "mask": mask, "scale": 2.0}), (model, (features, mask, scale))]
     loss_fn = lambda a, b: fusedloss.clip_loss(a, b, 3.0)  # noqa: E731
-    loss_fn(model(features, mask, scale=2.0), model(features, mask)).backward()
+    loss_fn(model(features, mask, scale=2.0), model(features, mask, scale)).backward()
     expected = collect([(model, None)], [])
     _, got, _ = cached_grads(loss_fn, towers_dict, 4, [])
     assert_all_close(got, expected, rtol=1e-12, atol=1e-14)
@@ -236,6 +238,8 @@ BAD_ARGUMENTS = [
                                                              mini_batch_size=2), TypeError, "batch"),
     ("ragged batch", lambda: gradcache.cached_loss(lambda a: a.sum(), [(_enc(), (torch.ones(3, 6), torch.ones(4)))],
                                                     mini_batch_size=2), ValueError, "same number of rows"),
+    ("empty batch", lambda: gradcache.cached_loss(lambda a: a.sum(), [(_enc(), torch.ones(0, 6))],
+                                                   mini_batch_size=2), ValueError, "no rows"),
     ("encoder output rows", lambda: gradcache.cached_loss(lambda a: a.sum(), [(lambda x: x[:1], torch.ones(3, 6))],
                                                            mini_batch_size=2), ValueError, "one row per input row"),
     ("loss not scalar", lambda: gradcache.cached_loss(lambda a: a, [(_enc().double(), torch.ones(3, 6,
