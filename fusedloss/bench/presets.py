@@ -1,5 +1,5 @@
-"""Named shape sets.  ``cpu`` (the default on a CPU) finishes in about 2.5 minutes
-on 2 cores; ``gpu`` (the default on CUDA) holds the headline GPU shapes; the
+"""Named shape sets.  ``cpu`` (the default on a CPU) takes a few minutes on 2
+cores; ``gpu`` (the default on CUDA) holds the headline GPU shapes; the
 others sweep one axis for the plots.  Entries are (op, shape, dtype or None)."""
 import torch
 
