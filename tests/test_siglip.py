@@ -131,7 +131,8 @@ def test_half_precision_close_to_fp64_oracle(device, dtype):
 
 
 def test_constants_noncontiguous_and_no_grad(device):
-    """Float scale / bias are constants; non-contiguous features; without grad the loss-only path gives the same value."""
+    """Float scale / bias are constants; non-contiguous features; without grad the
+    loss-only path gives the same value."""
     image = features(24, 19, device, seed=7).T  # [19, 24], non-contiguous
     text = features(19, 24, device, seed=8)
     ours = fusedloss.siglip_loss(image, text, 5.0, -2.0, tile_size=TILE)
