@@ -375,6 +375,7 @@ def _check_distributed(rank, world, device):
                 total = got.grad.detach().clone()
                 torch.distributed.all_reduce(total)
                 torch.testing.assert_close(total, expected.grad, **tol, msg=where)
+    _check_against_open_clip(rank, world, device)
     # Cross-rank checks: a different local batch on one rank raises everywhere.
     with pytest.raises(ValueError, match="local batch size"):
         fdist.siglip_loss(torch.randn(4 + rank, 3), torch.randn(4 + rank, 3), 1.0, 0.0)
@@ -386,10 +387,34 @@ def _check_distributed(rank, world, device):
             fdist.siglip_loss(torch.randn(4, 3), torch.randn(4, 3), 1.0, 0.0)
 
 
+def _check_against_open_clip(rank, world, device):
+    """Each of open_clip's distributed SigLipLoss implementations, when open_clip
+    is installed: the same per-rank loss and local gradients."""
+    oc = _open_clip_loss_module()
+    if oc is None:
+        return
+    gen = torch.Generator().manual_seed(42)
+    full = [F.normalize(torch.randn(world * 4, 8, generator=gen, dtype=torch.float64), dim=-1) for _ in range(2)]
+    mine = slice(rank * 4, (rank + 1) * 4)
+
+    def run(fn):
+        leaves = [t[mine].clone().to(device).requires_grad_() for t in full]
+        scalars = [torch.tensor(v, dtype=torch.float64, device=device, requires_grad=True) for v in (6.0, -3.0)]
+        loss = fn(*leaves, *scalars)
+        loss.backward()
+        return [loss.detach()] + [t.grad for t in leaves + scalars]
+
+    ours = run(lambda i, t, s, b: fdist.siglip_loss(i, t, s, b))
+    for impl in ("bidir", "shift", "reduce", "gather"):
+        theirs = run(oc.SigLipLoss(rank=rank, world_size=world, dist_impl=impl))
+        assert_all_close(ours, theirs, rtol=1e-12, atol=1e-13)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_matches_single_process(tmp_path, world):
     """Every rank's loss and gradients (features, scale, bias) equal the
-    single-process loss on the concatenated batch, restricted to its rows."""
+    single-process loss on the concatenated batch, restricted to its rows (and
+    open_clip's distributed SigLipLoss, all four dist_impl, when installed)."""
     from test_distributed import _spawn
 
     _spawn(tmp_path, world, _check_distributed)
