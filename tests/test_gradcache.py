@@ -6,7 +6,7 @@ import torch
 
 import fusedloss
 from fusedloss import gradcache
-from conftest import assert_all_close
+from conftest import assert_all_close, requires_cuda
 
 DIM_IN, DIM_OUT = 6, 8
 
@@ -79,6 +79,22 @@ def test_same_gradients_as_the_whole_batch(name, mini_batch_size):
     torch.testing.assert_close(loss, expected_loss, rtol=1e-14, atol=1e-14)
     assert_all_close(got, expected, rtol=1e-12, atol=1e-14)
     assert torch.equal(rng, expected_rng)
+
+
+@requires_cuda
+def test_cuda_dropout_is_replayed():
+    """Encoders on CUDA: the CUDA generator's state is recorded and restored too."""
+    loss_fn, towers, extra = make_case("siglip")
+    towers = [(enc.cuda(), x.cuda()) for enc, x in towers]
+    extra = [t.detach().cuda().requires_grad_() for t in extra]
+    loss_fn = lambda i, t: fusedloss.siglip_loss(i, t, *extra)  # noqa: E731
+    torch.manual_seed(7)
+    _, expected, _ = whole_batch_grads(loss_fn, towers, 5, extra)
+    expected_rng = torch.cuda.get_rng_state()
+    torch.manual_seed(7)
+    _, got, _ = cached_grads(loss_fn, towers, 5, extra)
+    assert_all_close(got, expected, rtol=1e-12, atol=1e-14)
+    assert torch.equal(torch.cuda.get_rng_state(), expected_rng)
 
 
 def test_replay_without_the_recorded_random_state_would_differ(monkeypatch):
