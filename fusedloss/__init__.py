@@ -6,6 +6,8 @@ from . import reference
 from . import compat, samplers
 from . import distributed
 from .sampled import NCELoss, SampledSoftmaxLoss, nce_loss, sampled_softmax_loss
+from .siglip import SigLipLoss, siglip_loss
+from . import gradcache
 
 __version__ = "0.1.0"
 
@@ -28,4 +30,7 @@ __all__ = [
     "nce_loss",
     "sampled_softmax_loss",
     "samplers",
+    "SigLipLoss",
+    "siglip_loss",
+    "gradcache",
 ]

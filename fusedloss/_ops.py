@@ -248,3 +248,48 @@ def _contrastive_sum_and_grad_fake(rows, cols, positives, scale, normalizer, sel
 
 # (rows, cols, positives, scale, normalizer, *options, output_mask) -> (loss_sum, *gradients).
 _register_single_pass_autograd("contrastive_sum_and_grad", "contrastive loss", 5, (0, 1, 3))
+
+
+# ------------------------------------------------------------------------------ SigLIP
+
+
+def _siglip_fake_grads(output_mask, image, text, scale, bias):
+    grads = (torch.empty_like(image), torch.empty_like(text), scale.new_empty(()), bias.new_empty(()))
+    return tuple(g if wanted else image.new_empty(0, dtype=_common.acc_dtype(image.dtype))
+                 for g, wanted in zip(grads, output_mask))
+
+
+@torch.library.register_fake("fusedloss::siglip_forward")
+def _siglip_forward_fake(image, text, scale, bias, positive_offset, tile_size):
+    return image.new_empty(image.shape[0], dtype=_common.acc_dtype(image.dtype))
+
+
+@torch.library.register_fake("fusedloss::siglip_backward")
+def _siglip_backward_fake(grad_loss, image, text, scale, bias, positive_offset, tile_size, output_mask):
+    return _siglip_fake_grads(output_mask, image, text, scale, bias)
+
+
+def _siglip_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.options = inputs[4:]
+
+
+def _siglip_backward(ctx, grad_loss):
+    forbid_double_backward("siglip_loss", grad_loss)
+    mask = list(ctx.needs_input_grad[:4])
+    grads = ops.siglip_backward(grad_loss, *ctx.saved_tensors, *ctx.options, mask)
+    return (*(g if wanted else None for g, wanted in zip(grads, mask)), *([None] * len(ctx.options)))
+
+
+# (image, text, scale, bias, positive_offset, tile_size) -> per-row loss; the backward recomputes the tiles.
+torch.library.register_autograd("fusedloss::siglip_forward", _siglip_backward, setup_context=_siglip_setup_context)
+
+
+@torch.library.register_fake("fusedloss::siglip_sum_and_grad")
+def _siglip_sum_and_grad_fake(image, text, scale, bias, positive_offset, tile_size, output_mask):
+    total = image.new_empty((), dtype=_common.acc_dtype(image.dtype))
+    return (total, *_siglip_fake_grads(output_mask, image, text, scale, bias))
+
+
+# (image, text, scale, bias, positive_offset, tile_size, output_mask) -> (loss_sum, *gradients).
+_register_single_pass_autograd("siglip_sum_and_grad", "siglip_loss", 4, (0, 1, 2, 3))

@@ -63,6 +63,9 @@ CASES = {
                             "fp32 tile",
     "nt_xent_single_fp32_blocks": "NT-Xent single pass, three row blocks (self mask shifted per block), fp32",
     "clip_single_bf16": "CLIP single pass (one whole-tile block: column LSEs first), learnable scale, bf16",
+    "siglip_fp32": "SigLIP sigmoid loss, learnable scale and bias, several tiles: loss and dlogits in one pass",
+    "siglip_bf16": "the same in bf16 (half-precision dlogits workspace)",
+    "siglip_none_fp32": "SigLIP reduction='none' with an upstream gradient: loss-only forward, recomputing backward",
 }
 
 # Relative tolerance (of the largest oracle magnitude) per input dtype for --check.
@@ -413,6 +416,28 @@ class Runner:
         scale = torch.tensor(20.0, device=self.device, requires_grad=True)
         return self._case(lambda i, t, s: fl.clip_loss(i, t, s, tile_size=tile),
                           lambda i, t, s: fl.reference.clip_loss(i, t, s), [img, txt, scale], torch.float32)
+
+    def _siglip(self, dtype_name, reduction="mean"):
+        torch, fl, dtype = self.torch, self.fl, self.dtypes[dtype_name]
+        b, d, _, tile = self.shapes["pairs"]
+        g = self._gen(23)
+        img, txt = (self._leaf(torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=-1), dtype)
+                    for _ in range(2))
+        scale = torch.tensor(10.0, device=self.device, requires_grad=True)
+        bias = torch.tensor(-10.0, device=self.device, requires_grad=True)
+        upstream = torch.rand(b, generator=g).to(self.device) if reduction == "none" else None
+        return self._case(lambda i, t, s, c: fl.siglip_loss(i, t, s, c, reduction=reduction, tile_size=tile),
+                          lambda i, t, s, c: fl.reference.siglip_loss(i, t, s, c, reduction=reduction),
+                          [img, txt, scale, bias], dtype, upstream)
+
+    def siglip_fp32(self):
+        return self._siglip("fp32")
+
+    def siglip_bf16(self):
+        return self._siglip("bf16")
+
+    def siglip_none_fp32(self):
+        return self._siglip("fp32", "none")
 
 
     # ------------------------------------------------------- other single passes

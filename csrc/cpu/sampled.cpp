@@ -73,7 +73,8 @@ void fold_final_row(const SampledParams& p, int64_t row, const acc_t* y, Sampled
 
 // NCE's single pass over one row of a chunk's final logits (-inf: masked):
 // returns the row's sigmoid cross-entropy sum and writes g * (sigmoid(z) -
-// label) over y, both from one exp(-|z|) per column, vectorised.
+// label) over y, both from one exp(-|z|) per column, vectorised
+// (softplus(z) = max(z, 0) + log1p(exp(-|z|))).
 template <typename acc_t>
 acc_t nce_fold_and_grad_row(const SampledParams& p, acc_t* y, acc_t g) {
   const acc_t label = p.is_true_chunk ? acc_t(p.true_label) : acc_t(0);
@@ -84,7 +85,7 @@ acc_t nce_fold_and_grad_row(const SampledParams& p, acc_t* y, acc_t g) {
     const acc_t z = y[j];
     const bool live = z != skip;
     const acc_t e = exp_vectorizable(z < acc_t(0) ? z : -z);  // exp(-|z|)
-    const acc_t softplus = (z > acc_t(0) ? z : acc_t(0)) + log1p_unit_vectorizable(e);
+    const acc_t softplus = (z > acc_t(0) ? z : acc_t(0)) + log1p_vectorizable(e);
     const acc_t sigmoid = (z >= acc_t(0) ? acc_t(1) : e) / (acc_t(1) + e);
     loss += live ? softplus - label * z : acc_t(0);
     y[j] = live ? g * (sigmoid - label) : acc_t(0);

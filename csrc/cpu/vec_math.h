@@ -35,23 +35,47 @@ inline float exp_vectorizable(float x) {
 
 inline double exp_vectorizable(double x) { return std::exp(x); }
 
-// log(1 + x) for x in [0, 1] (the softplus of NCE's sigmoid cross-entropy,
-// x = exp(-|z|)): 2 atanh(s) with s = x / (2 + x) in [0, 1/3], whose odd series
-// to s^15 is within 3e-8 relative, below float's ulp. Branch-free.
-inline float log1p_unit_vectorizable(float x) {
-  const float s = x / (2.0f + x);
-  const float s2 = s * s;
-  float p = 1.0f / 15.0f;
-  p = p * s2 + 1.0f / 13.0f;
-  p = p * s2 + 1.0f / 11.0f;
-  p = p * s2 + 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
-  return 2.0f * s * p;
+// Natural log of a positive, finite, normal float (Cephes logf: the mantissa
+// reduced to [sqrt(1/2), sqrt(2)), a degree-9 polynomial; ~1 ulp), branch-free
+// so that it vectorises like exp_vectorizable.
+inline float log_vectorizable(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  int32_t exponent = ((bits >> 23) & 0xff) - 126;
+  bits = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const bool below = m < 0.707106781186547524f;
+  exponent = below ? exponent - 1 : exponent;
+  m = below ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float e = static_cast<float>(exponent);
+  y += -2.12194440e-4f * e - 0.5f * z;
+  return (m + y) + 0.693359375f * e;
 }
 
-inline double log1p_unit_vectorizable(double x) { return std::log1p(x); }
+inline double log_vectorizable(double x) { return std::log(x); }
+
+// log(1 + x) for x >= 0, accurate for tiny x: log(u) * x / (u - 1) with
+// u = 1 + x rounded cancels the rounding of u (Goldberg's trick), where
+// log(1 + x) alone would keep only the digits of x above 1's ulp.
+inline float log1p_vectorizable(float x) {
+  const float u = 1.0f + x;
+  const float d = u - 1.0f;
+  const float r = log_vectorizable(u) * (x / d);
+  return d == 0.0f ? x : r;  // a select: d = 0 gives 0/0 above, never used
+}
+
+inline double log1p_vectorizable(double x) { return std::log1p(x); }
 
 }  // namespace fusedloss::cpu

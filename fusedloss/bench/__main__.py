@@ -17,7 +17,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 EPILOG = """shapes: OP:AxBxC[:DTYPE] with the op's dimensions in order (k/M suffixes allowed):
-  linear_ce N x D x V     sampled_softmax, nce N x D x K x C     info_nce, nt_xent, clip B x D
+  linear_ce N x D x V     sampled_softmax, nce N x D x K x C     info_nce, nt_xent, clip, siglip B x D
   e.g. --shapes linear_ce:4096x512x128k  nce:8192x256x8192x1M:float32  2048x256
   (a shape without OP applies to every op selected by --ops with that many dimensions)
 presets: """ + ", ".join(f"{k} ({len(v)} rows)" for k, v in presets.PRESETS.items())

@@ -208,6 +208,18 @@ def _pair_path(whole_tile_only):
     return lambda s, dtype, device: fused_path(s["B"], s["B"], device, whole_tile_only=whole_tile_only)
 
 
+def _scalar(value, device):
+    t = torch.empty((), device="meta") if str(device) == "meta" else torch.tensor(value)
+    return t.to(device=device, dtype=torch.float32)
+
+
+def _siglip_inputs(s, dtype, device, gen):
+    # SigLIP's initial multiplier (already exponentiated) and bias, both learnt.
+    x = _pair_inputs(s, dtype, device, gen)
+    return {"image": x["query"], "text": x["key"], "logit_scale": _scalar(10.0, device),
+            "logit_bias": _scalar(-10.0, device)}
+
+
 def _linear_flops(s):
     return 6.0 * s["N"] * s["D"] * s["V"]
 
@@ -235,6 +247,10 @@ CASES: Dict[str, Case] = {c.op: c for c in [
          lambda fn, x: fn(x["image"], x["text"], x["logit_scale"]),
          ("image", "text"), lambda s: s["B"] * s["B"], logits_copies=5,
          gemm_operands=lambda x: (x["image"], x["text"]), path=_pair_path(True)),
+    Case("siglip", "siglip_loss", ("B", "D"), "B", _siglip_inputs,
+         lambda fn, x: fn(x["image"], x["text"], x["logit_scale"], x["logit_bias"]),
+         ("image", "text", "logit_scale", "logit_bias"), lambda s: s["B"] * s["B"], logits_copies=6,
+         gemm_operands=lambda x: (x["image"], x["text"]), path=lambda s, dtype, device: "single pass, column tiles"),
 ]}
 
 ALIASES = {c.func: c.op for c in CASES.values()}

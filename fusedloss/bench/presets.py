@@ -1,5 +1,5 @@
-"""Named shape sets.  ``cpu`` (the default on a CPU) finishes in about 2.5 minutes
-on 2 cores; ``gpu`` (the default on CUDA) holds the headline GPU shapes; the
+"""Named shape sets.  ``cpu`` (the default on a CPU) takes a few minutes on 2
+cores; ``gpu`` (the default on CUDA) holds the headline GPU shapes; the
 others sweep one axis for the plots.  Entries are (op, shape, dtype or None)."""
 import torch
 
@@ -18,7 +18,7 @@ def _pair(op, b, d, dtype=None):
     return (op, {"B": b, "D": d}, dtype)
 
 
-CONTRASTIVE_OPS = ("info_nce", "nt_xent", "clip")
+CONTRASTIVE_OPS = ("info_nce", "nt_xent", "clip", "siglip")
 SAMPLED_OPS = ("sampled_softmax", "nce")
 
 PRESETS = {

@@ -37,12 +37,15 @@ formed on any rank. See docs/distributed.md.
   parallel: the batch is all-gathered, the vocabulary-parallel pass runs on
   this rank's rows of the weight, the input gradient is reduce-scattered and
   the weight gradient is the mean over ranks (FSDP's convention).
+- :func:`siglip_loss`: texts all-gathered as for CLIP; local images are scored
+  against every rank's texts, local image i's positive at column
+  ``rank * B + i``; ``"mean"`` divides this rank's pair sum by its B.
 
 Cross-rank consistency (batch sizes, feature sizes, shard layout) is checked
 with one small all-gather of sizes; an invalid argument on any rank makes every
 rank raise, instead of leaving the others waiting in a collective.
 
-One module per family (``linear_ce``, ``contrastive``, ``sampled``), one for
+One module per family (``linear_ce``, ``contrastive``, ``sampled``, ``siglip``), one for
 DTensor weights (``dtensor``) and one for the group handling, cross-rank
 checks and autograd-aware collectives (``_collectives``).
 """
@@ -54,5 +57,6 @@ import torch.nn.functional as F  # noqa: F401
 from .contrastive import clip_loss, info_nce_loss
 from .linear_ce import linear_cross_entropy
 from .sampled import nce_loss, sampled_softmax_loss
+from .siglip import siglip_loss
 
-__all__ = ["clip_loss", "info_nce_loss", "linear_cross_entropy", "nce_loss", "sampled_softmax_loss"]
+__all__ = ["clip_loss", "info_nce_loss", "linear_cross_entropy", "nce_loss", "sampled_softmax_loss", "siglip_loss"]

@@ -3,6 +3,7 @@ logits / similarity matrices): the tests' oracle and the benchmarks' baseline.""
 from .contrastive import clip_loss, info_nce_loss, nt_xent_loss
 from .linear_ce import linear_cross_entropy
 from .sampled import nce_loss, sampled_logits, sampled_softmax_loss
+from .siglip import siglip_loss
 
 __all__ = [
     "clip_loss",
@@ -12,4 +13,5 @@ __all__ = [
     "nt_xent_loss",
     "sampled_logits",
     "sampled_softmax_loss",
+    "siglip_loss",
 ]
