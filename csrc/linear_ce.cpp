@@ -4,7 +4,8 @@
 // Registered as torch ops fusedloss::linear_ce_*.
 //
 // Memory: besides the outputs, one [N, chunk] fp32 logits tile (plus a
-// half-precision dlogits tile on CUDA), the [4, N] row state, the fp32 dX
+// half-precision dlogits tile on CUDA), the [4, N] row state ([5, N] + an
+// int64 argmax with statistics), the fp32 dX
 // accumulator [N, D] and the fp32 bias-gradient accumulator [V]. Never N x V.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -31,8 +32,9 @@ constexpr const char* kOp = "linear_cross_entropy";
 // num_classes-row classifier (the single-device ops pass 0 and V_local).
 // Targets range over all num_classes.
 void check_linear_ce(const Tensor& input, const Tensor& weight, const Tensor& target,
-                     const std::optional<Tensor>& bias, int64_t ignore_index, double label_smoothing, double z_loss,
-                     double softcap, int64_t vocab_start, std::optional<int64_t> num_classes) {
+                     const std::optional<Tensor>& bias, const std::optional<Tensor>& class_weight,
+                     int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+                     int64_t vocab_start, std::optional<int64_t> num_classes) {
   checks::classifier(kOp, input, weight, bias);
   checks::index_tensor(kOp, "target", target, input);
   TORCH_CHECK_VALUE(target.numel() == input.size(0), kOp, ": target has ", target.numel(),
@@ -41,6 +43,14 @@ void check_linear_ce(const Tensor& input, const Tensor& weight, const Tensor& ta
   TORCH_CHECK_VALUE(vocab_start >= 0 && vocab_start + weight.size(0) <= classes, kOp,
                     ": the weight shard covers classes [", vocab_start, ", ", vocab_start + weight.size(0),
                     ") which is not inside [0, num_classes=", classes, ")");
+  if (class_weight.has_value()) {
+    TORCH_CHECK_VALUE(class_weight->dim() == 1 && class_weight->size(0) == classes, kOp,
+                      ": class_weight must be [num_classes]=[", classes, "], got shape ", class_weight->sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(class_weight->scalar_type()), kOp,
+                     ": class_weight must be a floating tensor, got ", class_weight->scalar_type());
+    TORCH_CHECK_VALUE(class_weight->device() == input.device(), kOp, ": class_weight is on ", class_weight->device(),
+                      " but input is on ", input.device());
+  }
   checks::in_range(kOp, "label_smoothing", label_smoothing, 0.0, 1.0);
   checks::non_negative(kOp, "z_loss", z_loss);
   checks::non_negative(kOp, "softcap", softcap);
@@ -54,6 +64,8 @@ struct LinearCEProblem {
   Tensor weight;  // [V, D] as given (converted chunk by chunk on the CPU)
   Tensor target;  // [N] int64
   Tensor bias;    // [V] in the accumulation dtype, or undefined
+  Tensor class_weight;        // [num_classes] in the accumulation dtype, or undefined
+  Tensor class_weight_total;  // its sum, a device scalar (no host sync)
   at::ScalarType acc_dtype;
   at::ScalarType operand_dtype;
   LinearCEParams params;
@@ -63,8 +75,9 @@ struct LinearCEProblem {
   Tensor weight_chunk;  // operand rows of the chunk last formed (the dX GEMM reuses them)
 
   LinearCEProblem(const Tensor& input_, const Tensor& weight_, const Tensor& target_,
-                  const std::optional<Tensor>& bias_, int64_t ignore_index, double label_smoothing, double z_loss,
-                  double softcap, int64_t requested_chunk, int64_t vocab_start_ = 0,
+                  const std::optional<Tensor>& bias_, const std::optional<Tensor>& class_weight_,
+                  int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+                  int64_t requested_chunk, bool with_stats = false, int64_t vocab_start_ = 0,
                   std::optional<int64_t> num_classes = std::nullopt)
       : vocab_start(vocab_start_), backend(input_) {
     acc_dtype = accumulation_dtype(input_.scalar_type());
@@ -74,8 +87,13 @@ struct LinearCEProblem {
     input = zero_rows_where(input_.contiguous().to(operand_dtype), target.eq(ignore_index));
     weight = weight_.contiguous();
     if (bias_.has_value()) bias = bias_->contiguous().to(acc_dtype);
+    if (class_weight_.has_value()) {
+      class_weight = class_weight_->contiguous().to(acc_dtype);
+      class_weight_total = class_weight.sum();
+    }
     const int64_t rows = input.size(0), total_classes = num_classes.value_or(weight.size(0));
-    params = LinearCEParams{rows, total_classes, 0, 0, 0, 0, ignore_index, label_smoothing, z_loss, softcap, false};
+    params = LinearCEParams{rows,   total_classes, 0, 0, 0, 0, ignore_index, label_smoothing, z_loss, softcap,
+                            false, with_stats};
     chunk_list = column_chunks(classes(), chunk_columns_for(rows, classes(), requested_chunk, input.is_cuda()));
   }
 
@@ -108,39 +126,65 @@ struct LinearCEProblem {
   }
 
   template <typename acc_t>
-  static LinearCERowState<acc_t> row_state(const Tensor& state, int64_t row) {
-    return {state[0].data_ptr<acc_t>() + row, state[1].data_ptr<acc_t>() + row, state[2].data_ptr<acc_t>() + row,
-            state[3].data_ptr<acc_t>() + row};
+  ClassWeights<acc_t> class_weights() const {
+    if (!class_weight.defined()) return {nullptr, nullptr};
+    return {class_weight.data_ptr<acc_t>(), class_weight_total.data_ptr<acc_t>()};
   }
 
-  // The [4, N] row state (max, sum_exp, sum_logits, target_logit) of an empty row.
+  // Rows from `row` on of the state and, with statistics, the argmax.
+  template <typename acc_t>
+  LinearCERowState<acc_t> row_state(const Tensor& state, const Tensor& argmax, int64_t row) const {
+    const auto at_row = [&](int64_t i) { return state[i].data_ptr<acc_t>() + row; };
+    return {at_row(0), at_row(1), at_row(2), at_row(3), params.with_stats ? at_row(4) : nullptr,
+            params.with_stats ? argmax.data_ptr<int64_t>() + row : nullptr};
+  }
+
+  // The row state of empty rows: [4, N] (max, sum_exp, sum_logits,
+  // target_logit), + shifted (the entropy term) with statistics.
   Tensor empty_row_state() const {
-    Tensor state = at::zeros({4, rows()}, options().dtype(acc_dtype));
+    Tensor state = at::zeros({params.with_stats ? 5 : 4, rows()}, options().dtype(acc_dtype));
     state[0].fill_(-std::numeric_limits<double>::infinity());
     return state;
   }
+  // The statistics' argmax ([N] int64; [0] without statistics).
+  Tensor empty_argmax() const { return at::zeros({params.with_stats ? rows() : 0}, options().dtype(at::kLong)); }
 };
+
+// The per-row statistics of a finished row state: lse [N], argmax [N] and
+// entropy [N] = log(sum_exp) - shifted / sum_exp (SoftmaxStats::entropy,
+// on N elements); three empty tensors without statistics.
+std::tuple<Tensor, Tensor, Tensor> row_statistics(const LinearCEProblem& problem, const Tensor& state,
+                                                  const Tensor& lse_parts, const Tensor& argmax) {
+  if (!problem.params.with_stats) {
+    const Tensor none = at::empty({0}, problem.options().dtype(problem.acc_dtype));
+    return {none, argmax, none};
+  }
+  return {lse_parts.sum(0), argmax, state[1].log() - state[4] / state[1]};
+}
 
 // The chunked forward: per-row loss, lse parts [2, N] (max, log-sum) and the
 // row state [4, N] of the weight's columns.
 struct LinearCEForward : LinearCEProblem {
   using LinearCEProblem::LinearCEProblem;
-  Tensor state, lse, loss;
+  Tensor state, argmax, lse, loss;
 
   template <typename acc_t>
   void fold(const Chunk& c, Tensor& logits) {
     backend.run(FUSEDLOSS_KERNELS(linear_ce_accumulate_chunk<acc_t>), params, logits.data_ptr<acc_t>(),
-                bias_at<acc_t>(c.start), target.data_ptr<int64_t>(), row_state<acc_t>(state, 0));
+                bias_at<acc_t>(c.start), class_weights<acc_t>(), target.data_ptr<int64_t>(),
+                row_state<acc_t>(state, argmax, 0));
   }
   template <typename acc_t>
   void finalize() {
     backend.run(FUSEDLOSS_KERNELS(linear_ce_finalize<acc_t>), params, target.data_ptr<int64_t>(),
-                row_state<acc_t>(state, 0), lse_array_at<acc_t>(lse), loss.data_ptr<acc_t>());
+                class_weights<acc_t>(), row_state<acc_t>(state, argmax, 0), lse_array_at<acc_t>(lse),
+                loss.data_ptr<acc_t>());
   }
 
   void run() {
     const auto acc_opts = options().dtype(acc_dtype);
     state = empty_row_state();
+    argmax = empty_argmax();
     lse = at::empty({2, rows()}, acc_opts);
     loss = at::empty({rows()}, acc_opts);
     forward_chunks(*this);
@@ -164,8 +208,8 @@ struct LinearCEBackward : LinearCEProblem {
     with_typed_data<acc_t>(dlogits_workspace, [&](auto* out) {
       using grad_t = std::remove_pointer_t<decltype(out)>;
       backend.run(FUSEDLOSS_KERNELS(linear_ce_chunk_grad<acc_t, grad_t>), params, logits.data_ptr<acc_t>(),
-                  bias_at<acc_t>(c.start), target.data_ptr<int64_t>(), lse_array_at<const acc_t>(lse),
-                  grad_rows.data_ptr<acc_t>(), out);
+                  bias_at<acc_t>(c.start), class_weights<acc_t>(), target.data_ptr<int64_t>(),
+                  lse_array_at<const acc_t>(lse), grad_rows.data_ptr<acc_t>(), out);
     });
     return dlogits_workspace;
   }
@@ -201,43 +245,51 @@ struct LinearCEBackward : LinearCEProblem {
   }
 };
 
-std::tuple<Tensor, Tensor> linear_ce_forward(const Tensor& input, const Tensor& weight, const Tensor& target,
-                                             const std::optional<Tensor>& bias, int64_t ignore_index,
-                                             double label_smoothing, double z_loss, double softcap,
-                                             int64_t chunk_size) {
+// Per-row loss and lse parts [2, N]; with `stats` also argmax [N] and entropy
+// [N] (empty [0] tensors without).
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_forward(
+    const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& class_weight, int64_t ignore_index, double label_smoothing, double z_loss,
+    double softcap, int64_t chunk_size, bool stats) {
   c10::DeviceGuard guard(input.device());
-  check_linear_ce(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0, std::nullopt);
-  LinearCEForward pass(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size);
+  check_linear_ce(input, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, 0,
+                  std::nullopt);
+  LinearCEForward pass(input, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap,
+                       chunk_size, stats);
   pass.run();
-  return {pass.loss, pass.lse};
+  auto [lse, argmax, entropy] = row_statistics(pass, pass.state, pass.lse, pass.argmax);
+  return {pass.loss, pass.lse, argmax, entropy};
 }
 
 // The checks of a (possibly sharded) linear CE call as an op of its own:
 // fusedloss.distributed runs it on every rank before any collective, so that a
 // bad argument raises everywhere instead of hanging the others.
 void linear_ce_check(const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
-                     int64_t ignore_index, double label_smoothing, double z_loss, double softcap, int64_t vocab_start,
-                     int64_t num_classes) {
-  check_linear_ce(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, vocab_start,
-                  num_classes);
+                     const std::optional<Tensor>& class_weight, int64_t ignore_index, double label_smoothing,
+                     double z_loss, double softcap, int64_t vocab_start, int64_t num_classes) {
+  check_linear_ce(input, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap,
+                  vocab_start, num_classes);
 }
 
 // Vocabulary-parallel forward: the statistics of this shard's columns only,
 // which the caller combines across ranks (fusedloss/distributed). lse holds
 // the shard-local log-sum-exp parts [2, N] (max, log-sum), target_logit is 0
 // where the target lies in another shard, sum_logits sums the shard's
-// (softcapped) logits. Targets range over [0, num_classes). The caller has
-// run linear_ce_check.
-std::tuple<Tensor, Tensor, Tensor> linear_ce_shard_forward(const Tensor& input, const Tensor& weight,
-                                                           const Tensor& target, const std::optional<Tensor>& bias,
-                                                           int64_t ignore_index, double softcap,
-                                                           int64_t vocab_start, int64_t num_classes,
-                                                           int64_t chunk_size) {
+// (softcapped) logits (Σ_j w_j y_j with class weights, which are the whole
+// vocabulary's [num_classes]). With `stats`, argmax is the shard's first
+// column (a vocabulary index) holding its max and shifted its
+// Σ exp(y - max)·(y - max) (SoftmaxStats); [0] without. Targets range over
+// [0, num_classes). The caller has run linear_ce_check.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_ce_shard_forward(
+    const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& class_weight, int64_t ignore_index, double softcap, int64_t vocab_start,
+    int64_t num_classes, int64_t chunk_size, bool stats) {
   c10::DeviceGuard guard(input.device());
-  LinearCEForward pass(input, weight, target, bias, ignore_index, 0.0, 0.0, softcap, chunk_size, vocab_start,
-                       num_classes);
+  LinearCEForward pass(input, weight, target, bias, class_weight, ignore_index, 0.0, 0.0, softcap, chunk_size, stats,
+                       vocab_start, num_classes);
   pass.run();
-  return {pass.lse, pass.state[3].clone(), pass.state[2].clone()};
+  const Tensor shifted = stats ? pass.state[4].clone() : at::empty({0}, pass.lse.options());
+  return {pass.lse, pass.state[3].clone(), pass.state[2].clone(), pass.argmax, shifted};
 }
 
 // With a vocabulary shard, lse is the GLOBAL one (combined across ranks) and
@@ -245,12 +297,12 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_shard_forward(const Tensor& input, 
 // only the sizes of what the forward produced.
 std::tuple<Tensor, Tensor, Tensor> linear_ce_backward(
     const Tensor& grad_loss, const Tensor& input, const Tensor& weight, const Tensor& target,
-    const std::optional<Tensor>& bias, const Tensor& lse, int64_t ignore_index, double label_smoothing,
-    double z_loss, double softcap, int64_t chunk_size, std::array<bool, 3> output_mask, int64_t vocab_start,
-    std::optional<int64_t> num_classes) {
+    const std::optional<Tensor>& bias, const std::optional<Tensor>& class_weight, const Tensor& lse,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, int64_t chunk_size,
+    std::array<bool, 3> output_mask, int64_t vocab_start, std::optional<int64_t> num_classes) {
   c10::DeviceGuard guard(input.device());
-  LinearCEBackward pass(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
-                        vocab_start, num_classes);
+  LinearCEBackward pass(input, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap,
+                        chunk_size, false, vocab_start, num_classes);
   return pass.run(grad_loss, lse, input, weight, output_mask);
 }
 
@@ -263,7 +315,7 @@ struct LinearCESinglePass : LinearCEProblem {
   using LinearCEProblem::LinearCEProblem;
   int64_t block_rows = 0;
   bool need_input = false, need_weight = false, need_bias = false;
-  Tensor state, lse, loss, grad_rows;
+  Tensor state, argmax, lse, loss, grad_rows;
   Tensor grad_input, grad_weight_acc, grad_bias_acc;
   const Chunk vocabulary() const { return {0, classes()}; }
 
@@ -284,9 +336,9 @@ struct LinearCESinglePass : LinearCEProblem {
     with_typed_data<acc_t>(dlogits, [&](auto* out) {
       using grad_t = std::remove_pointer_t<decltype(out)>;
       backend.run(FUSEDLOSS_KERNELS(linear_ce_single_pass_rows<acc_t, grad_t>), params, tile.data_ptr<acc_t>(),
-                  bias_at<acc_t>(0), target.data_ptr<int64_t>() + r.start, row_state<acc_t>(state, r.start),
-                  lse_array_at<acc_t>(lse, r.start), loss.data_ptr<acc_t>() + r.start,
-                  grad_rows.data_ptr<acc_t>() + r.start, out);
+                  bias_at<acc_t>(0), class_weights<acc_t>(), target.data_ptr<int64_t>() + r.start,
+                  row_state<acc_t>(state, argmax, r.start), lse_array_at<acc_t>(lse, r.start),
+                  loss.data_ptr<acc_t>() + r.start, grad_rows.data_ptr<acc_t>() + r.start, out);
     });
   }
 
@@ -302,33 +354,43 @@ struct LinearCESinglePass : LinearCEProblem {
   }
 };
 
+using SumAndGrad = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
 // Recompute pair for when no block of min_block_rows fits the budget: the
 // chunked forward, then the chunked backward with the same per-row gradient.
-std::tuple<Tensor, Tensor, Tensor, Tensor> recompute_sum_and_grad(
-    const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
-    int64_t ignore_index, double label_smoothing, double z_loss, double softcap, const Tensor& grad_rows,
-    std::array<bool, 3> output_mask) {
-  LinearCEForward forward(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
+SumAndGrad recompute_sum_and_grad(const Tensor& input, const Tensor& weight, const Tensor& target,
+                                  const std::optional<Tensor>& bias, const std::optional<Tensor>& class_weight,
+                                  int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+                                  const Tensor& grad_rows, std::array<bool, 3> output_mask, bool stats) {
+  LinearCEForward forward(input, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, 0,
+                          stats);
   forward.run();
-  LinearCEBackward backward(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
+  LinearCEBackward backward(input, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap,
+                            0);
   auto [gi, gw, gb] = backward.run(grad_rows, forward.lse, input, weight, output_mask);
   const Tensor total = forward.loss.mul(grad_rows.to(forward.loss.scalar_type())).sum();
-  return {total, gi, gw, gb};
+  auto [lse, argmax, entropy] = row_statistics(forward, forward.state, forward.lse, forward.argmax);
+  return {total, gi, gw, gb, lse, argmax, entropy};
 }
 
 // The loss and gradients of sum_i loss_i / normalizer (normalizer: a 0-dim
 // tensor, or none for 1) formed in the forward, so that the autograd backward
-// only scales them. memory_budget bounds the tile (+ fp32 dW accumulator) in
-// bytes (0: default_memory_budget); row_block > 0 forces the block size.
-std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_sum_and_grad(
-    const Tensor& input, const Tensor& weight, const Tensor& target, const std::optional<Tensor>& bias,
-    const std::optional<Tensor>& normalizer, int64_t ignore_index, double label_smoothing, double z_loss,
-    double softcap, int64_t row_block, int64_t memory_budget, std::array<bool, 3> output_mask) {
+// only scales them; with `stats` also the rows' lse, argmax and entropy
+// (empty [0] tensors without). memory_budget bounds the tile (+ fp32 dW
+// accumulator) in bytes (0: default_memory_budget); row_block > 0 forces the
+// block size.
+SumAndGrad linear_ce_sum_and_grad(const Tensor& input, const Tensor& weight, const Tensor& target,
+                                  const std::optional<Tensor>& bias, const std::optional<Tensor>& class_weight,
+                                  const std::optional<Tensor>& normalizer, int64_t ignore_index,
+                                  double label_smoothing, double z_loss, double softcap, int64_t row_block,
+                                  int64_t memory_budget, bool stats, std::array<bool, 3> output_mask) {
   c10::DeviceGuard guard(input.device());
-  check_linear_ce(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0, std::nullopt);
+  check_linear_ce(input, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, 0,
+                  std::nullopt);
   checks::normalizer(kOp, normalizer, input);
   TORCH_CHECK_VALUE(memory_budget >= 0, kOp, ": memory_budget must be >= 0 bytes, got ", memory_budget);
-  LinearCESinglePass pass(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, 0);
+  LinearCESinglePass pass(input, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap,
+                          0, stats);
   const int64_t rows = pass.rows(), classes = pass.classes(), dim = input.size(1);
   const auto acc_opts = input.options().dtype(pass.acc_dtype);
   // Every row's upstream gradient: 1 / normalizer, without a host sync.
@@ -337,14 +399,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_sum_and_grad(
   const int64_t accumulator_bytes = half_weight && output_mask[1] ? 4 * classes * dim : 0;
   pass.block_rows = choose_block_rows(rows, classes, row_block, memory_budget, accumulator_bytes, input.is_cuda());
   if (pass.block_rows == 0) {
-    return recompute_sum_and_grad(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
-                                  grad_rows, output_mask);
+    return recompute_sum_and_grad(input, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss,
+                                  softcap, grad_rows, output_mask, stats);
   }
   pass.need_input = output_mask[0];
   pass.need_weight = output_mask[1];
   pass.need_bias = output_mask[2] && bias.has_value();
   pass.grad_rows = grad_rows;
   pass.state = pass.empty_row_state();
+  pass.argmax = pass.empty_argmax();
   pass.lse = at::empty({2, rows}, acc_opts);
   pass.loss = at::empty({rows}, acc_opts);
   const bool one_block = pass.block_rows >= rows;
@@ -359,7 +422,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_ce_sum_and_grad(
   const Tensor total = pass.loss.mul(grad_rows).sum();
   Tensor grad_weight = pass.need_weight ? pass.grad_weight_acc.to(weight.scalar_type()) : pass.grad_weight_acc;
   Tensor grad_bias = pass.need_bias ? pass.grad_bias_acc.to(bias->scalar_type()) : at::empty({0}, input.options());
-  return {total, pass.grad_input, grad_weight, grad_bias};
+  auto [lse, argmax, entropy] = row_statistics(pass, pass.state, pass.lse, pass.argmax);
+  return {total, pass.grad_input, grad_weight, grad_bias, lse, argmax, entropy};
 }
 
 // Frees the CPU tile kept by the single pass between calls.
@@ -369,25 +433,29 @@ void release_cpu_tile() { TileWorkspace::release_cpu_tile(); }
 
 TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
   // `lse` outputs/inputs are LseParts [2, N]: row max and log-sum (numerics.h).
+  // `class_weight` is F.cross_entropy's weight= ([num_classes]); `stats` asks
+  // for the per-row lse [N], argmax [N] and entropy [N] ([0] tensors without).
   m.def(
-      "linear_ce_forward(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
-      "float label_smoothing, float z_loss, float softcap, int chunk_size) -> (Tensor loss, Tensor lse)");
+      "linear_ce_forward(Tensor input, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, int chunk_size, bool stats=False) -> "
+      "(Tensor loss, Tensor lse, Tensor argmax, Tensor entropy)");
   m.def(
       "linear_ce_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor target, Tensor? bias, "
-      "Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap, int chunk_size, "
-      "bool[3] output_mask, int vocab_start=0, int? num_classes=None) -> "
+      "Tensor? class_weight, Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap, "
+      "int chunk_size, bool[3] output_mask, int vocab_start=0, int? num_classes=None) -> "
       "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   m.def(
-      "linear_ce_check(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
-      "float label_smoothing, float z_loss, float softcap, int vocab_start, int num_classes) -> ()");
+      "linear_ce_check(Tensor input, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, int vocab_start, int num_classes) -> ()");
   m.def(
-      "linear_ce_shard_forward(Tensor input, Tensor weight, Tensor target, Tensor? bias, int ignore_index, "
-      "float softcap, int vocab_start, int num_classes, int chunk_size) -> "
-      "(Tensor lse, Tensor target_logit, Tensor sum_logits)");
+      "linear_ce_shard_forward(Tensor input, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
+      "int ignore_index, float softcap, int vocab_start, int num_classes, int chunk_size, bool stats=False) -> "
+      "(Tensor lse, Tensor target_logit, Tensor sum_logits, Tensor argmax, Tensor shifted)");
   m.def(
-      "linear_ce_sum_and_grad(Tensor input, Tensor weight, Tensor target, Tensor? bias, Tensor? normalizer, "
-      "int ignore_index, float label_smoothing, float z_loss, float softcap, int row_block, int memory_budget, "
-      "bool[3] output_mask) -> (Tensor loss_sum, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "linear_ce_sum_and_grad(Tensor input, Tensor weight, Tensor target, Tensor? bias, Tensor? class_weight, "
+      "Tensor? normalizer, int ignore_index, float label_smoothing, float z_loss, float softcap, int row_block, "
+      "int memory_budget, bool stats, bool[3] output_mask) -> (Tensor loss_sum, Tensor grad_input, "
+      "Tensor grad_weight, Tensor grad_bias, Tensor lse, Tensor argmax, Tensor entropy)");
   m.def("release_cpu_tile() -> ()");
 }
 

@@ -48,15 +48,19 @@ def _fake_grads(output_mask, input, weight, bias, weight_format=torch.preserve_f
     return grad_input, grad_weight, grad_bias
 
 
-def _register_recompute_autograd(op, backward_op, fn, num_tensors, grad_inputs):
+def _register_recompute_autograd(op, backward_op, fn, num_tensors, grad_inputs, num_statistics=None,
+                                  num_options=None):
     """Autograd of a forward op ``op(*tensors, *options) -> (loss, *statistics)``
     whose backward op takes ``(grad_loss, *tensors, *statistics, *options,
     output_mask)`` and returns the gradients of the inputs at positions
-    ``grad_inputs`` (an empty tensor where the mask is False)."""
+    ``grad_inputs`` (an empty tensor where the mask is False). The backward
+    gets the first ``num_statistics`` statistics and ``num_options`` options
+    (default: all); outputs besides the loss are not differentiable."""
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:num_tensors], *output[1:])
-        ctx.options = inputs[num_tensors:]
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*inputs[:num_tensors], *output[1:][:num_statistics])
+        ctx.options = inputs[num_tensors:][:num_options]
 
     def backward(ctx, grad_loss, *_grad_statistics):
         forbid_double_backward(fn, grad_loss)
@@ -82,15 +86,17 @@ def _scaled(grad, factor, in_place):
 
 def _register_single_pass_autograd(op, fn, num_tensors, grad_inputs):
     """Autograd of a single-pass op ``op(*tensors, *options, output_mask) ->
-    (loss_sum, *gradients)`` that forms the gradients of the inputs at
-    positions ``grad_inputs`` in its forward: the backward only scales them by
-    the upstream gradient."""
+    (loss_sum, *gradients, *statistics)`` that forms the gradients of the
+    inputs at positions ``grad_inputs`` in its forward: the backward only
+    scales them by the upstream gradient. Statistics (if any) are not
+    differentiated."""
+    num_grads = len(grad_inputs)
 
     def setup_context(ctx, inputs, output):
-        grads = output[1:]
+        grads = output[1:1 + num_grads]
         # The gradients are op outputs that only this node consumes; marking
         # them non-differentiable keeps them out of the graph (no reference cycle).
-        ctx.mark_non_differentiable(*grads)
+        ctx.mark_non_differentiable(*output[1:])
         # Otherwise autograd would hand backward zero-filled "gradients" of
         # those outputs: a transient buffer the size of the weight.
         ctx.set_materialize_grads(False)
@@ -115,7 +121,7 @@ def _register_single_pass_autograd(op, fn, num_tensors, grad_inputs):
             # A retained graph differentiated again: rerun the same single
             # pass, so that every backward is bit-identical (gradcheck's
             # reentrancy test).
-            _, *grads = getattr(ops, op)(*ctx.saved_tensors, *ctx.options)
+            grads = getattr(ops, op)(*ctx.saved_tensors, *ctx.options)[1:1 + num_grads]
             grads = [_scaled(g, grad_sum, True) for g in grads]
         for i, wanted, grad in zip(grad_inputs, mask, grads):
             out[i] = grad if wanted else None
@@ -127,41 +133,56 @@ def _register_single_pass_autograd(op, fn, num_tensors, grad_inputs):
 # ------------------------------------------------------------ linear cross-entropy
 
 
+def _linear_ce_statistics_fake(input, stats):
+    """Fake lse [N], argmax [N] (int64) and entropy [N] ([0] without stats)."""
+    rows = input.shape[0] if stats else 0
+    acc = _common.acc_dtype(input.dtype)
+    return input.new_empty(rows, dtype=acc), input.new_empty(rows, dtype=torch.int64), input.new_empty(rows, dtype=acc)
+
+
 @torch.library.register_fake("fusedloss::linear_ce_forward")
-def _linear_ce_forward_fake(input, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
-                            chunk_size):
+def _linear_ce_forward_fake(input, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss,
+                            softcap, chunk_size, stats=False):
     rows = input.shape[0]
     acc = _common.acc_dtype(input.dtype)
-    return input.new_empty(rows, dtype=acc), input.new_empty(2, rows, dtype=acc)
+    _, argmax, entropy = _linear_ce_statistics_fake(input, stats)
+    return input.new_empty(rows, dtype=acc), input.new_empty(2, rows, dtype=acc), argmax, entropy
 
 
 @torch.library.register_fake("fusedloss::linear_ce_backward")
-def _linear_ce_backward_fake(grad_loss, input, weight, target, bias, lse, ignore_index, label_smoothing,
-                             z_loss, softcap, chunk_size, output_mask, vocab_start=0, num_classes=None):
+def _linear_ce_backward_fake(grad_loss, input, weight, target, bias, class_weight, lse, ignore_index,
+                             label_smoothing, z_loss, softcap, chunk_size, output_mask, vocab_start=0,
+                             num_classes=None):
     return _fake_grads(output_mask, input, weight, bias)
 
 
-# (input, weight, target, bias, *options) -> (loss, lse); gradients of input, weight, bias.
-_register_recompute_autograd("linear_ce_forward", ops.linear_ce_backward, "linear_cross_entropy", 4, (0, 1, 3))
+# (input, weight, target, bias, class_weight, *options, stats) -> (loss, lse, argmax, entropy); the backward
+# takes lse and the options but stats; gradients of input, weight, bias.
+_register_recompute_autograd("linear_ce_forward", ops.linear_ce_backward, "linear_cross_entropy", 5, (0, 1, 3),
+                             num_statistics=1, num_options=5)
 
 
 @torch.library.register_fake("fusedloss::linear_ce_sum_and_grad")
-def _linear_ce_sum_and_grad_fake(input, weight, target, bias, normalizer, ignore_index, label_smoothing, z_loss,
-                                 softcap, row_block, memory_budget, output_mask):
-    return (input.new_empty((), dtype=_common.acc_dtype(input.dtype)), *_fake_grads(output_mask, input, weight, bias))
+def _linear_ce_sum_and_grad_fake(input, weight, target, bias, class_weight, normalizer, ignore_index,
+                                 label_smoothing, z_loss, softcap, row_block, memory_budget, stats, output_mask):
+    return (input.new_empty((), dtype=_common.acc_dtype(input.dtype)), *_fake_grads(output_mask, input, weight, bias),
+            *_linear_ce_statistics_fake(input, stats))
 
 
-# (input, weight, target, bias, normalizer, *options, output_mask) -> (loss_sum, *gradients).
-_register_single_pass_autograd("linear_ce_sum_and_grad", "linear_cross_entropy", 5, (0, 1, 3))
+# (input, weight, target, bias, class_weight, normalizer, *options, stats, output_mask) ->
+# (loss_sum, grad_input, grad_weight, grad_bias, lse, argmax, entropy).
+_register_single_pass_autograd("linear_ce_sum_and_grad", "linear_cross_entropy", 6, (0, 1, 3))
 
 
 @torch.library.register_fake("fusedloss::linear_ce_shard_forward")
-def _linear_ce_shard_forward_fake(input, weight, target, bias, ignore_index, softcap, vocab_start, num_classes,
-                                  chunk_size):
+def _linear_ce_shard_forward_fake(input, weight, target, bias, class_weight, ignore_index, softcap, vocab_start,
+                                  num_classes, chunk_size, stats=False):
     rows = input.shape[0]
     acc = _common.acc_dtype(input.dtype)
-    # lse parts [2, N] (max, log-sum), target logit [N], sum of logits [N].
-    return input.new_empty(2, rows, dtype=acc), input.new_empty(rows, dtype=acc), input.new_empty(rows, dtype=acc)
+    _, argmax, shifted = _linear_ce_statistics_fake(input, stats)
+    # lse parts [2, N] (max, log-sum), target logit [N], sum of logits [N], argmax and entropy term.
+    return (input.new_empty(2, rows, dtype=acc), input.new_empty(rows, dtype=acc), input.new_empty(rows, dtype=acc),
+            argmax, shifted)
 
 
 # ---------------------------------------------------------------- sampled softmax / NCE

@@ -54,6 +54,28 @@ def check_finite(value, name, *, positive=False, allow_none=False):
     return float(value)
 
 
+def check_normalizer(normalizer, reduction, fn):
+    """None, a positive finite number, or a 1-element tensor (its value is not
+    read: no host sync), valid only with reduction='sum', whose total it divides."""
+    if normalizer is None:
+        return None
+    if reduction != "sum":
+        raise ValueError(f"{fn}: normalizer= divides the summed loss; pass reduction='sum' with it, "
+                         f"got reduction={reduction!r}")
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1 or normalizer.is_complex() or normalizer.dtype == torch.bool:
+            raise ValueError(f"{fn}: normalizer must be a number or a 1-element real tensor, got a "
+                             f"{normalizer.dtype} tensor of shape {tuple(normalizer.shape)}")
+        return normalizer
+    return check_finite(normalizer, "normalizer", positive=True)
+
+
+def check_optional_tensor(value, name, fn):
+    if value is not None and not isinstance(value, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {type(value).__name__}")
+    return value
+
+
 def check_generator(generator, device, name="generator"):
     """``generator`` is None or a ``torch.Generator`` of ``device``'s type
     (torch's own error for a mismatch names neither the argument nor the fix)."""

@@ -15,10 +15,11 @@
 namespace fusedloss::cpu {
 
 namespace {
-// Overwrites one row of raw logits with softcap(logit + bias) and returns its max and sum.
+// Overwrites one row of raw logits with softcap(logit + bias) and returns its
+// max and its sum (Σ_j w_j y_j with class weights w).
 template <typename acc_t>
-void transform_row(acc_t* y, const acc_t* bias, int64_t columns, acc_t cap, acc_t& row_max,
-                   acc_t& row_sum) {
+void transform_row(acc_t* y, const acc_t* bias, const acc_t* column_weight, int64_t columns, acc_t cap,
+                   acc_t& row_max, acc_t& row_sum) {
   acc_t m = neg_infinity<acc_t>(), s = 0;
 #pragma omp simd reduction(max : m) reduction(+ : s)
   for (int64_t j = 0; j < columns; ++j) {
@@ -26,33 +27,78 @@ void transform_row(acc_t* y, const acc_t* bias, int64_t columns, acc_t cap, acc_
     v = softcap_apply(v, cap);
     y[j] = v;
     m = v > m ? v : m;
-    s += v;
+    s += column_weight ? column_weight[j] * v : v;
   }
   row_max = m;
   row_sum = s;
 }
 
-// Folds one row of the tile (overwritten with softcap(logit + bias)) into its state.
-template <typename acc_t>
-void fold_row(const LinearCEParams& p, int64_t row, acc_t* y, const acc_t* bias, const int64_t* target,
-              LinearCERowState<acc_t> state) {
-  const int64_t columns = p.chunk_columns;
-  acc_t chunk_max, chunk_sum_logits;
-  transform_row(y, bias, columns, static_cast<acc_t>(p.softcap), chunk_max, chunk_sum_logits);
-  acc_t chunk_sum_exp = 0;
-#pragma omp simd reduction(+ : chunk_sum_exp)
-  for (int64_t j = 0; j < columns; ++j) chunk_sum_exp += exp_vectorizable(y[j] - chunk_max);
+// Σ exp(y - max) of a row and, with kStats, Σ exp(y - max)·(y - max) (the
+// entropy term); with kKeep the exps overwrite y.
+template <bool kStats, bool kKeep, typename acc_t>
+void exp_sums(acc_t* y, int64_t columns, acc_t max, acc_t& sum, acc_t& shifted) {
+  acc_t s = 0, t = 0;
+#pragma omp simd reduction(+ : s, t)
+  for (int64_t j = 0; j < columns; ++j) {
+    const acc_t d = y[j] - max;
+    const acc_t e = exp_vectorizable(d);
+    if constexpr (kKeep) y[j] = e;
+    s += e;
+    if constexpr (kStats) t += e * d;
+  }
+  sum = s;
+  shifted = t;
+}
 
-  lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{chunk_max, chunk_sum_exp});
-  state.sum_logits[row] += chunk_sum_logits;
+// exp_sums with the statistics' term only when they are asked for: the
+// default loop stays the plain one.
+template <bool kKeep, typename acc_t>
+void row_exp_sums(const LinearCEParams& p, acc_t* y, acc_t max, acc_t& sum, acc_t& shifted) {
+  if (p.with_stats) {
+    exp_sums<true, kKeep>(y, p.chunk_columns, max, sum, shifted);
+  } else {
+    exp_sums<false, kKeep>(y, p.chunk_columns, max, sum, shifted);
+  }
+}
+
+// The first of a row's columns holding its max (torch.argmax's rule on ties);
+// 0 when none does (a NaN row).
+template <typename acc_t>
+int64_t first_max_column(const acc_t* y, int64_t columns, acc_t max) {
+  const int64_t first = std::find(y, y + columns, max) - y;
+  return first < columns ? first : 0;
+}
+
+// Folds one row of the tile (overwritten with softcap(logit + bias)) into its
+// state and returns the chunk's max. With kKeep the tile is left holding
+// exp(y - chunk max) (the single pass's uncapped rows reuse them).
+template <bool kKeep, typename acc_t>
+acc_t fold_row(const LinearCEParams& p, int64_t row, acc_t* y, const acc_t* bias, ClassWeights<acc_t> class_weight,
+               const int64_t* target, LinearCERowState<acc_t> state) {
+  const int64_t columns = p.chunk_columns;
+  acc_t chunk_max, chunk_sum_logits, chunk_sum_exp, chunk_shifted;
+  transform_row(y, bias, class_weight.columns(p.chunk_start), columns, static_cast<acc_t>(p.softcap), chunk_max,
+                chunk_sum_logits);
   const int64_t t = target[row] - p.chunk_start;
   if (t >= 0 && t < columns) state.target_logit[row] = y[t];
+  // Scanned while the tile still holds the logits (kKeep overwrites them).
+  const int64_t argmax = p.with_stats ? p.chunk_start + first_max_column(y, columns, chunk_max) : 0;
+  row_exp_sums<kKeep>(p, y, chunk_max, chunk_sum_exp, chunk_shifted);
+  if (p.with_stats) {
+    state.store_stats(row, softmax_stats_merge(state.stats(row), SoftmaxStats<acc_t>{chunk_max, chunk_sum_exp,
+                                                                                     chunk_shifted, argmax}));
+  } else {
+    lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{chunk_max, chunk_sum_exp});
+  }
+  state.sum_logits[row] += chunk_sum_logits;
+  return chunk_max;
 }
 
 // Writes one row's dlogits (see linear_ce_chunk_grad).
 template <typename acc_t, typename grad_t>
-void grad_row(const LinearCEParams& p, int64_t row, const acc_t* z, const acc_t* bias, const int64_t* target,
-              LseArray<const acc_t> lse, const acc_t* grad_loss, grad_t* dz) {
+void grad_row(const LinearCEParams& p, int64_t row, const acc_t* z, const acc_t* bias,
+              ClassWeights<acc_t> class_weight, const int64_t* target, LseArray<const acc_t> lse,
+              const acc_t* grad_loss, grad_t* dz) {
   const int64_t columns = p.chunk_columns;
   if (target[row] == p.ignore_index) {
     // Skipped, not multiplied by 0: a padding row may hold inf/NaN.
@@ -60,12 +106,13 @@ void grad_row(const LinearCEParams& p, int64_t row, const acc_t* z, const acc_t*
     return;
   }
   const acc_t cap = static_cast<acc_t>(p.softcap);
-  const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss), acc_t(p.num_classes)};
+  const CrossEntropyTerms<acc_t> terms = linear_ce_terms(p, class_weight, target[row]);
   const acc_t g = linear_ce_target_valid(p, target[row]) ? grad_loss[row] : std::numeric_limits<acc_t>::quiet_NaN();
   const LseParts<acc_t> row_lse = lse[row];
-  // Everything except the target column is  g * (c1 * p_j - c0) * softcap'.
-  const acc_t prob_scale = g * (acc_t(1) + acc_t(2) * terms.z_loss * row_lse.value());
+  // Everything except the target column is  g * (c1 * p_j - c0 * w_j) * softcap'.
+  const acc_t prob_scale = g * terms.prob_coefficient(row_lse.value());
   const acc_t uniform = g * terms.label_smoothing / terms.num_classes;
+  const acc_t* column_weight = linear_ce_smoothing_weights(p, class_weight);
   const acc_t row_max = row_lse.max, log_sum = row_lse.log_sum;
   // Read the target's raw logit first: dz may overwrite z.
   const int64_t t = target[row] - p.chunk_start;
@@ -76,14 +123,16 @@ void grad_row(const LinearCEParams& p, int64_t row, const acc_t* z, const acc_t*
 #pragma omp simd
   for (int64_t j = 0; j < columns; ++j) {
     const acc_t y = softcap_apply(z[j] + (column_bias ? column_bias[j] : acc_t(0)), tile_cap);
-    const acc_t d = (prob_scale * exp_vectorizable((y - row_max) - log_sum) - uniform) *
+    const acc_t d = (prob_scale * exp_vectorizable((y - row_max) - log_sum) -
+                     uniform * (column_weight ? column_weight[j] : acc_t(1))) *
                     softcap_grad_from_output(y, cap);
     dz[j] = static_cast<grad_t>(d);
   }
   if (target_here) {
     // The target column also carries the one-hot term.
     const acc_t y = softcap_apply(target_z + (column_bias ? column_bias[t] : acc_t(0)), tile_cap);
-    const acc_t d = g * terms.logit_grad(exp_acc(row_lse.log_prob(y)), true, row_lse.value()) *
+    const acc_t d = g * terms.logit_grad(exp_acc(row_lse.log_prob(y)), true, row_lse.value(),
+                                         column_weight ? column_weight[t] : acc_t(1)) *
                     softcap_grad_from_output(y, cap);
     dz[t] = static_cast<grad_t>(d);
   }
@@ -92,25 +141,30 @@ void grad_row(const LinearCEParams& p, int64_t row, const acc_t* z, const acc_t*
 
 template <typename acc_t>
 void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const acc_t* bias,
-                                const int64_t* target, LinearCERowState<acc_t> state) {
+                                ClassWeights<acc_t> class_weight, const int64_t* target,
+                                LinearCERowState<acc_t> state) {
   at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) fold_row(p, row, logits + row * p.logits_stride, bias, target, state);
+    for (int64_t row = begin; row < end; ++row) {
+      fold_row<false>(p, row, logits + row * p.logits_stride, bias, class_weight, target, state);
+    }
   });
 }
 
 template <typename acc_t>
-void linear_ce_finalize(const LinearCEParams& p, const int64_t* target,
+void linear_ce_finalize(const LinearCEParams& p, const int64_t* target, ClassWeights<acc_t> class_weight,
                         LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss) {
-  for_each_row(p.num_rows, [&](int64_t row) { linear_ce_finalize_row(p, row, target, state, lse, loss); });
+  for_each_row(p.num_rows,
+               [&](int64_t row) { linear_ce_finalize_row(p, row, target, class_weight, state, lse, loss); });
 }
 
 template <typename acc_t, typename grad_t>
 void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
-                          const int64_t* target, LseArray<const acc_t> lse, const acc_t* grad_loss,
-                          grad_t* dlogits) {
+                          ClassWeights<acc_t> class_weight, const int64_t* target, LseArray<const acc_t> lse,
+                          const acc_t* grad_loss, grad_t* dlogits) {
   at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      grad_row(p, row, logits + row * p.logits_stride, bias, target, lse, grad_loss, dlogits + row * p.dlogits_stride);
+      grad_row(p, row, logits + row * p.logits_stride, bias, class_weight, target, lse, grad_loss,
+               dlogits + row * p.dlogits_stride);
     }
   });
 }
@@ -120,46 +174,41 @@ void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const ac
 // instead of two. The tile holds a whole row, so the row's max is the fold's.
 template <typename acc_t, typename grad_t>
 void fold_and_grad_uncapped_row(const LinearCEParams& p, int64_t row, acc_t* y, const acc_t* bias,
-                                const int64_t* target, LinearCERowState<acc_t> state, LseArray<acc_t> lse,
-                                acc_t* loss, const acc_t* grad_loss, grad_t* dz) {
+                                ClassWeights<acc_t> class_weight, const int64_t* target,
+                                LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss,
+                                const acc_t* grad_loss, grad_t* dz) {
   const int64_t columns = p.chunk_columns;
-  acc_t row_max, sum_logits;
-  transform_row(y, bias, columns, acc_t(0), row_max, sum_logits);
-  const int64_t t = target[row] - p.chunk_start;
-  if (t >= 0 && t < columns) state.target_logit[row] = y[t];
-  acc_t sum_exp = 0;
-#pragma omp simd reduction(+ : sum_exp)
-  for (int64_t j = 0; j < columns; ++j) {
-    const acc_t e = exp_vectorizable(y[j] - row_max);
-    y[j] = e;
-    sum_exp += e;
-  }
-  lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{row_max, sum_exp});
-  state.sum_logits[row] += sum_logits;
-  linear_ce_finalize_row(p, row, target, state, lse, loss);
+  const acc_t row_max = fold_row<true>(p, row, y, bias, class_weight, target, state);
+  linear_ce_finalize_row(p, row, target, class_weight, state, lse, loss);
   if (target[row] == p.ignore_index) {
     std::fill_n(dz, columns, grad_t(0));  // skipped, not multiplied by 0 (inf/NaN padding)
     return;
   }
-  const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss), acc_t(p.num_classes)};
+  const int64_t t = target[row] - p.chunk_start;
+  const CrossEntropyTerms<acc_t> terms = linear_ce_terms(p, class_weight, target[row]);
   const acc_t g = linear_ce_target_valid(p, target[row]) ? grad_loss[row] : std::numeric_limits<acc_t>::quiet_NaN();
   const LseParts<acc_t> row_lse = lse[row];
   // p_j = exp(y_j - row_max) * exp((row_max - lse.max) - lse.log_sum).
   const acc_t to_prob = exp_acc((row_max - row_lse.max) - row_lse.log_sum);
-  const acc_t prob_scale = g * (acc_t(1) + acc_t(2) * terms.z_loss * row_lse.value()) * to_prob;
+  const acc_t prob_scale = g * terms.prob_coefficient(row_lse.value()) * to_prob;
   const acc_t uniform = g * terms.label_smoothing / terms.num_classes;
+  const acc_t* column_weight = linear_ce_smoothing_weights(p, class_weight);
   const acc_t target_e = t >= 0 && t < columns ? y[t] : acc_t(0);  // read before dz may overwrite it
 #pragma omp simd
-  for (int64_t j = 0; j < columns; ++j) dz[j] = static_cast<grad_t>(prob_scale * y[j] - uniform);
+  for (int64_t j = 0; j < columns; ++j) {
+    dz[j] = static_cast<grad_t>(prob_scale * y[j] - uniform * (column_weight ? column_weight[j] : acc_t(1)));
+  }
   if (t >= 0 && t < columns) {
-    dz[t] = static_cast<grad_t>(g * terms.logit_grad(target_e * to_prob, true, row_lse.value()));
+    dz[t] = static_cast<grad_t>(g * terms.logit_grad(target_e * to_prob, true, row_lse.value(),
+                                                     column_weight ? column_weight[t] : acc_t(1)));
   }
 }
 
 // Each row is folded, finalized and turned into dlogits while it is still in
 // the core's cache: one trip of the tile through memory instead of three.
 template <typename acc_t, typename grad_t>
-void linear_ce_single_pass_rows(const LinearCEParams& p, acc_t* logits, const acc_t* bias, const int64_t* target,
+void linear_ce_single_pass_rows(const LinearCEParams& p, acc_t* logits, const acc_t* bias,
+                                ClassWeights<acc_t> class_weight, const int64_t* target,
                                 LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss,
                                 const acc_t* grad_loss, grad_t* dlogits) {
   LinearCEParams transformed = p;
@@ -170,28 +219,30 @@ void linear_ce_single_pass_rows(const LinearCEParams& p, acc_t* logits, const ac
       acc_t* y = logits + row * p.logits_stride;
       grad_t* dz = dlogits + row * p.dlogits_stride;
       if (p.softcap <= 0.0) {
-        fold_and_grad_uncapped_row(p, row, y, bias, target, state, lse, loss, grad_loss, dz);
+        fold_and_grad_uncapped_row(p, row, y, bias, class_weight, target, state, lse, loss, grad_loss, dz);
         continue;
       }
-      fold_row(p, row, y, bias, target, state);
-      linear_ce_finalize_row(p, row, target, state, lse, loss);
-      grad_row(transformed, row, y, bias, target, row_lse, grad_loss, dz);
+      fold_row<false>(p, row, y, bias, class_weight, target, state);
+      linear_ce_finalize_row(p, row, target, class_weight, state, lse, loss);
+      grad_row(transformed, row, y, bias, class_weight, target, row_lse, grad_loss, dz);
     }
   });
 }
 
 #define FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU(acc_t)                                             \
   template void linear_ce_accumulate_chunk<acc_t>(const LinearCEParams&, acc_t*, const acc_t*, \
-                                                  const int64_t*, LinearCERowState<acc_t>);    \
-  template void linear_ce_finalize<acc_t>(const LinearCEParams&, const int64_t*,               \
+                                                  ClassWeights<acc_t>, const int64_t*,         \
+                                                  LinearCERowState<acc_t>);                    \
+  template void linear_ce_finalize<acc_t>(const LinearCEParams&, const int64_t*, ClassWeights<acc_t>, \
                                           LinearCERowState<acc_t>, LseArray<acc_t>, acc_t*);
 #define FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU(acc_t, grad_t)                                  \
   template void linear_ce_chunk_grad<acc_t, grad_t>(const LinearCEParams&, const acc_t*,         \
-                                                    const acc_t*, const int64_t*,                \
-                                                    LseArray<const acc_t>, const acc_t*, grad_t*); \
+                                                    const acc_t*, ClassWeights<acc_t>,           \
+                                                    const int64_t*, LseArray<const acc_t>,       \
+                                                    const acc_t*, grad_t*);                      \
   template void linear_ce_single_pass_rows<acc_t, grad_t>(                                       \
-      const LinearCEParams&, acc_t*, const acc_t*, const int64_t*, LinearCERowState<acc_t>,      \
-      LseArray<acc_t>, acc_t*, const acc_t*, grad_t*);
+      const LinearCEParams&, acc_t*, const acc_t*, ClassWeights<acc_t>, const int64_t*,          \
+      LinearCERowState<acc_t>, LseArray<acc_t>, acc_t*, const acc_t*, grad_t*);
 
 FUSEDLOSS_FOR_ACC_TYPES(FUSEDLOSS_INSTANTIATE_LINEAR_CE_CPU)
 FUSEDLOSS_FOR_DLOGITS_TYPES(FUSEDLOSS_INSTANTIATE_LINEAR_CE_GRAD_CPU)

@@ -34,6 +34,22 @@ struct LinearCEParams {
   // always does, it needs two passes anyway), and the gradient kernel then
   // reads the tile as already transformed. Used when one tile serves both.
   bool tile_transformed;
+  // Also track each row's argmax and entropy term (LinearCERowState's
+  // `shifted` / `argmax`); off, the kernels take the plain LSE loops.
+  bool with_stats;
+};
+
+// Class weights of F.cross_entropy(weight=w): w[num_classes] indexed by
+// vocabulary column (the full vocabulary also when vocabulary-parallel) and
+// Σ_j w_j as a device scalar (summed on the device: no host sync).
+// weight == nullptr: no class weights.
+template <typename acc_t>
+struct ClassWeights {
+  const acc_t* weight;
+  const acc_t* total;
+
+  // The weights of the chunk's columns, or nullptr without weights.
+  FL_HOST_DEVICE const acc_t* columns(int64_t chunk_start) const { return weight ? weight + chunk_start : nullptr; }
 };
 
 // Per-row running statistics of the forward pass, one array each of length N.
@@ -43,6 +59,19 @@ struct LinearCERowState {
   acc_t* sum_exp;       // running sum of exp(y - max)
   acc_t* sum_logits;    // running sum of y (label smoothing needs mean_j y_j)
   acc_t* target_logit;  // y at the target column, once its chunk is seen
+  // Only when p.with_stats (else nullptr):
+  acc_t* shifted;       // running Σ exp(y - max)·(y - max) (SoftmaxStats, numerics.h)
+  int64_t* argmax;      // first column holding the running max
+
+  FL_HOST_DEVICE SoftmaxStats<acc_t> stats(int64_t row) const {
+    return {max[row], sum_exp[row], shifted[row], argmax[row]};
+  }
+  FL_HOST_DEVICE void store_stats(int64_t row, SoftmaxStats<acc_t> s) const {
+    max[row] = s.max;
+    sum_exp[row] = s.sum;
+    shifted[row] = s.shifted;
+    argmax[row] = s.argmax;
+  }
 };
 
 // Targets are range-checked before the op, except on CUDA under torch.compile
@@ -53,15 +82,32 @@ FL_HOST_DEVICE bool linear_ce_target_valid(const LinearCEParams& p, int64_t t) {
   return t >= 0 && t < p.num_classes;
 }
 
+// The cross-entropy terms of a row with target t: its class weight (1 without
+// weights, or for an ignored / invalid target, whose loss is 0 / NaN anyway).
+template <typename acc_t>
+FL_HOST_DEVICE CrossEntropyTerms<acc_t> linear_ce_terms(const LinearCEParams& p, ClassWeights<acc_t> w, int64_t t) {
+  const acc_t classes = acc_t(p.num_classes);
+  const acc_t target_weight = w.weight && linear_ce_target_valid(p, t) ? w.weight[t] : acc_t(1);
+  return {acc_t(p.label_smoothing), acc_t(p.z_loss), classes, target_weight, w.weight ? *w.total : classes};
+}
+
+// Per-column class weights of the smoothing term of the gradient (nullptr when
+// there are none or eps = 0: every column's weight is then 1).
+template <typename acc_t>
+FL_HOST_DEVICE const acc_t* linear_ce_smoothing_weights(const LinearCEParams& p, ClassWeights<acc_t> w) {
+  return p.label_smoothing > 0.0 ? w.columns(p.chunk_start) : nullptr;
+}
+
 // The row's lse (as LseParts) from the row state and the row's loss (0 when
 // the target is ignored); the one formula behind the CPU and CUDA finalize kernels.
 template <typename acc_t>
 FL_HOST_DEVICE void linear_ce_finalize_row(const LinearCEParams& p, int64_t row, const int64_t* target,
-                                           LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss) {
-  const CrossEntropyTerms<acc_t> terms{acc_t(p.label_smoothing), acc_t(p.z_loss), acc_t(p.num_classes)};
+                                           ClassWeights<acc_t> class_weight, LinearCERowState<acc_t> state,
+                                           LseArray<acc_t> lse, acc_t* loss) {
+  const int64_t t = target[row];
+  const CrossEntropyTerms<acc_t> terms = linear_ce_terms(p, class_weight, t);
   const LseParts<acc_t> parts = LseState<acc_t>{state.max[row], state.sum_exp[row]}.parts();
   lse.store(row, parts);
-  const int64_t t = target[row];
   loss[row] = t == p.ignore_index                ? acc_t(0)
               : !linear_ce_target_valid(p, t) ? std::numeric_limits<acc_t>::quiet_NaN()
                                                 : terms.row_loss(parts.value(), state.target_logit[row],
@@ -70,15 +116,16 @@ FL_HOST_DEVICE void linear_ce_finalize_row(const LinearCEParams& p, int64_t row,
 
 namespace cpu {
 // Fold one chunk of raw logits [N, chunk_columns] (bias not yet added) into the
-// row state. The tile may be overwritten with softcap(logits + bias) (always on
+// row state; with class weights, sum_logits is Σ_j w_j y_j. The tile may be overwritten with softcap(logits + bias) (always on
 // the CPU; on CUDA when p.tile_transformed).
 template <typename acc_t>
 void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const acc_t* bias,
-                                const int64_t* target, LinearCERowState<acc_t> state);
+                                ClassWeights<acc_t> class_weight, const int64_t* target,
+                                LinearCERowState<acc_t> state);
 // Turn the row state into the lse parts [2, N] and the per-row loss[N] (0 on
 // ignored rows).
 template <typename acc_t>
-void linear_ce_finalize(const LinearCEParams& p, const int64_t* target,
+void linear_ce_finalize(const LinearCEParams& p, const int64_t* target, ClassWeights<acc_t> class_weight,
                         LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss);
 // dlogits of one chunk, scaled by the per-row upstream gradient grad_loss[N].
 // Ignored rows get exact zeros whatever their logits (NaN/inf padding cannot
@@ -88,12 +135,13 @@ void linear_ce_finalize(const LinearCEParams& p, const int64_t* target,
 // logits, or softcap(logits + bias) when p.tile_transformed.
 template <typename acc_t, typename grad_t>
 void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
-                          const int64_t* target, LseArray<const acc_t> lse, const acc_t* grad_loss,
-                          grad_t* dlogits);
+                          ClassWeights<acc_t> class_weight, const int64_t* target, LseArray<const acc_t> lse,
+                          const acc_t* grad_loss, grad_t* dlogits);
 // The single pass's row kernel over a whole-vocabulary tile of rows: fold,
 // finalize (lse, loss) and dlogits of every row, written over the tile.
 template <typename acc_t, typename grad_t>
-void linear_ce_single_pass_rows(const LinearCEParams& p, acc_t* logits, const acc_t* bias, const int64_t* target,
+void linear_ce_single_pass_rows(const LinearCEParams& p, acc_t* logits, const acc_t* bias,
+                                ClassWeights<acc_t> class_weight, const int64_t* target,
                                 LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss,
                                 const acc_t* grad_loss, grad_t* dlogits);
 }  // namespace cpu
@@ -102,17 +150,18 @@ void linear_ce_single_pass_rows(const LinearCEParams& p, acc_t* logits, const ac
 namespace cuda {
 template <typename acc_t>
 void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const acc_t* bias,
-                                const int64_t* target, LinearCERowState<acc_t> state,
-                                void* stream);
+                                ClassWeights<acc_t> class_weight, const int64_t* target,
+                                LinearCERowState<acc_t> state, void* stream);
 template <typename acc_t>
-void linear_ce_finalize(const LinearCEParams& p, const int64_t* target,
+void linear_ce_finalize(const LinearCEParams& p, const int64_t* target, ClassWeights<acc_t> class_weight,
                         LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss, void* stream);
 template <typename acc_t, typename grad_t>
 void linear_ce_chunk_grad(const LinearCEParams& p, const acc_t* logits, const acc_t* bias,
-                          const int64_t* target, LseArray<const acc_t> lse, const acc_t* grad_loss,
-                          grad_t* dlogits, void* stream);
+                          ClassWeights<acc_t> class_weight, const int64_t* target, LseArray<const acc_t> lse,
+                          const acc_t* grad_loss, grad_t* dlogits, void* stream);
 template <typename acc_t, typename grad_t>
-void linear_ce_single_pass_rows(const LinearCEParams& p, acc_t* logits, const acc_t* bias, const int64_t* target,
+void linear_ce_single_pass_rows(const LinearCEParams& p, acc_t* logits, const acc_t* bias,
+                                ClassWeights<acc_t> class_weight, const int64_t* target,
                                 LinearCERowState<acc_t> state, LseArray<acc_t> lse, acc_t* loss,
                                 const acc_t* grad_loss, grad_t* dlogits, void* stream);
 }  // namespace cuda

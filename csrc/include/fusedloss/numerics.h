@@ -113,31 +113,69 @@ FL_HOST_DEVICE acc_t softcap_grad_from_output(acc_t y, acc_t cap) {
 // Options of a softmax cross-entropy row, in the accumulation type.
 // With label smoothing eps over C classes the target distribution puts
 // (1 - eps) + eps/C on the true class and eps/C on every other class, which is
-// PyTorch's F.cross_entropy(label_smoothing=eps).
+// PyTorch's F.cross_entropy(label_smoothing=eps). Class weights w (its
+// weight=) scale the target's term by w[target] and each class's smoothing
+// term by w_j: loss = w_t ((1-eps)(lse - y_t) + z lse^2) + eps/C Σ_j w_j (lse - y_j).
+// Without weights, target_weight = 1 and weight_total = C.
 template <typename acc_t>
 struct CrossEntropyTerms {
   acc_t label_smoothing;  // eps in [0, 1]
-  acc_t z_loss;           // coefficient of lse^2 added to each row's loss
+  acc_t z_loss;           // coefficient of lse^2 added to each row's loss (scaled by w[target])
   acc_t num_classes;      // C, the number of columns the softmax runs over
+  acc_t target_weight;    // w[target]
+  acc_t weight_total;     // Σ_j w_j
 
-  // loss = lse - (1-eps) * y_target - eps * mean_j(y_j) + z * lse^2. The
-  // smoothing term is skipped (not multiplied by 0) when eps = 0: a column
-  // masked to -inf makes sum_logits -inf, and 0 * -inf would be NaN. With
-  // eps > 0 such a column makes the loss +inf, as in F.cross_entropy.
+  // sum_logits is Σ_j w_j y_j (Σ_j y_j without weights). The smoothing term is
+  // skipped (not multiplied by 0) when eps = 0: a column masked to -inf makes
+  // sum_logits -inf, and 0 * -inf would be NaN. With eps > 0 such a column
+  // makes the loss +inf, as in F.cross_entropy.
   FL_HOST_DEVICE acc_t row_loss(acc_t lse, acc_t target_logit, acc_t sum_logits) const {
-    acc_t loss = lse - (acc_t(1) - label_smoothing) * target_logit + z_loss * lse * lse;
-    if (label_smoothing > acc_t(0)) loss -= label_smoothing * sum_logits / num_classes;
+    acc_t loss = target_weight * ((acc_t(1) - label_smoothing) * (lse - target_logit) + z_loss * lse * lse);
+    if (label_smoothing > acc_t(0)) loss += label_smoothing / num_classes * (weight_total * lse - sum_logits);
     return loss;
   }
 
-  // d loss / d y_j for one column, before the softcap chain rule:
-  // (1 + 2 z lse) * p_j - (1-eps) * [j == target] - eps / C
-  FL_HOST_DEVICE acc_t logit_grad(acc_t prob, bool is_target, acc_t lse) const {
-    acc_t g = (acc_t(1) + acc_t(2) * z_loss * lse) * prob - label_smoothing / num_classes;
-    if (is_target) g -= acc_t(1) - label_smoothing;
+  // The coefficient of p_j in d loss / d y_j: w_t (1 - eps + 2 z lse) + eps W / C.
+  FL_HOST_DEVICE acc_t prob_coefficient(acc_t lse) const {
+    return target_weight * (acc_t(1) - label_smoothing + acc_t(2) * z_loss * lse) +
+           label_smoothing * weight_total / num_classes;
+  }
+
+  // d loss / d y_j for one column of class weight w_j, before the softcap
+  // chain rule: prob_coefficient * p_j - (1-eps) w_t [j == target] - eps w_j / C
+  FL_HOST_DEVICE acc_t logit_grad(acc_t prob, bool is_target, acc_t lse, acc_t column_weight = acc_t(1)) const {
+    acc_t g = prob_coefficient(lse) * prob - label_smoothing * column_weight / num_classes;
+    if (is_target) g -= (acc_t(1) - label_smoothing) * target_weight;
     return g;
   }
 };
+
+// An LseState plus what a row's softmax statistics need: the running
+// Σ exp(x - max)·(x - max), from which the entropy is log(sum) - shifted / sum
+// (relative to the max: no cancellation against an absolute lse of ~1e4), and
+// the first column holding the max (torch.argmax's rule on ties).
+template <typename acc_t>
+struct SoftmaxStats {
+  acc_t max;
+  acc_t sum;
+  acc_t shifted;
+  int64_t argmax;
+
+  FL_HOST_DEVICE acc_t entropy() const { return log_acc(sum) - shifted / sum; }
+};
+
+// Associative merge: the side with the larger max (the lower column on a tie)
+// leads, the other's sums are rescaled to its max.
+template <typename acc_t>
+FL_HOST_DEVICE SoftmaxStats<acc_t> softmax_stats_merge(SoftmaxStats<acc_t> a, SoftmaxStats<acc_t> b) {
+  if (a.max == neg_infinity<acc_t>()) return b;
+  if (b.max == neg_infinity<acc_t>()) return a;
+  const bool a_leads = a.max > b.max || (a.max == b.max && a.argmax < b.argmax);
+  const SoftmaxStats<acc_t>& hi = a_leads ? a : b;
+  const SoftmaxStats<acc_t>& lo = a_leads ? b : a;
+  const acc_t shift = lo.max - hi.max, scale = exp_acc(shift);
+  return {hi.max, hi.sum + scale * lo.sum, hi.shifted + scale * (lo.shifted + shift * lo.sum), hi.argmax};
+}
 
 // Numerically stable log(sigmoid(x)) = -softplus(-x), used by the NCE terms.
 template <typename acc_t>
