@@ -154,7 +154,9 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         from .distributed import dtensor
         return dtensor.linear_cross_entropy(input, weight, target, bias, ignore_index=ignore_index,
                                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                                            reduction=reduction, chunk_size=chunk_size, memory_budget=memory_budget)
+                                            reduction=reduction, class_weight=class_weight, normalizer=normalizer,
+                                            return_stats=return_stats, chunk_size=chunk_size,
+                                            memory_budget=memory_budget)
     _validate.check_reduction(reduction)
     normalizer = _validate.check_normalizer(normalizer, reduction, fn)
     softcap = _validate.check_finite(softcap, "softcap", positive=True, allow_none=True)

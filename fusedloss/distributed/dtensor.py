@@ -75,28 +75,34 @@ class _DataParallel:
 
 
 def linear_cross_entropy(input, weight, target, bias, *, ignore_index, label_smoothing, z_loss, softcap, reduction,
-                         chunk_size, memory_budget):
+                         class_weight, normalizer, return_stats, chunk_size, memory_budget):
     fn = "linear_cross_entropy"
     kind, mesh = _layout(fn, weight, bias, (("input", input), ("target", target)))
     if kind == "replicate":
         return _linear_ce.linear_cross_entropy(input, weight.to_local(), target, _local(bias),
                                                ignore_index=ignore_index, label_smoothing=label_smoothing,
                                                z_loss=z_loss, softcap=softcap, reduction=reduction,
-                                               chunk_size=chunk_size, memory_budget=memory_budget)
+                                               class_weight=class_weight, normalizer=normalizer,
+                                               return_stats=return_stats, chunk_size=chunk_size,
+                                               memory_budget=memory_budget)
     dp = _DataParallel(weight, bias, mesh)
 
     def local_check():
         nonlocal target
-        target = _linear_ce._coerce_operands(fn, input, dp.weight, target, dp.bias)
+        target = _linear_ce._coerce_operands(fn, input, dp.weight, target, dp.bias, class_weight)
         return [target.numel(), input.shape[-1]]
 
     validated(fn, dp.group, input, local_check, (_LOCAL_ROWS, _FEATURES))
     loss = _linear_cross_entropy(
         gather(_common.as_rows(input), dp.group), dp.weight, all_gather_rows(target.reshape(-1), dp.group), dp.bias,
         vocab_start=dp.vocab_start, num_classes=dp.num_classes, group=dp.group, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction, chunk_size=chunk_size,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction,
+        class_weight=class_weight, normalizer=normalizer, return_stats=return_stats, chunk_size=chunk_size,
         own_rank=dp.rank)
-    return loss.reshape(target.shape) if reduction == "none" else loss
+    # This rank's rows come back flat: shaped like its target again.
+    loss, *stats = loss if return_stats else (loss,)
+    loss = loss.reshape(target.shape) if reduction == "none" else loss
+    return _linear_ce.LinearCEOutput(loss, *(s.reshape(target.shape) for s in stats)) if return_stats else loss
 
 
 def sampled_loss(options, *, input, weight, target, bias, sampled_values, generator):

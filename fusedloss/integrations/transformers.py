@@ -254,14 +254,12 @@ def _training_forward(self, state, kwargs):
         hidden, shift_labels = hidden.reshape(-1, hidden.shape[-1]), shift_labels.reshape(-1)
     softcap = self.config.get_text_config().final_logit_softcapping if state.softcap else None
 
-    if num_items_in_batch is None:
-        loss = linear_cross_entropy(hidden, weight, shift_labels, bias, ignore_index=ignore_index, softcap=softcap)
-    else:
-        loss = linear_cross_entropy(hidden, weight, shift_labels, bias, ignore_index=ignore_index, softcap=softcap,
-                                    reduction="sum")
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(hidden.device)
+    # With num_items_in_batch, the summed loss divided by it inside the op (no host sync).
+    loss = linear_cross_entropy(hidden, weight, shift_labels, bias, ignore_index=ignore_index, softcap=softcap,
+                                reduction="mean" if num_items_in_batch is None else "sum",
+                                normalizer=num_items_in_batch)
 
     fields = {name: getattr(outputs, name, None) for name in state.output_fields}
     out = state.output_cls(loss=loss, logits=None, **fields)
