@@ -156,8 +156,8 @@ struct LinearCEProblem {
 std::tuple<Tensor, Tensor, Tensor> row_statistics(const LinearCEProblem& problem, const Tensor& state,
                                                   const Tensor& lse_parts, const Tensor& argmax) {
   if (!problem.params.with_stats) {
-    const Tensor none = at::empty({0}, problem.options().dtype(problem.acc_dtype));
-    return {none, argmax, none};
+    const auto acc_opts = problem.options().dtype(problem.acc_dtype);
+    return {at::empty({0}, acc_opts), argmax, at::empty({0}, acc_opts)};  // distinct: op outputs may not alias
   }
   return {lse_parts.sum(0), argmax, state[1].log() - state[4] / state[1]};
 }

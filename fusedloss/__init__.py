@@ -1,7 +1,7 @@
 """fusedloss: large-vocabulary losses that never materialise the full logits."""
 from ._extension import built_with_cuda
 from .contrastive import ClipLoss, InfoNCELoss, NTXentLoss, clip_loss, info_nce_loss, nt_xent_loss
-from .linear_ce import LinearCrossEntropyLoss, linear_cross_entropy, release_cpu_tile
+from .linear_ce import LinearCEOutput, LinearCrossEntropyLoss, linear_cross_entropy, release_cpu_tile
 from . import reference
 from . import compat, samplers
 from . import distributed
@@ -18,6 +18,7 @@ __all__ = [
     "clip_loss",
     "info_nce_loss",
     "nt_xent_loss",
+    "LinearCEOutput",
     "LinearCrossEntropyLoss",
     "built_with_cuda",
     "linear_cross_entropy",

@@ -66,7 +66,7 @@ def check_normalizer(normalizer, reduction, fn):
         if normalizer.numel() != 1 or normalizer.is_complex() or normalizer.dtype == torch.bool:
             raise ValueError(f"{fn}: normalizer must be a number or a 1-element real tensor, got a "
                              f"{normalizer.dtype} tensor of shape {tuple(normalizer.shape)}")
-        return normalizer
+        return normalizer.reshape(())
     return check_finite(normalizer, "normalizer", positive=True)
 
 

@@ -82,13 +82,26 @@ def _positive_scalar(value, name, features):
     return torch.tensor(value, dtype=_common.acc_dtype(features.dtype), device=features.device)
 
 
-def _info_nce_scale(query, key, negatives, temperature, reduction, tile_size, memory_budget=None):
+def _logit_scale(temperature, scale, default_temperature, features):
+    """The logits' multiplier: 1 / temperature, or ``scale`` as given
+    (sentence-transformers' convention, e.g. 20.0 with cosine similarity);
+    the two exclude each other, and with neither the default temperature applies."""
+    if temperature is not None and scale is not None:
+        raise ValueError(f"give temperature= or scale= (= 1 / temperature), not both: got temperature={temperature} "
+                         f"and scale={scale}")
+    if scale is not None:
+        return _positive_scalar(scale, "scale", features)
+    temperature = default_temperature if temperature is None else temperature
+    return 1.0 / _positive_scalar(temperature, "temperature", features)
+
+
+def _info_nce_scale(query, key, negatives, temperature, reduction, tile_size, memory_budget=None, scale=None):
     """The argument checks of :func:`info_nce_loss` (and of its distributed
-    twin); returns the logit scale 1 / temperature."""
+    twin); returns the logit scale (1 / temperature, or ``scale``)."""
     _validate.check_reduction(reduction)
     _check_tiling(tile_size, memory_budget)
     check_pairs(query, key, "query", "key", negatives)
-    return 1.0 / _positive_scalar(temperature, "temperature", query)
+    return _logit_scale(temperature, scale, 0.07, query)
 
 
 def _info_nce_features(query, key, negatives, normalize):
@@ -137,7 +150,7 @@ def _fused(rows, cols, positives, scale, *, self_offset, symmetric, reduction, t
     return _common.reduce_rows(loss, None, reduction, loss.shape)
 
 
-def info_nce_loss(query, key, *, negatives=None, temperature=0.07, normalize=False, symmetric=False,
+def info_nce_loss(query, key, *, negatives=None, temperature=None, scale=None, normalize=False, symmetric=False,
                   reduction="mean", tile_size=None, memory_budget=None):
     """InfoNCE with in-batch negatives (plus optional extra negatives).
 
@@ -146,7 +159,11 @@ def info_nce_loss(query, key, *, negatives=None, temperature=0.07, normalize=Fal
         negatives: optional [M, D] extra negatives shared by every query; they
             take no part in the key -> query term.
         temperature: float or 0-dim tensor (> 0, receives a gradient);
-            logits are ``query @ key.T / temperature``.
+            logits are ``query @ key.T / temperature``. Default 0.07.
+        scale: instead of ``temperature``, the multiplier itself (float or
+            0-dim tensor > 0): logits ``scale * query @ key.T``, as
+            sentence-transformers' ``MultipleNegativesRankingLoss(scale=20.0)``
+            with ``normalize=True`` (cosine similarity). Giving both is an error.
         normalize: L2-normalise queries, keys and negatives first.
         symmetric: per pair, the mean of the query -> key term (CE over the
             B + M columns) and the key -> query term (CE over the B queries).
@@ -158,7 +175,7 @@ def info_nce_loss(query, key, *, negatives=None, temperature=0.07, normalize=Fal
 
     Returns the loss in fp32 (fp64 for fp64 inputs).
     """
-    scale = _info_nce_scale(query, key, negatives, temperature, reduction, tile_size, memory_budget)
+    scale = _info_nce_scale(query, key, negatives, temperature, reduction, tile_size, memory_budget, scale)
     query, key, negatives = _info_nce_features(query, key, negatives, normalize)
     cols = key if negatives is None else torch.cat([key, negatives])
     positives = torch.arange(query.shape[0], device=query.device)
@@ -166,14 +183,17 @@ def info_nce_loss(query, key, *, negatives=None, temperature=0.07, normalize=Fal
                   tile_size=tile_size, memory_budget=memory_budget)
 
 
-def nt_xent_loss(hidden, *, temperature=0.5, normalize=True, reduction="mean", tile_size=None, memory_budget=None):
+def nt_xent_loss(hidden, *, temperature=None, scale=None, normalize=True, reduction="mean", tile_size=None,
+                 memory_budget=None):
     """SimCLR's NT-Xent on hidden [2N, D], rows i and i + N being two views.
 
     Each of the 2N rows is an anchor: its positive is the other view, its
     negatives the other 2N - 2 rows (its own similarity is masked out).
     ``reduction="none"`` gives the 2N per-anchor losses, ``"mean"`` their mean
-    (SimCLR's ``objective.py`` returns twice that). ``tile_size`` and
-    ``memory_budget`` as in :func:`clip_loss`.
+    (SimCLR's ``objective.py`` returns twice that). ``temperature`` defaults
+    to 0.5; ``scale`` (= 1 / temperature) may be given instead, as in
+    :func:`info_nce_loss`. ``tile_size`` and ``memory_budget`` as in
+    :func:`clip_loss`.
     """
     _validate.check_reduction(reduction)
     _check_tiling(tile_size, memory_budget)
@@ -181,7 +201,7 @@ def nt_xent_loss(hidden, *, temperature=0.5, normalize=True, reduction="mean", t
     if hidden.shape[0] % 2 or hidden.shape[0] == 0:
         raise ValueError(f"hidden must have an even, non-zero number of rows [2N, D] (views i and i+N), "
                          f"got {hidden.shape[0]}")
-    scale = 1.0 / _positive_scalar(temperature, "temperature", hidden)
+    scale = _logit_scale(temperature, scale, 0.5, hidden)
     (hidden,) = _common.autocast_inputs(hidden.device.type, hidden)
     if normalize:
         hidden = F.normalize(hidden, dim=-1)
@@ -220,36 +240,38 @@ def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", t
 
 class InfoNCELoss(_common.LossModule):
     """Module form of :func:`info_nce_loss`; call as ``loss(query, key, negatives=None)``.
-    ``temperature`` may be a float or a 0-dim tensor / Parameter (learnable)."""
+    ``temperature`` (or ``scale``) may be a float or a 0-dim tensor / Parameter (learnable)."""
 
-    def __init__(self, temperature=0.07, *, normalize=False, symmetric=False, reduction="mean", tile_size=None,
-                 memory_budget=None):
-        super().__init__(reduction, temperature=temperature, normalize=normalize, symmetric=symmetric,
+    def __init__(self, temperature=None, *, scale=None, normalize=False, symmetric=False, reduction="mean",
+                 tile_size=None, memory_budget=None):
+        super().__init__(reduction, temperature=temperature, scale=scale, normalize=normalize, symmetric=symmetric,
                          tile_size=tile_size, memory_budget=memory_budget)
 
     def forward(self, query, key, negatives=None):
-        return info_nce_loss(query, key, negatives=negatives, temperature=self.temperature,
+        return info_nce_loss(query, key, negatives=negatives, temperature=self.temperature, scale=self.scale,
                              normalize=self.normalize, symmetric=self.symmetric, reduction=self.reduction,
                              tile_size=self.tile_size, memory_budget=self.memory_budget)
 
     def extra_repr(self):
-        return (f"temperature={self.temperature}, normalize={self.normalize}, symmetric={self.symmetric}, "
-                f"reduction={self.reduction!r}")
+        return (f"temperature={self.temperature}, scale={self.scale}, normalize={self.normalize}, "
+                f"symmetric={self.symmetric}, reduction={self.reduction!r}")
 
 
 class NTXentLoss(_common.LossModule):
     """Module form of :func:`nt_xent_loss`; call as ``loss(hidden)``."""
 
-    def __init__(self, temperature=0.5, *, normalize=True, reduction="mean", tile_size=None, memory_budget=None):
-        super().__init__(reduction, temperature=temperature, normalize=normalize, tile_size=tile_size,
+    def __init__(self, temperature=None, *, scale=None, normalize=True, reduction="mean", tile_size=None,
+                 memory_budget=None):
+        super().__init__(reduction, temperature=temperature, scale=scale, normalize=normalize, tile_size=tile_size,
                          memory_budget=memory_budget)
 
     def forward(self, hidden):
-        return nt_xent_loss(hidden, temperature=self.temperature, normalize=self.normalize,
+        return nt_xent_loss(hidden, temperature=self.temperature, scale=self.scale, normalize=self.normalize,
                             reduction=self.reduction, tile_size=self.tile_size, memory_budget=self.memory_budget)
 
     def extra_repr(self):
-        return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}"
+        return (f"temperature={self.temperature}, scale={self.scale}, normalize={self.normalize}, "
+                f"reduction={self.reduction!r}")
 
 
 class ClipLoss(_common.LossModule):

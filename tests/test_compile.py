@@ -127,21 +127,25 @@ def test_opcheck_linear_ce(device, with_bias):
     """linear_ce_forward, linear_ce_backward (whole vocabulary and one shard of
     it, from a real forward's lse) and linear_ce_sum_and_grad."""
     x, w, t, b = linear_ce_problem(6, 5, 33, torch.float32, device, bias=with_bias, ignore_every=4)
-    forward = (x, w, t, b, *LINEAR_CE_OPTIONS, 8)
-    torch.library.opcheck(ops.linear_ce_forward.default, forward)
-    loss, lse = ops.linear_ce_forward(*detached(forward))
-    x, w, b = detached((x, w, b))
-    for mask in BACKWARD_MASKS:
-        mask = [mask[0], mask[1], mask[2] and with_bias]
-        torch.library.opcheck(ops.linear_ce_backward.default,
-                              (torch.rand_like(loss), x, w, t, b, lse, *LINEAR_CE_OPTIONS, 8, mask))
-        torch.library.opcheck(ops.linear_ce_backward.default,
-                              (torch.rand_like(loss), x, w[SHARD], t, None if b is None else b[SHARD], lse,
-                               *LINEAR_CE_OPTIONS, 4, mask, SHARD.start, w.shape[0]))
-    normalizer = torch.tensor(5.0, device=device)
-    for row_block, scale, mask in ((0, None, [True, True, with_bias]), (4, normalizer, [False, True, False])):
-        torch.library.opcheck(ops.linear_ce_sum_and_grad.default,
-                              (*leaves(x, w), t, *leaves(b), scale, *LINEAR_CE_OPTIONS, row_block, 0, mask))
+    # Without and with class weights and statistics.
+    class_weight = torch.rand(w.shape[0], device=device) + 0.5
+    for cw, stats in ((None, False), (class_weight, True)):
+        forward = (x, w, t, b, cw, *LINEAR_CE_OPTIONS, 8, stats)
+        torch.library.opcheck(ops.linear_ce_forward.default, forward)
+        loss, lse, _, _ = ops.linear_ce_forward(*detached(forward))
+        xd, wd, bd = detached((x, w, b))
+        for mask in BACKWARD_MASKS:
+            mask = [mask[0], mask[1], mask[2] and with_bias]
+            torch.library.opcheck(ops.linear_ce_backward.default,
+                                  (torch.rand_like(loss), xd, wd, t, bd, cw, lse, *LINEAR_CE_OPTIONS, 8, mask))
+            torch.library.opcheck(ops.linear_ce_backward.default,
+                                  (torch.rand_like(loss), xd, wd[SHARD], t, None if bd is None else bd[SHARD], cw, lse,
+                                   *LINEAR_CE_OPTIONS, 4, mask, SHARD.start, w.shape[0]))
+        normalizer = torch.tensor(5.0, device=device)
+        for row_block, scale, mask in ((0, None, [True, True, with_bias]), (4, normalizer, [False, True, False])):
+            torch.library.opcheck(ops.linear_ce_sum_and_grad.default,
+                                  (*leaves(x, w), t, *leaves(b), cw, scale, *LINEAR_CE_OPTIONS, row_block, 0, stats,
+                                   mask))
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -152,10 +156,11 @@ def test_opcheck_linear_ce_shard_forward(device, with_bias):
     inputs do not require grad."""
     x, w, t, b = detached(linear_ce_problem(6, 5, 33, torch.float32, device, bias=with_bias, ignore_every=4))
     t[1], t[2] = 12, 30  # one target inside the shard, one beyond it
-    for softcap in (0.0, 5.0):
+    class_weight = torch.rand(w.shape[0], device=device) + 0.5
+    for softcap, cw, stats in ((0.0, None, False), (5.0, None, False), (5.0, class_weight, True)):
         torch.library.opcheck(ops.linear_ce_shard_forward.default,
-                              (x, w[SHARD], t, None if b is None else b[SHARD], -100, softcap, SHARD.start,
-                               w.shape[0], 4))
+                              (x, w[SHARD], t, None if b is None else b[SHARD], cw, -100, softcap, SHARD.start,
+                               w.shape[0], 4, stats))
 
 
 @pytest.mark.parametrize("per_row", [False, True])

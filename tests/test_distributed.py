@@ -163,6 +163,10 @@ LINEAR_CE_CASES = [
     dict(reduction="mean", bias=True, z_loss=1e-2, all_ignored=True),
     # bf16: the partial input gradients are all-reduced in bf16.
     dict(reduction="mean", bias=True, label_smoothing=0.1, dtype=torch.bfloat16),
+    # Class weights (weighted mean), per-token statistics, a global normaliser.
+    dict(reduction="mean", bias=True, label_smoothing=0.1, z_loss=1e-3, class_weight=True, return_stats=True),
+    dict(reduction="sum", bias=False, softcap=5.0, class_weight=True, normalizer=3.5, return_stats=True,
+         batch_shape=(2, 4)),
 ]
 
 
@@ -174,6 +178,7 @@ def _check_linear_ce(rank, world, device):
         batch_shape = case.pop("batch_shape", (7,))
         reduction, with_bias = case.pop("reduction"), case.pop("bias")
         same_shard, all_ignored = case.pop("same_shard_targets", False), case.pop("all_ignored", False)
+        with_class_weight = case.pop("class_weight", False)
         dtype = case.pop("dtype", torch.float32)
         case_tol = tol if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
         gen = torch.Generator().manual_seed(20 + index)
@@ -185,12 +190,18 @@ def _check_linear_ce(rank, world, device):
         if all_ignored:
             target.fill_(-100)
         upstream = torch.rand(batch_shape, generator=gen)
-        x, weight, bias, target, upstream = _to(device, x, weight, bias, target, upstream)
+        class_weight = torch.rand(num_classes, generator=gen) + 0.5 if with_class_weight else None
+        x, weight, bias, target, upstream, class_weight = _to(device, x, weight, bias, target, upstream, class_weight)
+        if with_class_weight:
+            # The whole vocabulary's weights on every rank; without num_classes their length stands for it.
+            case["class_weight"] = class_weight
         x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
 
         ref_x, ref_w = _leaf(x), _leaf(weight)
         ref_b = _leaf(bias) if with_bias else None
         ref = fusedloss.linear_cross_entropy(ref_x, ref_w, target, ref_b, reduction=reduction, chunk_size=4, **case)
+        if case.get("return_stats"):
+            ref, ref_stats = ref.loss, ref[1:]
         (ref * upstream if reduction == "none" else ref).sum().backward()
 
         start, end = _shard_bounds(rank, world, num_classes)
@@ -199,10 +210,16 @@ def _check_linear_ce(rank, world, device):
         loss = fdist.linear_cross_entropy(local_x, local_w, target, local_b, vocab_start=start,
                                           num_classes=num_classes if with_bias else None, reduction=reduction,
                                           chunk_size=2, **case)
+        where = _context(f"linear_ce {case} {reduction} {dtype} rank {rank}/{world}")
+        if case.get("return_stats"):
+            # The full vocabulary's statistics on every rank (NaN / -1 on ignored rows).
+            loss, stats = loss.loss, loss[1:]
+            for got, expected in zip(stats, ref_stats):
+                torch.testing.assert_close(got, expected, **case_tol, equal_nan=True, msg=where)
         (loss * upstream if reduction == "none" else loss).sum().backward()
 
         _assert_shard_matches(loss, ref, (local_x, local_w, local_b), (ref_x, ref_w, ref_b), start, end, case_tol,
-                              _context(f"linear_ce {case} {reduction} {dtype} rank {rank}/{world}"))
+                              where)
 
 
 # ---------------------------------------------------------------------------
@@ -702,10 +719,10 @@ def test_shard_ops_combine_to_the_full_op(softcap, device):
     grad_loss = torch.rand(rows, generator=gen, dtype=torch.float64)
     x, w, b, target, grad_loss = _to(device, x, w, b, target, grad_loss)
     eps, z = 0.1, 1e-3
-    loss, lse = ops.linear_ce_forward(x, w, target, b, -100, eps, z, softcap, 4)
-    full_grads = ops.linear_ce_backward(grad_loss, x, w, target, b, lse, -100, eps, z, softcap, 4, [True] * 3)
+    loss, lse, _, _ = ops.linear_ce_forward(x, w, target, b, None, -100, eps, z, softcap, 4)
+    full_grads = ops.linear_ce_backward(grad_loss, x, w, target, b, None, lse, -100, eps, z, softcap, 4, [True] * 3)
 
-    stats = [ops.linear_ce_shard_forward(x, w[s:e], target, b[s:e], -100, softcap, s, classes, 3)
+    stats = [ops.linear_ce_shard_forward(x, w[s:e], target, b[s:e], None, -100, softcap, s, classes, 3)
              for s, e in _shards(classes, 3)]
     combined_lse = torch.logsumexp(torch.stack([s[0].sum(0) for s in stats]), 0)  # lse parts: max + log-sum
     target_logit = sum(s[1] for s in stats)
@@ -716,7 +733,7 @@ def test_shard_ops_combine_to_the_full_op(softcap, device):
 
     grad_input = torch.zeros_like(x)
     for s, e in _shards(classes, 3):
-        gi, gw, gb = ops.linear_ce_backward(grad_loss, x, w[s:e], target, b[s:e], lse, -100, eps, z, softcap, 2,
+        gi, gw, gb = ops.linear_ce_backward(grad_loss, x, w[s:e], target, b[s:e], None, lse, -100, eps, z, softcap, 2,
                                             [True] * 3, s, classes)
         grad_input += gi
         torch.testing.assert_close(gw, full_grads[1][s:e])
@@ -727,16 +744,21 @@ def test_shard_ops_combine_to_the_full_op(softcap, device):
 def test_shard_ops_opcheck_and_errors():
     x, w, b = torch.randn(4, 3), torch.randn(5, 3), torch.randn(5)
     target = torch.tensor([0, 7, 11, -100])
-    torch.library.opcheck(ops.linear_ce_shard_forward, (x, w, target, b, -100, 0.0, 6, 12, 2))
+    class_weight = torch.rand(12) + 0.5
+    for cw, stats in ((None, False), (class_weight, True)):
+        torch.library.opcheck(ops.linear_ce_shard_forward, (x, w, target, b, cw, -100, 0.0, 6, 12, 2, stats))
     lse = torch.randn(2, 4)  # LseParts: max, log-sum
-    torch.library.opcheck(ops.linear_ce_backward, (torch.rand(4), x, w, target, b, lse, -100, 0.1, 0.0, 0.0, 2,
-                                                   [True, True, True], 6, 12))
+    for cw in (None, class_weight):
+        torch.library.opcheck(ops.linear_ce_backward, (torch.rand(4), x, w, target, b, cw, lse, -100, 0.1, 0.0, 0.0,
+                                                       2, [True, True, True], 6, 12))
     # The shard forward trusts its caller; linear_ce_check is the shard's check
     # (fusedloss.distributed runs it on every rank before any collective).
-    ops.linear_ce_check(x, w, target, b, -100, 0.0, 0.0, 0.0, 6, 12)
+    ops.linear_ce_check(x, w, target, b, class_weight, -100, 0.0, 0.0, 0.0, 6, 12)
     with pytest.raises(ValueError, match="not inside \\[0, num_classes=10\\)"):
-        ops.linear_ce_check(x, w, target.clamp(max=9), b, -100, 0.0, 0.0, 0.0, 6, 10)
+        ops.linear_ce_check(x, w, target.clamp(max=9), b, None, -100, 0.0, 0.0, 0.0, 6, 10)
     with pytest.raises(IndexError, match="outside \\[0, 11\\)"):
-        ops.linear_ce_check(x, w, target, b, -100, 0.0, 0.0, 0.0, 6, 11)
+        ops.linear_ce_check(x, w, target, b, None, -100, 0.0, 0.0, 0.0, 6, 11)
     with pytest.raises(ValueError, match="D=3 features but weight has D=5"):
-        ops.linear_ce_check(x, w.T, target, None, -100, 0.0, 0.0, 0.0, 0, 12)
+        ops.linear_ce_check(x, w.T, target, None, None, -100, 0.0, 0.0, 0.0, 0, 12)
+    with pytest.raises(ValueError, match="class_weight must be \\[num_classes\\]=\\[12\\]"):
+        ops.linear_ce_check(x, w, target, b, class_weight[:5], -100, 0.0, 0.0, 0.0, 6, 12)

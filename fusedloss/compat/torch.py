@@ -55,8 +55,10 @@ def _runs_fused(input, linear_weight, target, linear_bias, weight, reduction, la
     return tensors_ok and bias_ok and weight_ok and options_ok
 
 
-def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
-                         ignore_index=None, label_smoothing=0.0, options=None):
+def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
+                         linear_bias: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                         reduction: str = "mean", ignore_index: int | None = None, label_smoothing: float = 0.0,
+                         options: "LinearCrossEntropyOptions | None" = None) -> torch.Tensor:
     """``torch.nn.functional.linear_cross_entropy`` (same signature and
     results), fused where the module docstring says."""
     if not _runs_fused(input, linear_weight, target, linear_bias, weight, reduction, label_smoothing):
@@ -92,7 +94,7 @@ if _TorchModule is not None:  # torch >= 2.14
         called as ``loss(input, target)``) whose forward is the fused
         :func:`linear_cross_entropy`."""
 
-        def forward(self, input, target):
+        def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features,
                                                         self.linear.in_features))
             linear_bias = None if self.linear.bias is None else \
