@@ -29,6 +29,14 @@ class LinearCEOutput(NamedTuple):
     entropy: torch.Tensor
 
 
+def _target_weights(class_weight, flat_target, valid):
+    """class_weight[target] per row, 0 on ignored rows. The index is clamped:
+    on CUDA under torch.compile targets are not range-checked (the kernels
+    poison such a row with NaN instead), and a gather must not fault on them."""
+    index = torch.where(valid, flat_target, 0).clamp(0, class_weight.shape[0] - 1)
+    return torch.where(valid, class_weight[index], 0)
+
+
 def _denominator(reduction, valid, flat_target, class_weight, normalizer):
     """What the summed loss is divided by, or None: the normalizer (with
     reduction='sum'), or for 'mean' the number of valid rows or, with class
@@ -38,7 +46,7 @@ def _denominator(reduction, valid, flat_target, class_weight, normalizer):
         return normalizer
     if class_weight is None:
         return valid.sum().clamp(min=1)
-    total = torch.where(valid, class_weight[torch.where(valid, flat_target, 0)], 0).sum()
+    total = _target_weights(class_weight, flat_target, valid).sum()
     return torch.where(valid.any(), total, torch.ones_like(total))
 
 
@@ -165,6 +173,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     chunk_size = _validate.check_optional_positive_int(chunk_size, "chunk_size")
     memory_budget = _validate.check_optional_positive_int(memory_budget, "memory_budget")
     target = _coerce_operands(fn, input, weight, target, bias, class_weight)
+    if class_weight is not None and class_weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{fn}: class_weight is not differentiated; pass class_weight.detach()")
     input, weight, bias = _common.autocast_inputs(input.device.type, input, weight, bias)
     rows = _common.as_rows(input)
     flat_target = target.reshape(-1)
@@ -184,7 +194,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         row_losses, lse_parts, argmax, entropy = _ops.ops.linear_ce_forward(
             rows, weight, flat_target, bias, class_weight, *options, int(chunk_size or 0), return_stats)
         loss = _reduce(row_losses, reduction, denominator, target.shape)
-        lse = lse_parts.sum(0)
+        lse = lse_parts.sum(0) if return_stats else None
     return _with_stats(loss, valid, target.shape, lse, argmax, entropy) if return_stats else loss
 
 

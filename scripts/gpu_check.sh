@@ -420,9 +420,9 @@ stage_tests_single_pass() {
     # The CUDA single passes are opt-in until validated on a GPU
     # (fusedloss/_common.py): run the CUDA tests of every family through them.
     local files=() f
-    for f in tests/test_linear_ce.py tests/test_single_pass.py tests/test_reliability.py \
-             tests/test_contrastive_single_pass.py tests/test_sampled_single_pass.py tests/test_contrastive.py \
-             tests/test_sampled.py; do
+    for f in tests/test_linear_ce.py tests/test_linear_ce_trainer_features.py tests/test_single_pass.py \
+             tests/test_reliability.py tests/test_contrastive_single_pass.py tests/test_sampled_single_pass.py \
+             tests/test_contrastive.py tests/test_sampled.py; do
         [ -f "$f" ] && files+=("$f")
     done
     [ "${#files[@]}" -gt 0 ] || { note "no single-pass test files"; return 0; }

@@ -219,6 +219,7 @@ def test_normalizer_micro_batches_equal_one_batch():
     (dict(class_weight=torch.ones(9, 1)), ValueError, r"class_weight must be \[num_classes\]"),
     (dict(class_weight=torch.ones(9, dtype=torch.long)), TypeError, "class_weight must be a floating tensor"),
     (dict(class_weight=torch.ones(9, device="meta")), ValueError, "class_weight is on meta"),
+    (dict(class_weight=torch.ones(9, requires_grad=True)), ValueError, "class_weight is not differentiated"),
 ])
 def test_bad_arguments_raise(kwargs, error, match):
     x, w, t, _ = linear_ce_problem(5, 4, 9, torch.float32, "cpu")

@@ -72,8 +72,7 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
         # torch's denominator, unclamped: the number of valid rows, or Σ w[y]
         # over them; 0 / 0 = NaN when every row is ignored.
         valid = targets != ignore_index
-        denominator = valid.sum() if weight is None else \
-            torch.where(valid, weight[torch.where(valid, targets, 0)], 0).sum()
+        denominator = valid.sum() if weight is None else _linear_ce._target_weights(weight, targets, valid).sum()
         kwargs.update(reduction="sum", normalizer=denominator)
     else:
         kwargs.update(reduction=reduction)

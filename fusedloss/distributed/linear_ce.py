@@ -46,7 +46,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         target_weight, total_weight = 1.0, float(num_classes)
         if class_weight is not None:
             class_weight = class_weight.to(lse.dtype)
-            target_weight, total_weight = class_weight[torch.where(valid, target, 0)], class_weight.sum()
+            target_weight = _linear_ce._target_weights(class_weight, target, valid)
+            total_weight = class_weight.sum()
         # The row formula of CrossEntropyTerms::row_loss (numerics.h).
         loss = target_weight * ((1.0 - label_smoothing) * (lse - totals[1]) + z_loss * lse * lse)
         if label_smoothing > 0:  # skipped at 0: a -inf column would make 0 * -inf = NaN

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _common, _validate
-from ..linear_ce import LinearCEOutput, _denominator, _reduce, _with_stats
+from ..linear_ce import LinearCEOutput, _denominator, _reduce, _target_weights, _with_stats
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, label_smoothing=0.0,
@@ -27,8 +27,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     valid = flat_target != ignore_index
     lse = torch.logsumexp(logits, dim=-1)
     if z_loss:
-        target_weight = 1.0 if weights is None else weights[torch.where(valid, flat_target, 0)]
-        rows = rows + z_loss * target_weight * lse.square() * valid
+        target_weight = valid if weights is None else _target_weights(weights, flat_target, valid)
+        rows = rows + z_loss * target_weight * lse.square()
     loss = _reduce(rows, reduction, _denominator(reduction, valid, flat_target, weights, normalizer), target.shape)
     if not return_stats:
         return loss

@@ -116,8 +116,9 @@ FL_HOST_DEVICE void linear_ce_finalize_row(const LinearCEParams& p, int64_t row,
 
 namespace cpu {
 // Fold one chunk of raw logits [N, chunk_columns] (bias not yet added) into the
-// row state; with class weights, sum_logits is Σ_j w_j y_j. The tile may be overwritten with softcap(logits + bias) (always on
-// the CPU; on CUDA when p.tile_transformed).
+// row state (with class weights, sum_logits is Σ_j w_j y_j). The tile may be
+// overwritten with softcap(logits + bias) (always on the CPU; on CUDA when
+// p.tile_transformed).
 template <typename acc_t>
 void linear_ce_accumulate_chunk(const LinearCEParams& p, acc_t* logits, const acc_t* bias,
                                 ClassWeights<acc_t> class_weight, const int64_t* target,
