@@ -391,6 +391,37 @@ def _dtensor_cases(world, num_classes, rows, num_sampled, gen):
     ]
 
 
+def _check_dtensor_linear_ce_features(rank, world, device):
+    """class_weight, normalizer and return_stats through a DTensor weight:
+    Shard(0) gives this rank's rows of the single-device result (statistics of
+    the whole vocabulary), Replicate the single-device call."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh(device, (world,))
+    num_classes, dim, rows = 13, 5, 4
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(world * rows, dim, generator=gen)
+    weight = torch.randn(num_classes, dim, generator=gen)
+    target = torch.randint(0, num_classes, (world * rows,), generator=gen)
+    target[1] = -100
+    class_weight = torch.rand(num_classes, generator=gen) + 0.5
+    kwargs = dict(class_weight=class_weight, label_smoothing=0.1, reduction="sum", normalizer=3.0, return_stats=True)
+    mine = slice(rank * rows, (rank + 1) * rows)
+    ref_x = _leaf(x)
+    ref = fusedloss.linear_cross_entropy(ref_x, weight, target, **dict(kwargs, reduction="none", normalizer=None))
+    (ref.loss[mine].sum() / 3.0).backward()
+    for placement in (Shard(0), Replicate()):
+        where = _context(f"dtensor features {placement} rank {rank}/{world}")
+        local_x = _leaf(x[mine])
+        out = fusedloss.linear_cross_entropy(local_x, distribute_tensor(weight.clone(), mesh, [placement]),
+                                             target[mine], **kwargs)
+        out.loss.backward()
+        torch.testing.assert_close(out.loss, ref.loss[mine].sum() / 3.0, **TOL, msg=where)
+        torch.testing.assert_close(local_x.grad, ref_x.grad[mine], **TOL, msg=where)
+        for got, expected in zip(out[1:], ref[1:]):
+            torch.testing.assert_close(got, expected[mine], **TOL, equal_nan=True, msg=where)
+
+
 def _check_dtensor(rank, world, device):
     """Shard(0): each rank's loss is over its rows, the weight gradient is the
     mean over ranks of each rank's gradient (FSDP's), as a Shard(0) DTensor;
@@ -665,7 +696,7 @@ def test_distributed_matches_single_process(tmp_path, world):
 
 
 def test_dtensor_weights_and_fsdp2(tmp_path):
-    _spawn(tmp_path, 2, _check_dtensor, _check_fsdp2, _check_compile)
+    _spawn(tmp_path, 2, _check_dtensor, _check_dtensor_linear_ce_features, _check_fsdp2, _check_compile)
 
 
 @pytest.mark.parametrize("world", [2, 3])
