@@ -77,6 +77,58 @@ int main() {
   }
   EXPECT_NEAR(terms.row_loss(lse, logits[2], sum), explicit_loss, 1e-14);
 
+  // With class weights w (F.cross_entropy(weight=w)): the row loss is
+  // -sum_j q_j log p_j with q_j = (1 - eps) w_t [j == t] + eps w_j / C, and
+  // logit_grad is its derivative (central differences).
+  {
+    const std::vector<double> w = {0.5, 2.0, 1.5, 0.25};
+    double weighted_sum = 0, total = 0, weighted_loss = 0;
+    for (size_t j = 0; j < logits.size(); ++j) {
+      weighted_sum += w[j] * logits[j];
+      total += w[j];
+      weighted_loss -= ((j == 2 ? (1 - eps) * w[2] : 0) + eps * w[j] / classes) * (logits[j] - lse);
+    }
+    const double z = 0.01;
+    const CrossEntropyTerms<double> weighted{eps, z, classes, w[2], total};
+    EXPECT_NEAR(weighted.row_loss(lse, logits[2], weighted_sum), weighted_loss + z * w[2] * lse * lse, 1e-14);
+    const auto loss_at = [&](std::vector<double> y) {
+      double s = 0;
+      for (size_t j = 0; j < y.size(); ++j) s += w[j] * y[j];
+      return weighted.row_loss(direct_lse(y), y[2], s);
+    };
+    for (size_t k = 0; k < logits.size(); ++k) {
+      std::vector<double> up = logits, down = logits;
+      up[k] += 1e-6;
+      down[k] -= 1e-6;
+      const double numeric = (loss_at(up) - loss_at(down)) / 2e-6;
+      EXPECT_NEAR(weighted.logit_grad(std::exp(logits[k] - lse), k == 2, lse, w[k]), numeric, 1e-7);
+    }
+    // Without weights the defaults are w_t = 1 and Σ w = C.
+    EXPECT_NEAR(terms.target_weight, 1.0, 0);
+    EXPECT_NEAR(terms.weight_total, classes, 0);
+  }
+
+  // SoftmaxStats merged over any split equal the direct entropy and the first
+  // argmax; the merge is the same in either order.
+  {
+    const std::vector<double> y = {0.5, 2.0, -1.0, 2.0, 1.75, -3.0};  // a tie at 1 and 3
+    const double lse_y = direct_lse(y);
+    double entropy = 0;
+    for (double v : y) entropy -= std::exp(v - lse_y) * (v - lse_y);
+    for (size_t split = 0; split <= y.size(); ++split) {
+      SoftmaxStats<double> left{neg_infinity<double>(), 0, 0, 0}, right = left;
+      for (size_t j = 0; j < y.size(); ++j) {
+        SoftmaxStats<double>& side = j < split ? left : right;
+        side = softmax_stats_merge(side, SoftmaxStats<double>{y[j], 1.0, 0.0, int64_t(j)});
+      }
+      for (const SoftmaxStats<double>& merged : {softmax_stats_merge(left, right), softmax_stats_merge(right, left)}) {
+        EXPECT_NEAR(merged.entropy(), entropy, 1e-14);
+        EXPECT_NEAR(merged.max + std::log(merged.sum), lse_y, 1e-14);
+        EXPECT_TRUE(merged.argmax == 1);
+      }
+    }
+  }
+
   // The vectorisable exp stays within a few ulp of std::exp over its range.
   for (float x = -87.0f; x <= 88.0f; x += 0.37f) {
     EXPECT_NEAR(cpu::exp_vectorizable(x), std::exp(x), 4e-7);
@@ -107,12 +159,13 @@ int main() {
   // A target or id outside the classes (possible only where the range check
   // is skipped: CUDA under torch.compile / graph capture) poisons its row.
   {
-    LinearCEParams p{3, 5, 0, 5, 5, 5, -100, 0.0, 0.0, 0.0, false};
+    LinearCEParams p{3, 5, 0, 5, 5, 5, -100, 0.0, 0.0, 0.0, false, false};
     float max[3] = {1, 1, 1}, sum_exp[3] = {2, 2, 2}, sum_logits[3] = {0, 0, 0}, target_logit[3] = {0.5f, 0.5f, 0.5f};
     float lse_max[3], lse_log_sum[3], loss[3];
     const int64_t target[3] = {2, 7, -100};
     for (int64_t row = 0; row < 3; ++row) {
-      linear_ce_finalize_row(p, row, target, LinearCERowState<float>{max, sum_exp, sum_logits, target_logit},
+      linear_ce_finalize_row(p, row, target, ClassWeights<float>{nullptr, nullptr},
+                             LinearCERowState<float>{max, sum_exp, sum_logits, target_logit, nullptr, nullptr},
                              LseArray<float>{lse_max, lse_log_sum}, loss);
     }
     EXPECT_NEAR(loss[0], 1 + std::log(2.0) - 0.5, 1e-6);

@@ -122,8 +122,8 @@ struct CrossEntropyTerms {
   acc_t label_smoothing;  // eps in [0, 1]
   acc_t z_loss;           // coefficient of lse^2 added to each row's loss (scaled by w[target])
   acc_t num_classes;      // C, the number of columns the softmax runs over
-  acc_t target_weight;    // w[target]
-  acc_t weight_total;     // Σ_j w_j
+  acc_t target_weight = acc_t(1);   // w[target]
+  acc_t weight_total = num_classes;  // Σ_j w_j
 
   // sum_logits is Σ_j w_j y_j (Σ_j y_j without weights). The smoothing term is
   // skipped (not multiplied by 0) when eps = 0: a column masked to -inf makes
