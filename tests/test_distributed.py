@@ -597,6 +597,11 @@ def _check_compile(rank, world, device):
         "nce": lambda x, w: fdist.nce_loss(x, w, target, 5, vocab_start=start, num_classes=num_classes,
                                            sampled_values=values, remove_accidental_hits=True),
         "info_nce": lambda x, w: fdist.info_nce_loss(x, x.flip(0) * 0.5, symmetric=True),
+        # Class weights, a tensor normalizer and the statistics' collectives in the graph.
+        "linear_ce_features": lambda x, w: fdist.linear_cross_entropy(
+            x, w, target, vocab_start=start, num_classes=num_classes, label_smoothing=0.1, reduction="sum",
+            class_weight=torch.linspace(0.5, 1.5, num_classes), normalizer=torch.tensor(4.0),
+            return_stats=True).loss,
         "dtensor_linear_ce": lambda x, w: fusedloss.linear_cross_entropy(x, w, target),
         "dtensor_sampled": lambda x, w: fusedloss.sampled_softmax_loss(x, w, target, 5, sampled_values=values),
     }
