@@ -20,7 +20,9 @@ from fusedloss._ops import HIT_LAST_COPY
 from fusedloss.sampled import SampledOptions, _sampled_loss
 
 N, NUM_TRUE, K, DIM = 150, 2, 23, 12
-ROW_BYTES = 4 * (NUM_TRUE + K)
+# The tile's row: the true columns and the candidates, each padded to 16.
+TILE_COLUMNS = 16 + 32
+ROW_BYTES = 4 * TILE_COLUMNS
 # The whole tile, blocks of 70 rows (the last one partial), below the CPU's
 # 64-row minimum. The candidates' [K, D] fp32 gradient counts once per pass.
 BUDGETS = {"one_block": None, "blocks": 70 * ROW_BYTES + 4 * K * DIM, "recompute": 63 * ROW_BYTES + 4 * K * DIM}
@@ -64,7 +66,7 @@ def test_every_layout_matches_the_oracle(device, kind, layout, reduction):
 
 
 def test_the_budget_picks_the_layout():
-    plan = {layout: C.single_pass_block_rows(N, NUM_TRUE + K, 0, budget or 0, 4 * K * DIM, False)
+    plan = {layout: C.single_pass_block_rows(N, TILE_COLUMNS, 0, budget or 0, 4 * K * DIM, False)
             for layout, budget in BUDGETS.items()}
     assert plan == {"one_block": N, "blocks": 70, "recompute": 0}
 

@@ -31,10 +31,25 @@ template <typename acc_t>
 void final_row_logits(const SampledParams& p, const SampledColumns<acc_t>& cols, int64_t row, const acc_t* raw,
                       acc_t* out) {
   const int64_t columns = p.chunk_columns;
+#pragma omp simd
   for (int64_t j = 0; j < columns; ++j) out[j] = sampled_column_logit(p, cols, row, j, raw[j]);
   if (!p.mask_hits || p.is_true_chunk) return;
-  for (int64_t j = 0; j < columns; ++j) {
-    if (sampled_column_masked(p, cols, row, j)) out[j] = neg_infinity<acc_t>();
+  // sampled_column_masked, one true class at a time so that the column loop
+  // is a vectorisable compare and select.
+  const int64_t* ids = cols.ids + row * cols.id_row_stride;
+  const int64_t* truth = cols.true_classes + row * p.num_true;
+  const bool* maskable = cols.maskable;
+  for (int64_t t = 0; t < p.num_true; ++t) {
+    const int64_t true_class = truth[t];
+    if (maskable == nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < columns; ++j) out[j] = ids[j] == true_class ? neg_infinity<acc_t>() : out[j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < columns; ++j) {
+        out[j] = ids[j] == true_class && maskable[j] ? neg_infinity<acc_t>() : out[j];
+      }
+    }
   }
 }
 
@@ -199,34 +214,41 @@ void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& col
 
 template <typename acc_t>
 void sampled_single_pass_rows(const SampledParams& p, const SampledColumns<acc_t>& true_cols,
-                              const SampledColumns<acc_t>& candidate_cols, acc_t* tile, SampledRowState<acc_t> state,
+                              const SampledColumns<acc_t>& candidate_cols, int64_t candidate_offset, acc_t* tile,
+                              SampledRowState<acc_t> state,
                               acc_t* loss, acc_t* stats, const acc_t* grad_loss) {
   const SampledParams true_part = sampled_true_part(p), candidate_part = sampled_candidate_part(p);
-  const int64_t t = p.num_true, width = t + p.chunk_columns;
-  at::parallel_for(0, p.num_rows, row_grain(width), [&](int64_t begin, int64_t end) {
+  const int64_t t = p.num_true, k = p.chunk_columns;
+  at::parallel_for(0, p.num_rows, row_grain(t + k), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       acc_t* y = tile + row * p.logits_stride;
+      acc_t* candidates = y + candidate_offset;
       final_row_logits(true_part, true_cols, row, y, y);
-      final_row_logits(candidate_part, candidate_cols, row, y + t, y + t);
+      final_row_logits(candidate_part, candidate_cols, row, candidates, candidates);
       const acc_t g = grad_loss[row];
+      const auto skip_row = [&] {  // skipped, not multiplied by 0 (inf/NaN logits)
+        std::fill_n(y, t, acc_t(0));
+        std::fill_n(candidates, k, acc_t(0));
+      };
       if (p.mode == static_cast<int64_t>(SampledMode::kNCE)) {
         // No row statistics: the loss and the gradient in the same sweep.
-        state.nce_loss[row] += nce_fold_and_grad_row(true_part, y, g) + nce_fold_and_grad_row(candidate_part, y + t, g);
+        state.nce_loss[row] +=
+            nce_fold_and_grad_row(true_part, y, g) + nce_fold_and_grad_row(candidate_part, candidates, g);
         sampled_finalize_row(p, row, state, loss, stats);
-        if (g == acc_t(0)) std::fill_n(y, width, acc_t(0));  // skipped, not multiplied by 0 (inf/NaN logits)
+        if (g == acc_t(0)) skip_row();
         continue;
       }
       fold_final_row(true_part, row, y, state);
-      fold_final_row(candidate_part, row, y + t, state);
+      fold_final_row(candidate_part, row, candidates, state);
       sampled_finalize_row(p, row, state, loss, stats);
       if (g == acc_t(0)) {
-        std::fill_n(y, width, acc_t(0));  // skipped, not multiplied by 0 (inf/NaN logits)
+        skip_row();
         continue;
       }
       const LseParts<acc_t> lse = sampled_row_lse(p, stats, row);
       const acc_t unmasked = sampled_row_columns(p, stats, row);
       grad_final_row(true_part, y, lse, unmasked, g, y);
-      grad_final_row(candidate_part, y + t, lse, unmasked, g, y + t);
+      grad_final_row(candidate_part, candidates, lse, unmasked, g, candidates);
     }
   });
 }
@@ -270,7 +292,8 @@ void sampled_scatter_outer(const acc_t* dz, const acc_t* x, const int64_t* index
                                                 SampledRowState<acc_t>);                                      \
   template void sampled_finalize<acc_t>(const SampledParams&, SampledRowState<acc_t>, acc_t*, acc_t*);        \
   template void sampled_single_pass_rows<acc_t>(const SampledParams&, const SampledColumns<acc_t>&,           \
-                                                const SampledColumns<acc_t>&, acc_t*, SampledRowState<acc_t>, \
+                                                const SampledColumns<acc_t>&, int64_t, acc_t*,                \
+                                                SampledRowState<acc_t>,                                       \
                                                 acc_t*, acc_t*, const acc_t*);                                \
   template void sampled_scatter_add_rows<acc_t>(const acc_t*, const int64_t*, int64_t, int64_t, acc_t*);      \
   template void sampled_scatter_outer<acc_t>(const acc_t*, const acc_t*, const int64_t*, int64_t, int64_t,    \

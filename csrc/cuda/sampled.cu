@@ -189,10 +189,11 @@ void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& col
 // per kernel. The tile keeps the raw logits until the dlogits overwrite them.
 template <typename acc_t>
 void sampled_single_pass_rows(const SampledParams& p, const SampledColumns<acc_t>& true_cols,
-                              const SampledColumns<acc_t>& candidate_cols, acc_t* tile, SampledRowState<acc_t> state,
+                              const SampledColumns<acc_t>& candidate_cols, int64_t candidate_offset, acc_t* tile,
+                              SampledRowState<acc_t> state,
                               acc_t* loss, acc_t* stats, const acc_t* grad_loss, void* stream) {
   const SampledParams true_part = sampled_true_part(p), candidate_part = sampled_candidate_part(p);
-  acc_t* candidates = tile + p.num_true;
+  acc_t* candidates = tile + candidate_offset;
   sampled_accumulate_chunk(true_part, true_cols, tile, state, stream);
   sampled_accumulate_chunk(candidate_part, candidate_cols, candidates, state, stream);
   sampled_finalize(p, state, loss, stats, stream);
@@ -210,7 +211,8 @@ void sampled_single_pass_rows(const SampledParams& p, const SampledColumns<acc_t
                                                 SampledRowState<acc_t>, void*);                                    \
   template void sampled_finalize<acc_t>(const SampledParams&, SampledRowState<acc_t>, acc_t*, acc_t*, void*);   \
   template void sampled_single_pass_rows<acc_t>(const SampledParams&, const SampledColumns<acc_t>&,               \
-                                                const SampledColumns<acc_t>&, acc_t*, SampledRowState<acc_t>,     \
+                                                const SampledColumns<acc_t>&, int64_t, acc_t*,                    \
+                                                SampledRowState<acc_t>,                                           \
                                                 acc_t*, acc_t*, const acc_t*, void*);                             \
   template void sampled_scatter_outer<acc_t>(const acc_t*, const acc_t*, const int64_t*, int64_t, int64_t,         \
                                              int64_t, acc_t*, void*);

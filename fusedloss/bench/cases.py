@@ -199,9 +199,11 @@ def _linear_ce_path(s, dtype, device):
 
 
 def _sampled_path(s, dtype, device):
-    # + a half-precision copy of the candidates' dlogits for half GEMM operands on CUDA
+    # The tile's row: the true column and the candidates, each padded to 16 (sampled.cpp),
+    # + a half-precision copy of the candidates' dlogits for half GEMM operands on CUDA.
+    aligned_k = -(-s["K"] // 16) * 16
     half_copy = s["K"] // 2 if _half(dtype) and torch.device(device).type == "cuda" else 0
-    return fused_path(s["N"], 1 + s["K"] + half_copy, device, per_pass_bytes=4 * s["K"] * s["D"])
+    return fused_path(s["N"], 16 + aligned_k + half_copy, device, per_pass_bytes=4 * s["K"] * s["D"])
 
 
 def _pair_path(whole_tile_only):

@@ -93,14 +93,16 @@ void sampled_finalize(const SampledParams& p, SampledRowState<acc_t> state, acc_
 template <typename acc_t, typename grad_t>
 void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& cols, const acc_t* logits,
                         const acc_t* stats, const acc_t* grad_loss, grad_t* dlogits);
-// The single pass over a block of rows whose [rows, T + K] tile holds the
-// raw logits of the true columns (first T) and of the shared candidates: folds
-// and finalizes each row (loss, stats) and writes its dlogits, scaled by
-// grad_loss, in place over the tile (accumulation dtype). `p` describes the
-// candidates (chunk_columns = K, logits_stride = T + K); `state` must be empty.
+// The single pass over a block of rows whose tile holds the raw logits of the
+// true columns (columns [0, T)) and of the shared candidates (K columns from
+// candidate_offset on): folds and finalizes each row (loss, stats) and writes
+// its dlogits, scaled by grad_loss, in place over the tile (accumulation
+// dtype). `p` describes the candidates (chunk_columns = K, logits_stride = the
+// tile's row stride); `state` must be empty.
 template <typename acc_t>
 void sampled_single_pass_rows(const SampledParams& p, const SampledColumns<acc_t>& true_cols,
-                              const SampledColumns<acc_t>& candidate_cols, acc_t* tile, SampledRowState<acc_t> state,
+                              const SampledColumns<acc_t>& candidate_cols, int64_t candidate_offset, acc_t* tile,
+                              SampledRowState<acc_t> state,
                               acc_t* loss, acc_t* stats, const acc_t* grad_loss);
 // dst[index[r]] += src[r] for r < rows (rows of `dim` values). Duplicated
 // indices are summed in row order: deterministic, no atomics.
@@ -132,7 +134,8 @@ void sampled_chunk_grad(const SampledParams& p, const SampledColumns<acc_t>& col
                         const acc_t* stats, const acc_t* grad_loss, grad_t* dlogits, void* stream);
 template <typename acc_t>
 void sampled_single_pass_rows(const SampledParams& p, const SampledColumns<acc_t>& true_cols,
-                              const SampledColumns<acc_t>& candidate_cols, acc_t* tile, SampledRowState<acc_t> state,
+                              const SampledColumns<acc_t>& candidate_cols, int64_t candidate_offset, acc_t* tile,
+                              SampledRowState<acc_t> state,
                               acc_t* loss, acc_t* stats, const acc_t* grad_loss, void* stream);
 // dst[index[i * columns + j]] += dz[i, j] * x[i] with atomic adds (one block
 // per row, threads over D): the per-row candidates' weight gradient without
