@@ -576,7 +576,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sampled_sum_and_grad(
     // candidates' dlogits for half GEMM operands (CUDA); once per pass, the
     // candidates' fp32 [K, D] gradient.
     const int64_t half_copy = pass.operand_dtype != pass.acc_dtype ? pass.num_sampled / 2 : 0;
-    pass.block_rows = choose_block_rows(rows, pass.columns() + half_copy, row_block, memory_budget,
+    // Default: the recompute pair's own workspace (32 MiB CPU, 512 MiB CUDA).
+    // A block adds only its [K, D] dW accumulation, so small blocks cost
+    // little time, and the loss needs no more memory than before.
+    const int64_t budget = memory_budget > 0 ? memory_budget : (input.is_cuda() ? int64_t(512) << 20 : int64_t(32) << 20);
+    pass.block_rows = choose_block_rows(rows, pass.columns() + half_copy, row_block, budget,
                                         4 * pass.num_sampled * dim, input.is_cuda());
   }
   if (!pass.shared || pass.block_rows == 0) {

@@ -175,16 +175,16 @@ def _sampled_gemm_operands(x):
     return x["input"], x["weight"].detach().index_select(0, x["sampled_values"][0])
 
 
-def fused_path(rows, columns, device, *, per_pass_bytes=0, whole_tile_only=False):
+def fused_path(rows, columns, device, *, per_pass_bytes=0, whole_tile_only=False, budget=0):
     """The algorithm a fused op runs for a reduced, differentiated loss (the
-    same block sizing as the *_sum_and_grad ops, default memory budget)."""
+    same block sizing as the *_sum_and_grad ops; budget 0: their default)."""
     from fusedloss import _common
     from fusedloss._extension import C
 
     cuda = torch.device(device).type == "cuda"
     if cuda and os.environ.get(_common.CUDA_SINGLE_PASS_ENV, "0") != "1":
         return "recompute (CUDA single pass off)"
-    block = C.single_pass_block_rows(rows, columns, 0, 0, per_pass_bytes, cuda)
+    block = C.single_pass_block_rows(rows, columns, 0, budget, per_pass_bytes, cuda)
     if block == 0 or (whole_tile_only and block < rows):
         return "recompute"
     return "single pass" if block >= rows else f"single pass, {block}-row blocks"
@@ -203,7 +203,9 @@ def _sampled_path(s, dtype, device):
     # + a half-precision copy of the candidates' dlogits for half GEMM operands on CUDA.
     aligned_k = -(-s["K"] // 16) * 16
     half_copy = s["K"] // 2 if _half(dtype) and torch.device(device).type == "cuda" else 0
-    return fused_path(s["N"], 16 + aligned_k + half_copy, device, per_pass_bytes=4 * s["K"] * s["D"])
+    # The sampled ops' default budget: 32 MiB CPU, 512 MiB CUDA (sampled.cpp).
+    budget = (512 if torch.device(device).type == "cuda" else 32) << 20
+    return fused_path(s["N"], 16 + aligned_k + half_copy, device, per_pass_bytes=4 * s["K"] * s["D"], budget=budget)
 
 
 def _pair_path(whole_tile_only):
