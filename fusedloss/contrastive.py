@@ -150,8 +150,35 @@ def _fused(rows, cols, positives, scale, *, self_offset, symmetric, reduction, t
     return _common.reduce_rows(loss, None, reduction, loss.shape)
 
 
+def _check_log_q(log_q, name, rows, like):
+    """A [rows] floating tensor of log sampling probabilities on like's device."""
+    if log_q is None:
+        return None
+    if not isinstance(log_q, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(log_q).__name__}")
+    if tuple(log_q.shape) != (rows,):
+        raise ValueError(f"{name} must be [{rows}] (one log-probability per column), got shape {tuple(log_q.shape)}")
+    if not log_q.dtype.is_floating_point:
+        raise TypeError(f"{name} must be floating point, got {log_q.dtype}")
+    if log_q.device != like.device:
+        raise ValueError(f"{name} is on {log_q.device} but the features are on {like.device}")
+    return log_q
+
+
+def _log_q_corrected(query, cols, scale, log_q):
+    """query and columns whose dot products are the logits minus log q:
+    ``scale * [q, 1] . [k_j, -log q_j / scale] = scale * q . k_j - log q_j``.
+    One extra feature, so the fused op, its GEMMs and both of its algorithms
+    apply the correction unchanged; autograd through ``-log q / scale`` keeps
+    d(scale) exact (the kernels' d(scale) counts the extra column, its
+    gradient removes it again)."""
+    ones = torch.ones(query.shape[0], 1, dtype=query.dtype, device=query.device)
+    offset = (-log_q.to(_common.acc_dtype(query.dtype)) / scale).to(cols.dtype)
+    return torch.cat([query, ones], dim=1), torch.cat([cols, offset.unsqueeze(1)], dim=1)
+
+
 def info_nce_loss(query, key, *, negatives=None, temperature=None, scale=None, normalize=False, symmetric=False,
-                  reduction="mean", tile_size=None, memory_budget=None):
+                  reduction="mean", tile_size=None, memory_budget=None, key_log_q=None, negative_log_q=None):
     """InfoNCE with in-batch negatives (plus optional extra negatives).
 
     Args:
@@ -172,12 +199,30 @@ def info_nce_loss(query, key, *, negatives=None, temperature=None, scale=None, n
             sized to a fixed workspace). Giving it forces that algorithm.
         memory_budget: bytes of the single pass's logits tile (see
             :func:`clip_loss`).
+        key_log_q: optional [B] log of each key's sampling probability,
+            subtracted from its logit in every row (the sampling-bias
+            correction of in-batch negatives for two-tower retrieval,
+            TF-Recommenders' ``candidate_sampling_probability``); columns
+            without it are not corrected.
+        negative_log_q: optional [M] the same for the extra negatives. The
+            key -> query term of ``symmetric`` is unchanged by either (a
+            column's correction is constant over its softmax).
 
     Returns the loss in fp32 (fp64 for fp64 inputs).
     """
     scale = _info_nce_scale(query, key, negatives, temperature, reduction, tile_size, memory_budget, scale)
+    key_log_q = _check_log_q(key_log_q, "key_log_q", key.shape[0], query)
+    if negative_log_q is not None and negatives is None:
+        raise ValueError("negative_log_q needs negatives")
+    negative_log_q = _check_log_q(negative_log_q, "negative_log_q", 0 if negatives is None else negatives.shape[0],
+                                  query)
     query, key, negatives = _info_nce_features(query, key, negatives, normalize)
     cols = key if negatives is None else torch.cat([key, negatives])
+    if key_log_q is not None or negative_log_q is not None:
+        parts = [key_log_q if key_log_q is not None else query.new_zeros(key.shape[0])]
+        if negatives is not None:
+            parts.append(negative_log_q if negative_log_q is not None else query.new_zeros(negatives.shape[0]))
+        query, cols = _log_q_corrected(query, cols, scale, torch.cat([p.to(parts[0].dtype) for p in parts]))
     positives = torch.arange(query.shape[0], device=query.device)
     return _fused(query, cols, positives, scale, self_offset=None, symmetric=symmetric, reduction=reduction,
                   tile_size=tile_size, memory_budget=memory_budget)

@@ -18,13 +18,17 @@ def _logits(rows, cols, scale):
 
 
 def info_nce_loss(query, key, *, negatives=None, temperature=0.07, normalize=False, symmetric=False,
-                  reduction="mean"):
+                  reduction="mean", key_log_q=None, negative_log_q=None):
     _validate.check_reduction(reduction)
     if normalize:
         query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
         negatives = None if negatives is None else F.normalize(negatives, dim=-1)
     cols = key if negatives is None else torch.cat([key, negatives])
     logits = _logits(query, cols, 1.0 / temperature)
+    if key_log_q is not None:  # sampling-bias correction of each column's logit
+        logits[:, : key.shape[0]] -= key_log_q.to(logits.dtype)
+    if negative_log_q is not None:
+        logits[:, key.shape[0]:] -= negative_log_q.to(logits.dtype)
     labels = torch.arange(query.shape[0], device=query.device)
     loss = F.cross_entropy(logits, labels, reduction="none")
     if symmetric:
