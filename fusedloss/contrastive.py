@@ -59,9 +59,10 @@ def _check_tiling(tile_size, memory_budget=None):
     _validate.check_optional_positive_int(memory_budget, "memory_budget")
 
 
-def _positive_scalar(value, name, features):
-    """A float or a 0-dim tensor that must be > 0, as a 0-dim tensor on the
-    features' device (tensors keep their autograd graph)."""
+def scalar_argument(value, name, features, positive=True):
+    """A float or a 0-dim floating tensor (> 0 when ``positive``), as a 0-dim
+    tensor on the features' device (tensors keep their autograd graph; a
+    float is a constant)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dim() != 0:
             raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {tuple(value.shape)}")
@@ -71,14 +72,14 @@ def _positive_scalar(value, name, features):
             raise ValueError(f"{name} is on {value.device} but the features are on {features.device}")
         # One host sync on CUDA, skipped while compiling / capturing (like the
         # target-range checks of the other losses).
-        if _validate.should_check_values(value):
+        if positive and _validate.should_check_values(value):
             v = value.detach()
             if not bool((v > 0) & torch.isfinite(v)):
                 raise ValueError(f"{name} must be positive and finite, got {v.item()}")
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
-    value = _validate.check_finite(value, name, positive=True)
+    value = _validate.check_finite(value, name, positive=positive)
     return torch.tensor(value, dtype=_common.acc_dtype(features.dtype), device=features.device)
 
 
@@ -90,9 +91,9 @@ def _logit_scale(temperature, scale, default_temperature, features):
         raise ValueError(f"give temperature= or scale= (= 1 / temperature), not both: got temperature={temperature} "
                          f"and scale={scale}")
     if scale is not None:
-        return _positive_scalar(scale, "scale", features)
+        return scalar_argument(scale, "scale", features)
     temperature = default_temperature if temperature is None else temperature
-    return 1.0 / _positive_scalar(temperature, "temperature", features)
+    return 1.0 / scalar_argument(temperature, "temperature", features)
 
 
 def _info_nce_scale(query, key, negatives, temperature, reduction, tile_size, memory_budget=None, scale=None):
@@ -120,7 +121,7 @@ def _clip_scale(image_features, text_features, logit_scale, reduction, tile_size
     _validate.check_reduction(reduction)
     _check_tiling(tile_size, memory_budget)
     check_pairs(image_features, text_features, "image_features", "text_features")
-    return _positive_scalar(logit_scale, "logit_scale", image_features)
+    return scalar_argument(logit_scale, "logit_scale", image_features)
 
 
 def _row_losses(rows, cols, positives, scale, tile_size, *, self_offset=None, symmetric=False):

@@ -10,29 +10,11 @@ softmax, so nothing to wait for); the autograd backward only scales them.
 ``reduction="none"`` uses ``siglip_forward`` and a recomputing backward.
 See csrc/siglip.cpp.
 """
-import numbers
 
 import torch
 
 from . import _common, _ops, _validate
-from .contrastive import check_pairs
-
-
-def _scalar(value, name, features):
-    """A float or a 0-dim floating tensor on the features' device, as a 0-dim
-    tensor (a tensor keeps its autograd graph; a float is a constant)."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0:
-            raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {tuple(value.shape)}")
-        if not value.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        if value.device != features.device:
-            raise ValueError(f"{name} is on {value.device} but the features are on {features.device}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
-    value = _validate.check_finite(value, name)
-    return torch.tensor(value, dtype=_common.acc_dtype(features.dtype), device=features.device)
+from .contrastive import check_pairs, scalar_argument
 
 
 def siglip_arguments(image_features, text_features, logit_scale, logit_bias, reduction, tile_size):
@@ -43,7 +25,8 @@ def siglip_arguments(image_features, text_features, logit_scale, logit_bias, red
     check_pairs(image_features, text_features, "image_features", "text_features")
     if image_features.shape[0] == 0:
         raise ValueError("image_features has no rows: SigLIP needs at least one image-text pair")
-    return (_scalar(logit_scale, "logit_scale", image_features), _scalar(logit_bias, "logit_bias", image_features))
+    return (scalar_argument(logit_scale, "logit_scale", image_features, positive=False),
+            scalar_argument(logit_bias, "logit_bias", image_features, positive=False))
 
 
 def fused_siglip(image, text, scale, bias, *, positive_offset, reduction, tile_size):
