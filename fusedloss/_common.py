@@ -15,12 +15,18 @@ def wants_single_pass(reduction, device, *differentiable):
     """Form the gradients during the forward in one pass over row blocks (one
     GEMM fewer than the recompute pair) for a reduced loss that will be
     differentiated; the op itself falls back to the pair when no block fits
-    its memory budget."""
+    its memory budget. Not for fp16: the single pass rounds its gradients to
+    fp16 before it knows the upstream gradient, so a GradScaler's scale would
+    come too late to keep them above fp16's range (≈ 6e-8); the recompute
+    pair's backward forms them already scaled."""
     if reduction == "none" or not torch.is_grad_enabled():
         return False
     if device.type == "cuda" and os.environ.get(CUDA_SINGLE_PASS_ENV, "0") != "1":
         return False
-    return any(t is not None and t.requires_grad for t in differentiable)
+    present = [t for t in differentiable if t is not None]
+    if any(t.dtype == torch.float16 for t in present):
+        return False
+    return any(t.requires_grad for t in present)
 
 
 def acc_dtype(dtype):

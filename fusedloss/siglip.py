@@ -35,7 +35,10 @@ def fused_siglip(image, text, scale, bias, *, positive_offset, reduction, tile_s
     divides the sum by the number of image rows."""
     tile = int(tile_size or 0)
     tensors = (image, text, scale, bias)
-    if reduction != "none" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    # The one pass on CUDA too (validated by scripts/gpu_check.sh's SigLIP
+    # cases), never for fp16 (see _common.wants_single_pass).
+    if (reduction != "none" and torch.is_grad_enabled() and image.dtype != torch.float16
+            and any(t.requires_grad for t in tensors)):
         mask = [t.requires_grad for t in tensors]
         total, *_ = _ops.ops.siglip_sum_and_grad(*tensors, positive_offset, tile, mask)
         return total if reduction == "sum" else total / image.shape[0]

@@ -181,21 +181,37 @@ unit = lambda seed: torch.nn.functional.normalize(features(2048, 16, "cpu", seed
 q, k = (unit(seed).half().requires_grad_() for seed in (5, 6))
 cases = {"info_nce": lambda mod, q, k, **kw: mod.info_nce_loss(q, k, temperature=1.0, **kw),
          "clip": lambda mod, q, k, **kw: mod.clip_loss(q, k, 1.0, **kw)}
+ops = torch.ops.fusedloss
+positives, norm = torch.arange(2048), torch.tensor(2048.0)
+direct = {"info_nce": lambda q, k: ops.contrastive_sum_and_grad(q, k, positives, torch.tensor(1.0), norm, None,
+                                                                 False, 0, 0, [True, True, False])[1:3],
+          "clip": lambda q, k: ops.contrastive_sum_and_grad(q, k, positives, torch.tensor(1.0), norm, None, True, 0, 0,
+                                                            [True, True, False])[1:3]}
 for name, fn in cases.items():
-    got = torch.autograd.grad(fn(fusedloss, q, k), [q, k])
+    # The op itself (the public functions send fp16 to the recompute pair, see below).
+    got = direct[name](q, k)
     q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
     want = torch.autograd.grad(fn(reference, q64, k64), [q64, k64])
     for g, w in zip(got, want):
         error = ((g.double() - w).norm() / w.norm()).item()
         assert error < 6e-4, (name, error)  # scaled before rounding: 1.6e-3
         print(name, f"{error:.1e}")
+    # The public function with a GradScaler's loss scale: fp16 runs the
+    # recompute pair, whose backward rounds dlogits already scaled.
+    assert not fusedloss._common.wants_single_pass("mean", q.device, q, k)
+    scaled = torch.autograd.grad(fn(fusedloss, q, k) * 65536.0, [q, k])
+    for g, w in zip(scaled, want):
+        error = ((g.double() / 65536.0 - w).norm() / w.norm()).item()
+        assert error < 6e-4, (name, "GradScaler", error)
 print("ok")
 """
 
 
 def test_fp16_mean_gradients_do_not_underflow():
-    """fp16 dlogits (the CUDA layout) of a mean over many pairs: formed for an
-    upstream gradient of 1 and scaled after the GEMMs, so they stay normal."""
+    """fp16 dlogits (the CUDA layout) of a mean over many pairs: the single-pass
+    op forms them for an upstream gradient of 1 and scales after the GEMMs, and
+    the public functions run fp16 through the recompute pair so that a
+    GradScaler's scale reaches the dlogits before they are rounded."""
     env = dict(os.environ, FUSEDLOSS_CPU_HALF_OPERANDS="1")
     tests = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run([sys.executable, "-c", _FP16_MEAN_SCRIPT], cwd=tests, env=env, capture_output=True,

@@ -177,8 +177,16 @@ from test_sampled_single_pass import KINDS, _leaves, _run
 x, w, b, target, sv = sampled_problem(n=2048, d=16, c=4000, k=512, dtype=torch.float16)
 x = (x * 0.01).detach()
 sv64 = (sv[0], sv[1].double(), sv[2].double())
+ops = torch.ops.fusedloss
+log_q = (sv[1].float().log(), sv[2].float().log())
 for kind, (fused, ref) in KINDS.items():
-    got = _run(fused, *_leaves(x, w, b), target, sv)
+    # The op itself (the public functions send fp16 to the recompute pair).
+    # The public defaults: softmax removes accidental hits (every copy), NCE keeps them.
+    mode, hit_mask = (0, 1) if kind == "softmax" else (1, 0)
+    leaves = _leaves(x, w, b)
+    got = [None, *ops.sampled_sum_and_grad(*leaves, target, sv[0], *log_q, torch.tensor(2048.0), mode, hit_mask,
+                                           0.0, 1.0,
+                                           False, 0, 0, [True, True, True])[1:4]]
     want = _run(ref, *(t.detach().double().requires_grad_() for t in (x, w, b)), target, sv64)
     # dX and db (dW's entries are ≈ 1e-6 themselves: subnormal in any fp16 result).
     for name, g, r in (("input", got[1], want[1]), ("bias", got[3], want[3])):
@@ -191,7 +199,8 @@ print("ok")
 
 def test_fp16_mean_gradients_do_not_underflow():
     """The candidates' fp16 dlogits (the CUDA layout) of a mean over many rows
-    are formed for an upstream gradient of 1 and scaled after the GEMMs."""
+    are formed by the single-pass op for an upstream gradient of 1 and scaled
+    after the GEMMs (the public functions run fp16 through the recompute pair)."""
     env = dict(os.environ, FUSEDLOSS_CPU_HALF_OPERANDS="1")
     tests = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run([sys.executable, "-c", _FP16_MEAN_SCRIPT], cwd=tests, env=env, capture_output=True,
