@@ -266,7 +266,9 @@ def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", t
     ``(F.cross_entropy(X, y) + F.cross_entropy(X.T, y)) / 2``.
 
     Algorithms (all three losses): a reduced loss that will be differentiated
-    runs the single pass by default: row blocks whose [R_block, C] fp32 tile
+    (bf16, fp32, fp64; fp16 takes the recompute pair so that a GradScaler's
+    scale reaches the gradients before they are rounded) runs the single pass
+    by default: row blocks whose [R_block, C] fp32 tile
     of logits fits ``memory_budget`` (default 256 MiB on the CPU, 4 GiB on
     CUDA, where it is opt-in with FUSEDLOSS_CUDA_SINGLE_PASS=1 until validated
     on a GPU), the gradients formed in the forward (three GEMMs a step). The

@@ -142,8 +142,10 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
             on CUDA). For a reduced loss that requires grad, the default
             instead forms the gradients during the forward in one pass over
             row blocks (6·N·D·V FLOPs instead of 8; on the CPU, and on CUDA
-            with FUSEDLOSS_CUDA_SINGLE_PASS=1 until it is validated on a GPU);
-            giving chunk_size forces the recompute algorithm.
+            with FUSEDLOSS_CUDA_SINGLE_PASS=1 until it is validated on a GPU;
+            not for fp16, whose gradients must see a GradScaler's scale
+            before they are rounded); giving chunk_size forces the recompute
+            algorithm.
         memory_budget: bytes the single pass may use beyond its inputs and
             gradients (default 256 MiB on the CPU, 4 GiB on CUDA): its
             [R, V] fp32 logits tile (R rows per block; all N rows when

@@ -265,7 +265,7 @@ def sampled_softmax_loss(input, weight, target, num_sampled, bias=None, *, num_c
             (default: sized to a fixed workspace); giving it forces that algorithm.
         memory_budget: bytes of the single pass's fp32 logits tile. With
             shared [K] candidates, a reduced loss that will be differentiated
-            gathers the candidates' weight rows once and forms the gradients
+            (not fp16: see fusedloss/_common.wants_single_pass) gathers the candidates' weight rows once and forms the gradients
             in the forward over row blocks whose [R, num_true + K] tile fits
             the budget (default 32 MiB on the CPU, 512 MiB on CUDA — the
             recompute pair's workspace: a block only adds a [K, D] dW
