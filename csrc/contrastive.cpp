@@ -250,7 +250,6 @@ struct ContrastiveBackward : ContrastiveProblem {
 struct ContrastiveSinglePass : ContrastiveProblem {
   using ContrastiveProblem::ContrastiveProblem;
   int64_t block_rows = 0;
-  int64_t self_offset = 0;  // of the whole problem; each block shifts it by its first row
   bool need_rows = false, need_cols = false;
   Tensor state, row_lse, col_lse, loss, row_grad, col_grad, scratch;
   Tensor grad_rows_acc, grad_cols_acc, scale_grad_rows;
@@ -274,7 +273,7 @@ struct ContrastiveSinglePass : ContrastiveProblem {
     block.chunk_columns = params.num_cols;
     block.logits_stride = tile.stride(0);
     block.dlogits_stride = dlogits.stride(0);
-    block.self_offset = self_offset + r.start;
+    block.self_offset = params.self_offset + r.start;  // the mask follows the block's first row
     if (params.symmetric) {  // one block: the tile holds every row
       backend.run(FUSEDLOSS_KERNELS(contrastive_chunk_column_lse<acc_t>), block, tile.data_ptr<acc_t>(),
                   scale.data_ptr<acc_t>(), lse_array_at<acc_t>(col_lse), scratch.data_ptr<acc_t>());
@@ -339,7 +338,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_sum_and_grad(
   }
   pass.need_rows = output_mask[0];
   pass.need_cols = output_mask[1];
-  pass.self_offset = self_offset.value_or(0);
   pass.state = pass.empty_row_state();
   pass.row_lse = at::empty({2, num_rows}, acc_opts);
   pass.col_lse = at::empty({2, symmetric ? num_cols : 0}, acc_opts);
