@@ -234,12 +234,12 @@ struct LinearCEBackward : LinearCEProblem {
     const auto acc_opts = options().dtype(acc_dtype);
     grad_rows = grad_loss.reshape({n}).to(acc_dtype).contiguous();
     lse = lse_in.reshape({2, n}).to(acc_dtype).contiguous();
-    grad_input_acc = need_input ? at::zeros({n, input.size(1)}, acc_opts) : Tensor();
-    grad_weight = need_weight ? at::empty_like(weight_, at::MemoryFormat::Contiguous) : at::empty({0}, weight_.options());
+    grad_input_acc = need_input ? zeros_buffer({n, input.size(1)}, acc_opts) : Tensor();
+    grad_weight = need_weight ? empty_buffer(weight_.sizes(), weight_.options()) : at::empty({0}, weight_.options());
     grad_bias_acc = need_bias ? at::zeros({classes()}, acc_opts) : Tensor();
     if (n == 0 && need_weight) grad_weight.zero_();
     if (need_input || need_weight || need_bias) backward_chunks(*this);
-    Tensor grad_input = need_input ? grad_input_acc.to(input_.scalar_type()) : at::empty({0}, input_.options());
+    Tensor grad_input = need_input ? to_buffer(grad_input_acc, input_.scalar_type()) : at::empty({0}, input_.options());
     Tensor grad_bias = need_bias ? grad_bias_acc.to(input_.scalar_type()) : at::empty({0}, input_.options());
     return {grad_input, grad_weight, grad_bias};
   }
@@ -413,14 +413,14 @@ SumAndGrad linear_ce_sum_and_grad(const Tensor& input, const Tensor& weight, con
   const bool one_block = pass.block_rows >= rows;
   // One block: its GEMM writes dW in the weight's dtype (rounded once); more:
   // an fp32 accumulator, rounded once at the end.
-  pass.grad_input = pass.need_input ? at::empty({rows, dim}, input.options()) : at::empty({0}, input.options());
+  pass.grad_input = pass.need_input ? empty_buffer({rows, dim}, input.options()) : at::empty({0}, input.options());
   pass.grad_weight_acc = !pass.need_weight ? at::empty({0}, weight.options())
-                         : one_block && rows > 0 ? at::empty({classes, dim}, weight.options())
-                                                 : at::zeros({classes, dim}, weight.options().dtype(pass.acc_dtype));
+                         : one_block && rows > 0 ? empty_buffer({classes, dim}, weight.options())
+                                                 : zeros_buffer({classes, dim}, weight.options().dtype(pass.acc_dtype));
   pass.grad_bias_acc = pass.need_bias ? at::zeros({classes}, acc_opts) : at::empty({0}, acc_opts);
   single_pass(pass);
   const Tensor total = pass.loss.mul(grad_rows).sum();
-  Tensor grad_weight = pass.need_weight ? pass.grad_weight_acc.to(weight.scalar_type()) : pass.grad_weight_acc;
+  Tensor grad_weight = pass.need_weight ? to_buffer(pass.grad_weight_acc, weight.scalar_type()) : pass.grad_weight_acc;
   Tensor grad_bias = pass.need_bias ? pass.grad_bias_acc.to(bias->scalar_type()) : at::empty({0}, input.options());
   auto [lse, argmax, entropy] = row_statistics(pass, pass.state, pass.lse, pass.argmax);
   return {total, pass.grad_input, grad_weight, grad_bias, lse, argmax, entropy};

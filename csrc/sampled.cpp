@@ -301,7 +301,7 @@ struct SampledBackward : SampledProblem {
       if (c.kind == kSharedCandidates) {
         if (need_input) matmul_into(grad_input_acc, dlogits, gathered, /*accumulate=*/true);
         if (need_weight) {
-          Tensor chunk_grad = at::empty({c.columns, params.dim}, options().dtype(acc_dtype));
+          Tensor chunk_grad = empty_buffer({c.columns, params.dim}, options().dtype(acc_dtype));
           matmul_into(chunk_grad, dlogits.t(), input_for_weight, /*accumulate=*/false);
           scatter_rows<acc_t>(grad_weight_acc, map, chunk_grad);
         }
@@ -365,8 +365,8 @@ struct SampledBackward : SampledProblem {
         out_rows = touched.numel();
       }
     }
-    grad_input_acc = need_input ? at::zeros({n, dim}, acc_opts) : Tensor();
-    grad_weight_acc = need_weight ? at::zeros({out_rows, dim}, acc_opts) : Tensor();
+    grad_input_acc = need_input ? zeros_buffer({n, dim}, acc_opts) : Tensor();
+    grad_weight_acc = need_weight ? zeros_buffer({out_rows, dim}, acc_opts) : Tensor();
     grad_bias_acc = need_bias ? at::zeros({out_rows}, acc_opts) : Tensor();
     if (need_weight) {
       // Rows with zero upstream gradient feed the weight gradient nothing, even
@@ -381,11 +381,11 @@ struct SampledBackward : SampledProblem {
   std::tuple<Tensor, Tensor, Tensor> finish_gradients(const Tensor& input_, const Tensor& weight_,
                                                       const std::optional<Tensor>& bias_, bool sparse_grad) const {
     const auto finish = [&](const Tensor& acc, at::IntArrayRef dense_size, at::ScalarType dtype) {
-      if (!sparse_grad) return acc.to(dtype);
+      if (!sparse_grad) return to_buffer(acc, dtype);
       std::vector<int64_t> size(dense_size.begin(), dense_size.end());
       return at::_sparse_coo_tensor_unsafe(touched.unsqueeze(0), acc.to(dtype), size)._coalesced_(true);
     };
-    Tensor grad_input = need_input ? grad_input_acc.to(input_.scalar_type()) : at::empty({0}, input_.options());
+    Tensor grad_input = need_input ? to_buffer(grad_input_acc, input_.scalar_type()) : at::empty({0}, input_.options());
     Tensor grad_weight = need_weight ? finish(grad_weight_acc, weight_.sizes(), weight_.scalar_type())
                                      : at::empty({0}, weight_.options());
     Tensor grad_bias = need_bias ? finish(grad_bias_acc, bias_->sizes(), bias_->scalar_type())
@@ -418,7 +418,7 @@ struct SampledSinglePass : SampledBackward {
   using SampledBackward::SampledBackward;
   int64_t block_rows = 0;
   Tensor state, loss, block_stats, candidate_grad_acc, candidate_bias_acc;
-  Tensor inverse;          // 0-dim 1 / normalizer
+  Tensor inverse;          // 0-dim 1 / normalizer, applied after the row kernel (fp16 operands only)
   Tensor candidate_log_q;  // [K] log Q - bias[id], when there is a bias
 
   // The tile's row: the T true columns, then the K candidates from
@@ -514,26 +514,30 @@ struct SampledSinglePass : SampledBackward {
       if (need_weight) {
         matmul_into(candidate_grad_acc, candidate_dlogits.t(), input_for_weight.narrow(0, r.start, r.count),
                     /*accumulate=*/r.start > 0);
-        // input_acc holds x / normalizer (sampled_sum_and_grad).
+        // With `inverse`, input_acc holds x / normalizer (sampled_sum_and_grad).
         scatter_outer<acc_t>(grad_weight_acc, true_map, true_dlogits.contiguous(),
                              input_acc.narrow(0, r.start, r.count));
       }
       if (need_bias) {
         candidate_bias_acc.add_(candidate_dlogits_acc.sum(0));
-        scatter_rows<acc_t>(grad_bias_acc, true_map, true_dlogits.mul(inverse).view(-1));
+        scatter_rows<acc_t>(grad_bias_acc, true_map,
+                            (inverse.defined() ? true_dlogits.mul(inverse) : true_dlogits.contiguous()).view(-1));
       }
     });
   }
 
-  // The candidates' gradient rows, accumulated over every block, scaled by
-  // 1 / normalizer into place; dX scaled likewise.
+  // t, multiplied in place by `inverse` when the row kernel left it out.
+  const Tensor& scaled(const Tensor& t) const { return inverse.defined() ? t.mul_(inverse) : t; }
+
+  // The candidates' gradient rows, accumulated over every block, scattered
+  // (and dX, both scaled by `inverse` when the row kernel left it out).
   void finish_candidates() {
-    if (need_input) grad_input_acc.mul_(inverse);
+    if (need_input) scaled(grad_input_acc);
     if (!need_weight && !need_bias) return;
     const Tensor candidate_map = row_map.narrow(0, rows() * params.num_true, num_sampled);
     AT_DISPATCH_FLOATING_TYPES(acc_dtype, "sampled_scatter_candidates", [&] {
-      if (need_weight) scatter_rows<scalar_t>(grad_weight_acc, candidate_map, candidate_grad_acc.mul_(inverse));
-      if (need_bias) scatter_rows<scalar_t>(grad_bias_acc, candidate_map, candidate_bias_acc.mul_(inverse));
+      if (need_weight) scatter_rows<scalar_t>(grad_weight_acc, candidate_map, scaled(candidate_grad_acc));
+      if (need_bias) scatter_rows<scalar_t>(grad_bias_acc, candidate_map, scaled(candidate_bias_acc));
     });
   }
 };
@@ -588,18 +592,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sampled_sum_and_grad(
                                           sparse_grad, grad_rows, output_mask);
   }
   const auto acc_opts = input.options().dtype(pass.acc_dtype);
-  // The dlogits are formed for an upstream gradient of 1 per row and the
-  // gradients scaled by 1 / normalizer afterwards: scaled first, a mean's
-  // dlogits (≈ p / N) would underflow in an fp16 copy for the GEMMs.
-  pass.prepare_gradients(at::ones({rows}, acc_opts), sparse_grad, output_mask);
-  pass.inverse = grad_rows.numel() > 0 ? grad_rows[0] : at::ones({}, acc_opts);
-  if (pass.need_weight) pass.input_acc = pass.input_acc.mul(pass.inverse);  // the true columns' outer products
+  // The row kernel forms the dlogits of sum_i loss_i / normalizer directly,
+  // except for fp16 GEMM operands: there it forms them for an upstream
+  // gradient of 1 and the gradients are scaled by 1 / normalizer afterwards,
+  // since a mean's dlogits (≈ p / N) would underflow in the fp16 copy.
+  const bool scale_after = pass.operand_dtype == at::kHalf;
+  pass.prepare_gradients(scale_after ? at::ones({rows}, acc_opts) : grad_rows, sparse_grad, output_mask);
+  if (scale_after) {
+    pass.inverse = grad_rows.numel() > 0 ? grad_rows[0] : at::ones({}, acc_opts);
+    if (pass.need_weight) pass.input_acc = pass.input_acc.mul(pass.inverse);  // the true columns' outer products
+  }
   pass.state = pass.empty_row_state();
   pass.loss = at::empty({rows}, acc_opts);
   pass.block_stats = at::empty({3, std::min(pass.block_rows, std::max<int64_t>(rows, 1))}, acc_opts);
   pass.gathered = weight.index_select(0, sampled).to(pass.operand_dtype);
   pass.fold_candidate_offsets();
-  if (pass.need_weight) pass.candidate_grad_acc = at::zeros({pass.num_sampled, dim}, acc_opts);
+  if (pass.need_weight) pass.candidate_grad_acc = zeros_buffer({pass.num_sampled, dim}, acc_opts);
   if (pass.need_bias) pass.candidate_bias_acc = at::zeros({pass.num_sampled}, acc_opts);
   single_pass(pass);
   pass.finish_candidates();

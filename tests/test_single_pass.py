@@ -49,6 +49,17 @@ def test_single_pass_blocks_and_fallback_match_the_oracle(device, budget, reduct
     assert_all_close(got, want, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("budget", [None, 100 * 4 * 20000], ids=["one_block", "two_blocks"])
+def test_large_gradients_match_the_oracle(budget):
+    """Weight gradients over 4 MiB come from huge-page-advised buffers
+    (csrc/include/fusedloss/buffers.h): written whole by the GEMM in one block,
+    zero-filled (calloc) and accumulated over several."""
+    x, w, t, b = linear_ce_problem(200, 64, 20000, torch.float32, "cpu", bias=True, ignore_every=5)
+    got = _loss_and_grads(fusedloss.linear_cross_entropy, x, w, t, b, memory_budget=budget)
+    want = _loss_and_grads(reference.linear_cross_entropy, *fp64_leaves(x, w)[:2], t, fp64_leaves(b)[0])
+    assert_all_close(got, want, rtol=2e-5, atol=2e-7)
+
+
 def test_single_pass_layouts_agree_bitwise_where_they_must():
     """The same budget twice gives bit-identical results (tile reuse is safe)."""
     x, w, t, b = _problem()

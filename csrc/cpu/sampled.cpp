@@ -53,16 +53,18 @@ void final_row_logits(const SampledParams& p, const SampledColumns<acc_t>& cols,
   }
 }
 
-// Folds one row of a chunk's final logits (-inf: masked) into the row state.
-template <typename acc_t>
-void fold_final_row(const SampledParams& p, int64_t row, const acc_t* y, SampledRowState<acc_t> state) {
+// Folds one row of a chunk's final logits (-inf: masked) into the row state
+// and returns the chunk's max. With kKeep the row is left holding exp(y -
+// chunk max) on live columns and -1 on masked ones (grad_from_exps_row).
+template <bool kKeep, typename acc_t>
+acc_t fold_final_row(const SampledParams& p, int64_t row, acc_t* y, SampledRowState<acc_t> state) {
   const int64_t columns = p.chunk_columns;
   const acc_t skip = neg_infinity<acc_t>();
   if (p.mode == static_cast<int64_t>(SampledMode::kNCE)) {
     acc_t nce_sum = 0;
     for (int64_t j = 0; j < columns; ++j) nce_sum += y[j] == skip ? acc_t(0) : sampled_nce_term(p, y[j]);
     state.nce_loss[row] += nce_sum;
-    return;
+    return skip;
   }
   acc_t m = skip, s = 0, unmasked = 0;
 #pragma omp simd reduction(max : m) reduction(+ : s, unmasked)
@@ -76,14 +78,38 @@ void fold_final_row(const SampledParams& p, int64_t row, const acc_t* y, Sampled
   if (m != skip) {
 #pragma omp simd reduction(+ : sum_exp)
     for (int64_t j = 0; j < columns; ++j) {
-      const acc_t e = exp_vectorizable(y[j] - m);
-      sum_exp += y[j] == skip ? acc_t(0) : e;
+      // The mask as a 0/1 factor, not a select around the exp: GCC 12 leaves
+      // the select form scalar. A masked column's exp(-inf) is the clamped
+      // exp(-87) > 0, times 0.
+      const acc_t v = y[j];
+      const acc_t live = v != skip ? acc_t(1) : acc_t(0);
+      const acc_t e = live * exp_vectorizable(v - m);
+      sum_exp += e;
+      if constexpr (kKeep) y[j] = e + (live - acc_t(1));  // masked: -1
     }
+  } else if constexpr (kKeep) {
+    std::fill_n(y, columns, acc_t(-1));
   }
   lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum_exp});
   state.sum_logits[row] += s;
   state.columns[row] += unmasked;
   if (p.is_true_chunk) state.true_sum[row] += s;
+  return m;
+}
+
+// Softmax dlogits of one row part from fold_final_row<true>'s exps:
+// g * dLoss/dz with p_j = e_j * exp(part max - lse); masked (-1) columns get
+// exactly 0. One multiply per column where recomputing p would be an exp.
+template <typename acc_t>
+void grad_from_exps_row(const SampledParams& p, acc_t* e, acc_t part_max, LseParts<acc_t> lse, acc_t unmasked,
+                        acc_t g) {
+  const acc_t to_prob = exp_acc((part_max - lse.max) - lse.log_sum);
+  const acc_t offset = sampled_softmax_grad(p, acc_t(0), unmasked);  // the label terms
+#pragma omp simd
+  for (int64_t j = 0; j < p.chunk_columns; ++j) {
+    const acc_t live = e[j] != acc_t(-1) ? acc_t(1) : acc_t(0);  // NaN stays live: a NaN row stays NaN
+    e[j] = live * (g * (e[j] * to_prob + offset));
+  }
 }
 
 // NCE's single pass over one row of a chunk's final logits (-inf: masked):
@@ -109,15 +135,27 @@ acc_t nce_fold_and_grad_row(const SampledParams& p, acc_t* y, acc_t g) {
 }
 
 // g * dLoss/dz of one row of a chunk's final logits y into dz (which may
-// alias y); masked (-inf) columns get exactly 0.
+// alias y); masked (-inf) columns get exactly 0. The mode and the label terms
+// are resolved outside the column loop, which GCC leaves scalar otherwise.
 template <typename acc_t, typename grad_t>
 void grad_final_row(const SampledParams& p, const acc_t* y, LseParts<acc_t> lse, acc_t unmasked, acc_t g,
                     grad_t* dz) {
   const acc_t skip = neg_infinity<acc_t>();
+  const auto each_live_column = [&](auto column_grad) {
 #pragma omp simd
-  for (int64_t j = 0; j < p.chunk_columns; ++j) {
-    const acc_t d = g * sampled_column_grad(p, y[j], lse, unmasked, ExpVectorizable{});
-    dz[j] = static_cast<grad_t>(y[j] == skip ? acc_t(0) : d);
+    for (int64_t j = 0; j < p.chunk_columns; ++j) {
+      // A 0/1 factor, not a select (see fold_final_row): a masked column's
+      // gradient formula is finite (clamped exps), times 0.
+      const acc_t v = y[j];
+      const acc_t live = v != skip ? acc_t(1) : acc_t(0);
+      dz[j] = static_cast<grad_t>(live * (g * column_grad(v)));
+    }
+  };
+  if (p.mode == static_cast<int64_t>(SampledMode::kNCE)) {
+    each_live_column([&](acc_t z) { return sampled_nce_grad(p, z, ExpVectorizable{}); });
+  } else {
+    const acc_t label_terms = sampled_softmax_grad(p, acc_t(0), unmasked);
+    each_live_column([&](acc_t z) { return exp_vectorizable(lse.log_prob(z)) + label_terms; });
   }
 }
 
@@ -177,7 +215,7 @@ void sampled_accumulate_chunk(const SampledParams& p, const SampledColumns<acc_t
     for (int64_t row = begin; row < end; ++row) {
       acc_t* y = logits + row * p.logits_stride;
       final_row_logits(p, cols, row, y, y);
-      fold_final_row(p, row, y, state);
+      fold_final_row<false>(p, row, y, state);
     }
   });
 }
@@ -238,8 +276,8 @@ void sampled_single_pass_rows(const SampledParams& p, const SampledColumns<acc_t
         if (g == acc_t(0)) skip_row();
         continue;
       }
-      fold_final_row(true_part, row, y, state);
-      fold_final_row(candidate_part, row, candidates, state);
+      const acc_t true_max = fold_final_row<true>(true_part, row, y, state);
+      const acc_t candidate_max = fold_final_row<true>(candidate_part, row, candidates, state);
       sampled_finalize_row(p, row, state, loss, stats);
       if (g == acc_t(0)) {
         skip_row();
@@ -247,8 +285,8 @@ void sampled_single_pass_rows(const SampledParams& p, const SampledColumns<acc_t
       }
       const LseParts<acc_t> lse = sampled_row_lse(p, stats, row);
       const acc_t unmasked = sampled_row_columns(p, stats, row);
-      grad_final_row(true_part, y, lse, unmasked, g, y);
-      grad_final_row(candidate_part, candidates, lse, unmasked, g, candidates);
+      grad_from_exps_row(true_part, y, true_max, lse, unmasked, g);
+      grad_from_exps_row(candidate_part, candidates, candidate_max, lse, unmasked, g);
     }
   });
 }

@@ -29,6 +29,8 @@
 #include <optional>
 #include <vector>
 
+#include "fusedloss/buffers.h"
+
 namespace fusedloss {
 
 // A block of columns [start, start + columns); `kind` is the family's own tag
@@ -63,7 +65,7 @@ template <typename Family>
 void forward_chunks(Family& family) {
   const int64_t rows = family.rows();
   if (rows == 0) return;
-  const at::Tensor workspace = at::empty({rows * widest(family.chunks())}, family.options().dtype(family.acc_dtype));
+  const at::Tensor workspace = empty_buffer({rows * widest(family.chunks())}, family.options().dtype(family.acc_dtype));
   AT_DISPATCH_FLOATING_TYPES(family.acc_dtype, "fusedloss_forward_chunks", [&] {
     for (const Chunk& c : family.chunks()) {
       at::Tensor logits = tile_view(workspace, rows, c.columns);
@@ -79,10 +81,10 @@ void backward_chunks(Family& family) {
   const int64_t rows = family.rows();
   if (rows == 0) return;
   const int64_t elems = rows * widest(family.chunks());
-  const at::Tensor workspace = at::empty({elems}, family.options().dtype(family.acc_dtype));
+  const at::Tensor workspace = empty_buffer({elems}, family.options().dtype(family.acc_dtype));
   const at::Tensor dlogits_workspace = family.operand_dtype == family.acc_dtype
                                            ? workspace
-                                           : at::empty({elems}, family.options().dtype(family.operand_dtype));
+                                           : empty_buffer({elems}, family.options().dtype(family.operand_dtype));
   AT_DISPATCH_FLOATING_TYPES(family.acc_dtype, "fusedloss_backward_chunks", [&] {
     for (const Chunk& c : family.chunks()) {
       at::Tensor logits = tile_view(workspace, rows, c.columns);
@@ -180,7 +182,7 @@ class TileWorkspace {
     }
     if (!storage_.defined() || storage_.numel() < elems || storage_.scalar_type() != options.dtype()) {
       storage_ = at::Tensor();  // free a too-small buffer before allocating
-      storage_ = at::empty({elems}, options);
+      storage_ = empty_buffer({elems}, options);
     }
   }
   ~TileWorkspace() {

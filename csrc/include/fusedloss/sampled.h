@@ -199,18 +199,29 @@ struct ExpAcc {
   FL_HOST_DEVICE acc_t operator()(acc_t x) const { return exp_acc(x); }
 };
 
+// Softmax d loss / d z of one unmasked column with probability `prob` among
+// `columns` unmasked ones: prob - (1-eps)/T [true column] - eps/M.
+template <typename acc_t>
+FL_HOST_DEVICE acc_t sampled_softmax_grad(const SampledParams& p, acc_t prob, acc_t columns) {
+  acc_t g = prob - acc_t(p.label_smoothing) / columns;
+  if (p.is_true_chunk) g -= (acc_t(1) - acc_t(p.label_smoothing)) / acc_t(p.num_true);
+  return g;
+}
+
+// NCE d loss / d z of one column: sigmoid(z) - label (1/(1+e^-z) is exact at
+// both ends in IEEE arithmetic).
+template <typename acc_t, typename Exp>
+FL_HOST_DEVICE acc_t sampled_nce_grad(const SampledParams& p, acc_t z, Exp exp_fn) {
+  return acc_t(1) / (acc_t(1) + exp_fn(-z)) - (p.is_true_chunk ? acc_t(p.true_label) : acc_t(0));
+}
+
 // d loss / d z of one unmasked column, before the upstream per-row gradient:
-// sigmoid(z) - label (NCE; 1/(1+e^-z) is exact at both ends in IEEE arithmetic)
-// or softmax_j - (1-eps)/T [true column] - eps/M (softmax).
+// sampled_nce_grad or sampled_softmax_grad.
 template <typename acc_t, typename Exp>
 FL_HOST_DEVICE acc_t sampled_column_grad(const SampledParams& p, acc_t z, LseParts<acc_t> lse, acc_t columns,
                                          Exp exp_fn) {
-  if (p.mode == static_cast<int64_t>(SampledMode::kNCE)) {
-    return acc_t(1) / (acc_t(1) + exp_fn(-z)) - (p.is_true_chunk ? acc_t(p.true_label) : acc_t(0));
-  }
-  acc_t g = exp_fn(lse.log_prob(z)) - acc_t(p.label_smoothing) / columns;
-  if (p.is_true_chunk) g -= (acc_t(1) - acc_t(p.label_smoothing)) / acc_t(p.num_true);
-  return g;
+  if (p.mode == static_cast<int64_t>(SampledMode::kNCE)) return sampled_nce_grad(p, z, exp_fn);
+  return sampled_softmax_grad(p, exp_fn(lse.log_prob(z)), columns);
 }
 
 // Sigmoid cross-entropy of one NCE column: softplus(z) - label * z.
