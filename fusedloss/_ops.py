@@ -75,9 +75,18 @@ def _register_recompute_autograd(op, backward_op, fn, num_tensors, grad_inputs, 
     torch.library.register_autograd(f"fusedloss::{op}", backward, setup_context=setup_context)
 
 
+def _is_unit(factor):
+    """Whether an eager CPU upstream gradient is exactly 1 (``loss.backward()``),
+    so scaling by it can be skipped: a pass over a weight-sized gradient (the
+    value costs nothing to read on the CPU; on CUDA it would be a host sync)."""
+    return factor.device.type == "cpu" and not is_traced(factor) and factor.numel() == 1 and bool(factor == 1)
+
+
 def _scaled(grad, factor, in_place):
     """grad * factor; a sparse gradient keeps its coalesced flag (its values are
     scaled, the indices stay as they are)."""
+    if in_place and _is_unit(factor):
+        return grad
     if grad.is_sparse:
         grad._values().mul_(factor)
         return grad

@@ -117,3 +117,35 @@ def test_half_precision_dlogits_over_the_fp32_tile():
     result = subprocess.run([sys.executable, "-c", _HALF_OPERANDS_SCRIPT], cwd=tests, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+def _single_pass_losses():
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(40, 8, generator=g), torch.randn(50, 8, generator=g)
+    t = torch.randint(0, 50, (40,), generator=g)
+    q, k = torch.randn(24, 8, generator=g), torch.randn(24, 8, generator=g)
+    return {
+        "linear_ce": ([x, w], lambda x, w: fusedloss.linear_cross_entropy(x, w, t)),
+        "sampled": ([x, w], lambda x, w: fusedloss.sampled_softmax_loss(x, w, t, 10, num_classes=50,
+                                                                        sampled_values=(torch.arange(10),
+                                                                                        torch.full((40, 1), 0.2),
+                                                                                        torch.full((10,), 0.2)))),
+        "info_nce": ([q, k], lambda q, k: fusedloss.info_nce_loss(q, k)),
+        "siglip": ([q, k], lambda q, k: fusedloss.siglip_loss(q, k, 10.0, -10.0)),
+    }
+
+
+@pytest.mark.parametrize("name", ["linear_ce", "sampled", "info_nce", "siglip"])
+def test_the_backward_scales_by_the_upstream_gradient(name):
+    """The single pass's stored gradients times the upstream gradient; an
+    upstream gradient of exactly 1 skips the multiply (on the CPU)."""
+    tensors, fn = _single_pass_losses()[name]
+    grads = {}
+    for factor in (1.0, 2.5, 0.0):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        (fn(*leaves) * factor).backward()
+        grads[factor] = [leaf.grad for leaf in leaves]
+    for unit, scaled, zero in zip(grads[1.0], grads[2.5], grads[0.0]):
+        assert unit.abs().sum() > 0
+        torch.testing.assert_close(scaled, unit * 2.5, rtol=1e-6, atol=0)
+        assert torch.count_nonzero(zero) == 0
