@@ -111,8 +111,8 @@ struct LinearCEProblem {
     params.num_rows = logits.size(0);
     params.chunk_start = vocab_start + c.start;
     params.chunk_columns = c.columns;
-    params.logits_stride = c.columns;
-    params.dlogits_stride = c.columns;
+    params.logits_stride = logits.stride(0);
+    params.dlogits_stride = logits.stride(0);
   }
 
   template <typename acc_t>

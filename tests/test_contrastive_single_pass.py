@@ -52,9 +52,10 @@ def _rows(kind):
 
 
 # Budgets per layout: the whole tile, blocks of 64..80 rows (the last one
-# partial), and below the CPU's 64-row minimum (the recompute pair).
+# partial), and below the CPU's 64-row minimum (the recompute pair). A tile
+# row is padded to a multiple of 16 elements (chunk_driver.h's aligned_columns).
 def _budget(kind, layout):
-    row_bytes = 4 * _columns(kind)
+    row_bytes = 4 * ((_columns(kind) + 15) // 16 * 16)
     return {"one_block": None, "blocks": 80 * row_bytes, "recompute": 63 * row_bytes}[layout]
 
 

@@ -30,9 +30,10 @@ def _problem(dtype=torch.float32, device="cpu"):
     return linear_ce_problem(ROWS, DIM, CLASSES, dtype, device, bias=True, ignore_every=7)
 
 
-# A tile of all 200 rows is 200·300·4 = 240,000 bytes; 64 rows (the CPU's
-# smallest block) take 76,800. At 110,000 bytes: blocks of 91 rows, or of 75
-# when a half-precision weight's 19,200-byte fp32 dW accumulator is counted.
+# A tile row is 300 columns padded to 304 (chunk_driver.h's aligned_columns):
+# all 200 rows take 243,200 bytes, 64 rows (the CPU's smallest block) 77,824.
+# At 110,000 bytes: blocks of 90 rows, or of 74 when a half-precision weight's
+# 19,200-byte fp32 dW accumulator is counted.
 BUDGETS = {"one_block": None, "three_blocks": 110_000, "below_min_rows": 50_000}
 
 
