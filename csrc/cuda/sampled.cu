@@ -1,6 +1,6 @@
-// CUDA kernels of sampled softmax / NCE. One thread block per row: the
-// row-wise gathered dot (a warp per column, lanes over D) and axpy (threads over
-// D) serve the true columns and per-row candidates; the column kernels walk one
+// CUDA kernels of sampled softmax / NCE. The row-wise gathered dot (a warp
+// per (row, column) pair, lanes over D in 16-byte loads) and axpy (a block per
+// row, threads over D) serve the true columns and per-row candidates; the column kernels walk one
 // row of the [N, chunk] logits tile like the linear cross-entropy kernels. The
 // shared-candidate GEMMs run in cuBLAS (csrc/sampled.cpp).
 #include <c10/cuda/CUDAException.h>
@@ -8,6 +8,7 @@
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <limits>
 
 #include "block_reduce.cuh"
@@ -28,25 +29,53 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
+// 16 bytes of consecutive in_t, loaded by one instruction.
+template <typename in_t>
+struct alignas(16) Pack16 {
+  static constexpr int kCount = 16 / sizeof(in_t);
+  in_t v[kCount];
+};
+
+// One warp's dot product of a and b over `dim` elements, complete in every
+// lane: 16-byte loads when both rows allow them (dim a multiple of the pack,
+// 16-byte aligned starts), else one element per lane and step.
+template <typename in_t, typename acc_t>
+__device__ __forceinline__ acc_t warp_dot(const in_t* a, const in_t* b, int64_t dim, int lane) {
+  using Pack = Pack16<in_t>;
+  acc_t s = 0;
+  const bool packed = dim % Pack::kCount == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(b) % 16 == 0;
+  if (packed) {
+    const Pack* pa = reinterpret_cast<const Pack*>(a);
+    const Pack* pb = reinterpret_cast<const Pack*>(b);
+    for (int64_t v = lane; v < dim / Pack::kCount; v += kWarpSize) {
+      const Pack x = pa[v], y = pb[v];
+#pragma unroll
+      for (int k = 0; k < Pack::kCount; ++k) s += static_cast<acc_t>(x.v[k]) * static_cast<acc_t>(y.v[k]);
+    }
+  } else {
+    for (int64_t d = lane; d < dim; d += kWarpSize) s += static_cast<acc_t>(a[d]) * static_cast<acc_t>(b[d]);
+  }
+  return warp_sum(s);
+}
+
+// out[row, j] = x[row] . w[ids[row, j]]: one warp per (row, column) pair over
+// the whole grid, so that a block's warps all work even when a row has one
+// column (the true class).
 template <typename in_t, typename acc_t>
 __global__ void row_dot_kernel(SampledParams p, const in_t* x, const in_t* w, const int64_t* ids, int64_t id_row_stride,
                                int64_t columns, acc_t* out, int64_t out_stride) {
-  const int64_t row = blockIdx.x;
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
-  const in_t* xr = x + row * p.dim;
-  for (int64_t j = warp; j < columns; j += warps) {
-    const int64_t id = ids[row * id_row_stride + j];
-    if (!sampled_id_valid(p, id)) {  // poisoned, never read (see sampled_id_valid)
-      if (lane == 0) out[row * out_stride + j] = std::numeric_limits<acc_t>::quiet_NaN();
-      continue;
-    }
-    const in_t* wr = w + id * p.dim;
-    acc_t s = 0;
-    for (int64_t d = lane; d < p.dim; d += kWarpSize) s += static_cast<acc_t>(xr[d]) * static_cast<acc_t>(wr[d]);
-    s = warp_sum(s);
-    if (lane == 0) out[row * out_stride + j] = s;
+  const int64_t pair = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  if (pair >= p.num_rows * columns) return;  // the whole warp: `pair` is the same in every lane
+  const int64_t row = pair / columns, j = pair % columns;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t id = ids[row * id_row_stride + j];
+  if (!sampled_id_valid(p, id)) {  // poisoned, never read (see sampled_id_valid)
+    if (lane == 0) out[row * out_stride + j] = std::numeric_limits<acc_t>::quiet_NaN();
+    return;
   }
+  const acc_t s = warp_dot<in_t, acc_t>(x + row * p.dim, w + id * p.dim, p.dim, lane);
+  if (lane == 0) out[row * out_stride + j] = s;
 }
 
 template <typename in_t, typename acc_t>
@@ -154,8 +183,8 @@ void sampled_scatter_outer(const acc_t* dz, const acc_t* x, const int64_t* index
 template <typename in_t, typename acc_t>
 void sampled_row_dot(const SampledParams& p, const in_t* x, const in_t* w, const int64_t* ids, int64_t id_row_stride,
                      int64_t columns, acc_t* out, int64_t out_stride, void* stream) {
-  launch_row_blocks(row_dot_kernel<in_t, acc_t>, p.num_rows, stream, p, x, w, ids, id_row_stride, columns, out,
-                    out_stride);
+  launch_warp_tasks(row_dot_kernel<in_t, acc_t>, p.num_rows * columns, stream, p, x, w, ids, id_row_stride, columns,
+                    out, out_stride);
 }
 
 template <typename in_t, typename acc_t>
