@@ -127,7 +127,7 @@ acc_t nce_fold_and_grad_row(const SampledParams& p, acc_t* y, acc_t g) {
     const bool live = z != skip;
     const acc_t e = exp_vectorizable(z < acc_t(0) ? z : -z);  // exp(-|z|)
     const acc_t softplus = (z > acc_t(0) ? z : acc_t(0)) + log1p_vectorizable(e);
-    const acc_t sigmoid = (z >= acc_t(0) ? acc_t(1) : e) / (acc_t(1) + e);
+    const acc_t sigmoid = (z >= acc_t(0) ? acc_t(1) : e) * (acc_t(1) / (acc_t(1) + e));  // log1p's division
     loss += live ? softplus - label * z : acc_t(0);
     y[j] = live ? g * (sigmoid - label) : acc_t(0);
   }

@@ -66,14 +66,14 @@ inline float log_vectorizable(float x) {
 
 inline double log_vectorizable(double x) { return std::log(x); }
 
-// log(1 + x) for x >= 0, accurate for tiny x: log(u) * x / (u - 1) with
-// u = 1 + x rounded cancels the rounding of u (Goldberg's trick), where
-// log(1 + x) alone would keep only the digits of x above 1's ulp.
+// log(1 + x) for x >= 0, accurate for tiny x: with u = 1 + x rounded,
+// log(u) plus the first-order correction of that rounding, (x - (u - 1)) / u
+// (below 2^-24, u = 1 and the result is x), where log(1 + x) alone would keep
+// only the digits of x above 1's ulp. The division is 1 / (1 + x), which a
+// sigmoid of the same loop (1 / (1 + exp(-|z|))) shares once inlined.
 inline float log1p_vectorizable(float x) {
   const float u = 1.0f + x;
-  const float d = u - 1.0f;
-  const float r = log_vectorizable(u) * (x / d);
-  return d == 0.0f ? x : r;  // a select: d = 0 gives 0/0 above, never used
+  return log_vectorizable(u) + (x - (u - 1.0f)) * (1.0f / u);
 }
 
 inline double log1p_vectorizable(double x) { return std::log1p(x); }
