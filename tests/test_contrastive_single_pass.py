@@ -133,8 +133,12 @@ def test_opcheck():
     q, k, _, _ = _problem("cpu")
     positives = torch.arange(B)
     scale = torch.tensor(3.0, requires_grad=True)
-    for symmetric, self_offset, budget in ((False, None, 0), (True, None, 0), (False, None, 80 * 4 * B)):
-        args = (q, k, positives, scale, torch.tensor(float(B)), self_offset, symmetric, 0, budget,
+    ids = torch.arange(B).remainder(50)[None]  # every id three times
+    for symmetric, self_offset, budget, with_ids in ((False, None, 0, False), (True, None, 0, False),
+                                                     (False, None, 80 * 4 * B, False), (True, None, 0, True),
+                                                     (False, None, 80 * 4 * B, True)):
+        mask = (ids, ids, [B]) if with_ids else (None, None, [])
+        args = (q, k, positives, scale, torch.tensor(float(B)), *mask[:2], self_offset, mask[2], symmetric, 0, budget,
                 [True, True, True])
         torch.library.opcheck(torch.ops.fusedloss.contrastive_sum_and_grad, args)
 
@@ -184,9 +188,9 @@ cases = {"info_nce": lambda mod, q, k, **kw: mod.info_nce_loss(q, k, temperature
 ops = torch.ops.fusedloss
 positives, norm = torch.arange(2048), torch.tensor(2048.0)
 direct = {"info_nce": lambda q, k: ops.contrastive_sum_and_grad(q, k, positives, torch.tensor(1.0), norm, None,
-                                                                 False, 0, 0, [True, True, False])[1:3],
-          "clip": lambda q, k: ops.contrastive_sum_and_grad(q, k, positives, torch.tensor(1.0), norm, None, True, 0, 0,
-                                                            [True, True, False])[1:3]}
+                                                                 None, None, [], False, 0, 0, [True, True, False])[1:3],
+          "clip": lambda q, k: ops.contrastive_sum_and_grad(q, k, positives, torch.tensor(1.0), norm, None, None, None,
+                                                            [], True, 0, 0, [True, True, False])[1:3]}
 for name, fn in cases.items():
     # The op itself (the public functions send fp16 to the recompute pair, see below).
     got = direct[name](q, k)
