@@ -694,10 +694,54 @@ def _check_bad_inputs(rank, world, device):
     assert torch.isfinite(loss)
 
 
+def _check_contrastive_ids(rank, world, device):
+    """False-negative ids across ranks: each rank's loss and gradients equal
+    the single-process loss on the concatenated tensors and ids (duplicates
+    on different ranks included)."""
+    tol = dict(rtol=1e-9, atol=1e-10)
+    batch, dim, extra = 5, 8, 3
+    rows, negs = slice(rank * batch, (rank + 1) * batch), slice(rank * extra, (rank + 1) * extra)
+    for index, (name, symmetric, reduction) in enumerate([("info_nce", False, "mean"), ("info_nce", True, "none"),
+                                                          ("clip", True, "sum")]):
+        gen = torch.Generator().manual_seed(100 + index)
+        # fp64: the layouts sum in different orders, and ties of duplicates need no fp32 slack.
+        full = [torch.randn(world * batch, dim, generator=gen, dtype=torch.float64) for _ in range(2)]
+        full_neg = torch.randn(world * extra, dim, generator=gen, dtype=torch.float64)
+        ids = [torch.randint(0, 4, (n,), generator=gen) for n in (world * batch, world * batch, world * extra)]
+        weights = torch.rand(world * batch, generator=gen, dtype=torch.float64)
+        full, full_neg, ids, weights = _to(device, full, full_neg, ids, weights)
+        ref_in = [_leaf(t) for t in (*full, full_neg)]
+        local = [_leaf(full[0][rows]), _leaf(full[1][rows]), _leaf(full_neg[negs])]
+        if name == "info_nce":
+            ref_rows = fusedloss.info_nce_loss(*ref_in[:2], negatives=ref_in[2], temperature=0.2, symmetric=symmetric,
+                                               reduction="none", query_ids=ids[0], key_ids=ids[1],
+                                               negative_ids=ids[2])
+            loss = fdist.info_nce_loss(*local[:2], negatives=local[2], temperature=0.2, symmetric=symmetric,
+                                       reduction=reduction, tile_size=3, query_ids=ids[0][rows],
+                                       key_ids=ids[1][rows], negative_ids=ids[2][negs])
+        else:
+            ref_rows = fusedloss.clip_loss(*ref_in[:2], 4.0, reduction="none", image_ids=ids[0], text_ids=ids[1])
+            loss = fdist.clip_loss(*local[:2], 4.0, reduction=reduction, tile_size=3, image_ids=ids[0][rows],
+                                   text_ids=ids[1][rows])
+        ref = _reduce_like_ranks(ref_rows, world, reduction, weights)
+        ref.sum().backward()
+        objective = loss * weights[rows] if reduction == "none" else loss
+        objective.sum().backward()
+        where = _context(f"ids {name} symmetric={symmetric} rank {rank}/{world}")
+        torch.testing.assert_close(objective.detach(), ref[rank].detach(), **tol, msg=where)
+        torch.testing.assert_close(local[0].grad, ref_in[0].grad[rows], **tol, msg=where)
+        torch.testing.assert_close(local[1].grad, ref_in[1].grad[rows], **tol, msg=where)
+        if name == "info_nce":
+            torch.testing.assert_close(local[2].grad, ref_in[2].grad[negs], **tol, msg=where)
+    # Ids on one rank only: every rank raises instead of hanging.
+    with pytest.raises(ValueError, match="whether key_ids are given"):
+        fdist.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3), key_ids=torch.arange(4) if rank else None)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_matches_single_process(tmp_path, world):
-    _spawn(tmp_path, world, _check_contrastive, _check_linear_ce, _check_sampled, _check_sampled_collectives,
-           _check_subgroup)
+    _spawn(tmp_path, world, _check_contrastive, _check_contrastive_ids, _check_linear_ce, _check_sampled,
+           _check_sampled_collectives, _check_subgroup)
 
 
 def test_dtensor_weights_and_fsdp2(tmp_path):
