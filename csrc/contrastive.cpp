@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cmath>
 #include <limits>
 
 #include "fusedloss/backend.h"
@@ -30,14 +31,30 @@ using at::Tensor;
 
 constexpr const char* kOp = "contrastive";
 
-// The id mask's operands: row_ids [K, R] and col_ids [K, C] int64 (K id
-// channels, 1 or 2) on the rows' device, id_columns [K] (channel c gives ids
-// to the first id_columns[c] columns), or neither.
-void check_ids(const Tensor& rows, const Tensor& cols, const std::optional<Tensor>& row_ids,
-               const std::optional<Tensor>& col_ids, at::IntArrayRef id_columns) {
+// The id operands of a call as the op received them: row_ids [K, R] and
+// col_ids [K, C] int64 (K id channels, 1 or 2) on the rows' device,
+// id_columns [K] (channel c gives ids to the first id_columns[c] columns) and
+// id_penalty (empty: the ids mask; [match, differ]: ContrastiveIds::penalize),
+// or no ids at all.
+struct IdArgs {
+  const std::optional<Tensor>& row_ids;
+  const std::optional<Tensor>& col_ids;
+  at::IntArrayRef id_columns;
+  at::ArrayRef<double> id_penalty;
+};
+
+void check_ids(const Tensor& rows, const Tensor& cols, const IdArgs& args) {
+  const auto& [row_ids, col_ids, id_columns, id_penalty] = args;
   TORCH_CHECK_VALUE(row_ids.has_value() == col_ids.has_value(), kOp, ": row_ids and col_ids are given together");
+  TORCH_CHECK_VALUE(id_penalty.empty() || id_penalty.size() == 2, kOp,
+                    ": id_penalty must be empty (the ids mask) or [penalty_match, penalty_differ], got ",
+                    id_penalty.size(), " values");
+  for (const double v : id_penalty) {
+    TORCH_CHECK_VALUE(std::isfinite(v), kOp, ": id_penalty values must be finite, got ", v);
+  }
   if (!row_ids.has_value()) {
-    TORCH_CHECK_VALUE(id_columns.empty(), kOp, ": id_columns needs row_ids and col_ids");
+    TORCH_CHECK_VALUE(id_columns.empty() && id_penalty.empty(), kOp,
+                      ": id_columns and id_penalty need row_ids and col_ids");
     return;
   }
   const int64_t channels = row_ids->dim() == 2 ? row_ids->size(0) : -1;
@@ -59,8 +76,7 @@ void check_ids(const Tensor& rows, const Tensor& cols, const std::optional<Tenso
 // Every check of a contrastive call. Query rows play the classifier's input,
 // key columns its weight.
 void check_contrastive(const Tensor& rows, const Tensor& cols, const Tensor& positives, const Tensor& scale,
-                       const std::optional<Tensor>& row_ids, const std::optional<Tensor>& col_ids,
-                       std::optional<int64_t> self_offset, at::IntArrayRef id_columns) {
+                       const IdArgs& ids, std::optional<int64_t> self_offset) {
   TORCH_CHECK_VALUE(cols.dim() != 2 || cols.size(0) > 0, kOp, ": there are no key columns (C=0)");
   checks::classifier(kOp, rows, cols, std::nullopt);
   checks::index_tensor(kOp, "positives", positives, rows);
@@ -73,7 +89,7 @@ void check_contrastive(const Tensor& rows, const Tensor& cols, const Tensor& pos
   TORCH_CHECK_VALUE(scale.device() == rows.device(), kOp, ": scale is on ", scale.device(), " but input is on ",
                     rows.device());
   checks::index_range(kOp, "positives", positives, cols.size(0));
-  check_ids(rows, cols, row_ids, col_ids, id_columns);
+  check_ids(rows, cols, ids);
   if (rows.is_cpu() && self_offset.has_value()) {
     // On CUDA the positives are built by the Python layer and the kernels only
     // compare against them.
@@ -97,9 +113,7 @@ struct ContrastiveProblem {
   std::vector<Chunk> chunk_list;
 
   ContrastiveProblem(const Tensor& rows_, const Tensor& cols_, const Tensor& positives_, const Tensor& scale_,
-                     const std::optional<Tensor>& row_ids_, const std::optional<Tensor>& col_ids_,
-                     std::optional<int64_t> self_offset, at::IntArrayRef id_columns, bool symmetric,
-                     int64_t requested_chunk)
+                     const IdArgs& ids, std::optional<int64_t> self_offset, bool symmetric, int64_t requested_chunk)
       : backend(rows_) {
     acc_dtype = accumulation_dtype(rows_.scalar_type());
     operand_dtype = gemm_operand_dtype(rows_);
@@ -110,14 +124,19 @@ struct ContrastiveProblem {
     const int64_t num_rows = queries.size(0), num_cols = keys.size(0);
     chunk_list = column_chunks(num_cols, chunk_columns_for(num_rows, num_cols, requested_chunk, queries.is_cuda()));
     params = ContrastiveParams{num_rows, num_cols, 0, 0, 0, 0, self_offset.value_or(0), self_offset.has_value(),
-                               symmetric, ContrastiveIds{{nullptr, nullptr}, {nullptr, nullptr}, {0, 0}}};
-    if (row_ids_.has_value()) {
-      row_ids = row_ids_->contiguous();
-      col_ids = col_ids_->contiguous();
+                               symmetric, ContrastiveIds{{nullptr, nullptr}, {nullptr, nullptr}, {0, 0}, false, 0, 0}};
+    if (!ids.id_penalty.empty()) {
+      params.ids.penalize = true;
+      params.ids.penalty_match = ids.id_penalty[0];
+      params.ids.penalty_differ = ids.id_penalty[1];
+    }
+    if (ids.row_ids.has_value()) {
+      row_ids = ids.row_ids->contiguous();
+      col_ids = ids.col_ids->contiguous();
       for (int64_t c = 0; c < row_ids.size(0); ++c) {
         params.ids.row[c] = row_ids.data_ptr<int64_t>() + c * num_rows;
         params.ids.col[c] = col_ids.data_ptr<int64_t>() + c * num_cols;
-        params.ids.columns[c] = id_columns[c];
+        params.ids.columns[c] = ids.id_columns[c];
       }
     }
   }
@@ -345,11 +364,11 @@ struct ContrastiveSinglePass : ContrastiveProblem {
 // min_block_rows (the symmetric loss: no whole tile) fits the budget.
 std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_recompute_sum_and_grad(
     const Tensor& rows, const Tensor& cols, const Tensor& positives, const Tensor& scale,
-    const std::optional<Tensor>& row_ids, const std::optional<Tensor>& col_ids, std::optional<int64_t> self_offset,
-    at::IntArrayRef id_columns, bool symmetric, const Tensor& grad_rows, std::array<bool, 3> output_mask) {
-  ContrastiveForward forward(rows, cols, positives, scale, row_ids, col_ids, self_offset, id_columns, symmetric, 0);
+    const IdArgs& ids, std::optional<int64_t> self_offset, bool symmetric, const Tensor& grad_rows,
+    std::array<bool, 3> output_mask) {
+  ContrastiveForward forward(rows, cols, positives, scale, ids, self_offset, symmetric, 0);
   forward.run();
-  ContrastiveBackward backward(rows, cols, positives, scale, row_ids, col_ids, self_offset, id_columns, symmetric, 0);
+  ContrastiveBackward backward(rows, cols, positives, scale, ids, self_offset, symmetric, 0);
   auto [grad_q, grad_k, grad_scale] =
       backward.run(grad_rows, forward.row_lse, forward.col_lse, rows, cols, scale, output_mask);
   return {forward.loss.mul(grad_rows).sum(), grad_q, grad_k, grad_scale};
@@ -363,12 +382,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_sum_and_grad(
     const Tensor& rows, const Tensor& cols, const Tensor& positives, const Tensor& scale,
     const std::optional<Tensor>& normalizer, const std::optional<Tensor>& row_ids,
     const std::optional<Tensor>& col_ids, std::optional<int64_t> self_offset, at::IntArrayRef id_columns,
-    bool symmetric, int64_t row_block, int64_t memory_budget, std::array<bool, 3> output_mask) {
+    at::ArrayRef<double> id_penalty, bool symmetric, int64_t row_block, int64_t memory_budget,
+    std::array<bool, 3> output_mask) {
   c10::DeviceGuard guard(rows.device());
-  check_contrastive(rows, cols, positives, scale, row_ids, col_ids, self_offset, id_columns);
+  const IdArgs ids{row_ids, col_ids, id_columns, id_penalty};
+  check_contrastive(rows, cols, positives, scale, ids, self_offset);
   checks::normalizer(kOp, normalizer, rows);
   TORCH_CHECK_VALUE(memory_budget >= 0, kOp, ": memory_budget must be >= 0 bytes, got ", memory_budget);
-  ContrastiveSinglePass pass(rows, cols, positives, scale, row_ids, col_ids, self_offset, id_columns, symmetric, 0);
+  ContrastiveSinglePass pass(rows, cols, positives, scale, ids, self_offset, symmetric, 0);
   const int64_t num_rows = pass.rows(), num_cols = pass.columns(), dim = rows.size(1);
   const auto acc_opts = rows.options().dtype(pass.acc_dtype);
   // Every pair's upstream gradient: 1 / normalizer, without a host sync.
@@ -378,8 +399,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_sum_and_grad(
   const int64_t accumulator_bytes = half_keys && output_mask[1] ? 4 * num_cols * dim : 0;
   pass.block_rows = choose_block_rows(num_rows, num_cols, row_block, memory_budget, accumulator_bytes, rows.is_cuda());
   if (pass.block_rows == 0 || (symmetric && pass.block_rows < num_rows)) {
-    return contrastive_recompute_sum_and_grad(rows, cols, positives, scale, row_ids, col_ids, self_offset,
-                                              id_columns, symmetric, grad_pairs, output_mask);
+    return contrastive_recompute_sum_and_grad(rows, cols, positives, scale, ids, self_offset, symmetric, grad_pairs,
+                                              output_mask);
   }
   pass.need_rows = output_mask[0];
   pass.need_cols = output_mask[1];
@@ -416,12 +437,12 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_forward(const Tensor& rows, const
                                                        const std::optional<Tensor>& row_ids,
                                                        const std::optional<Tensor>& col_ids,
                                                        std::optional<int64_t> self_offset,
-                                                       at::IntArrayRef id_columns, bool symmetric,
-                                                       int64_t tile_size) {
+                                                       at::IntArrayRef id_columns, at::ArrayRef<double> id_penalty,
+                                                       bool symmetric, int64_t tile_size) {
   c10::DeviceGuard guard(rows.device());
-  check_contrastive(rows, cols, positives, scale, row_ids, col_ids, self_offset, id_columns);
-  ContrastiveForward pass(rows, cols, positives, scale, row_ids, col_ids, self_offset, id_columns, symmetric,
-                          tile_size);
+  const IdArgs ids{row_ids, col_ids, id_columns, id_penalty};
+  check_contrastive(rows, cols, positives, scale, ids, self_offset);
+  ContrastiveForward pass(rows, cols, positives, scale, ids, self_offset, symmetric, tile_size);
   pass.run();
   return {pass.loss, pass.row_lse, pass.col_lse};
 }
@@ -432,11 +453,12 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_backward(const Tensor& grad_loss,
                                                         const Tensor& scale, const std::optional<Tensor>& row_ids,
                                                         const std::optional<Tensor>& col_ids, const Tensor& row_lse,
                                                         const Tensor& col_lse, std::optional<int64_t> self_offset,
-                                                        at::IntArrayRef id_columns, bool symmetric,
-                                                        int64_t tile_size, std::array<bool, 3> output_mask) {
+                                                        at::IntArrayRef id_columns, at::ArrayRef<double> id_penalty,
+                                                        bool symmetric, int64_t tile_size,
+                                                        std::array<bool, 3> output_mask) {
   c10::DeviceGuard guard(rows.device());
-  ContrastiveBackward pass(rows, cols, positives, scale, row_ids, col_ids, self_offset, id_columns, symmetric,
-                           tile_size);
+  ContrastiveBackward pass(rows, cols, positives, scale, IdArgs{row_ids, col_ids, id_columns, id_penalty}, self_offset,
+                           symmetric, tile_size);
   return pass.run(grad_loss, row_lse, col_lse, rows, cols, scale, output_mask);
 }
 
@@ -445,15 +467,17 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_backward(const Tensor& grad_loss,
 TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
   m.def(
       "contrastive_forward(Tensor rows, Tensor cols, Tensor positives, Tensor scale, Tensor? row_ids, "
-      "Tensor? col_ids, int? self_offset, int[] id_columns, bool symmetric, int tile_size) -> "
+      "Tensor? col_ids, int? self_offset, int[] id_columns, float[] id_penalty, bool symmetric, int tile_size) -> "
       "(Tensor loss, Tensor row_lse, Tensor col_lse)");
   m.def(
       "contrastive_backward(Tensor grad_loss, Tensor rows, Tensor cols, Tensor positives, Tensor scale, "
       "Tensor? row_ids, Tensor? col_ids, Tensor row_lse, Tensor col_lse, int? self_offset, int[] id_columns, "
-      "bool symmetric, int tile_size, bool[3] output_mask) -> (Tensor grad_rows, Tensor grad_cols, Tensor grad_scale)");
+      "float[] id_penalty, bool symmetric, int tile_size, bool[3] output_mask) -> "
+      "(Tensor grad_rows, Tensor grad_cols, Tensor grad_scale)");
   m.def(
       "contrastive_sum_and_grad(Tensor rows, Tensor cols, Tensor positives, Tensor scale, Tensor? normalizer, "
-      "Tensor? row_ids, Tensor? col_ids, int? self_offset, int[] id_columns, bool symmetric, int row_block, "
+      "Tensor? row_ids, Tensor? col_ids, int? self_offset, int[] id_columns, float[] id_penalty, bool symmetric, "
+      "int row_block, "
       "int memory_budget, bool[3] output_mask) -> "
       "(Tensor loss_sum, Tensor grad_rows, Tensor grad_cols, Tensor grad_scale)");
 }

@@ -241,8 +241,8 @@ def _fake_contrastive_grads(output_mask, rows, cols, scale):
 
 
 @torch.library.register_fake("fusedloss::contrastive_forward")
-def _contrastive_forward_fake(rows, cols, positives, scale, row_ids, col_ids, self_offset, id_columns, symmetric,
-                              tile_size):
+def _contrastive_forward_fake(rows, cols, positives, scale, row_ids, col_ids, self_offset, id_columns, id_penalty,
+                              symmetric, tile_size):
     acc = _common.acc_dtype(rows.dtype)
     num_rows = rows.shape[0]
     col_stats = cols.shape[0] if symmetric else 0
@@ -253,7 +253,7 @@ def _contrastive_forward_fake(rows, cols, positives, scale, row_ids, col_ids, se
 
 @torch.library.register_fake("fusedloss::contrastive_backward")
 def _contrastive_backward_fake(grad_loss, rows, cols, positives, scale, row_ids, col_ids, row_lse, col_lse,
-                               self_offset, id_columns, symmetric, tile_size, output_mask):
+                               self_offset, id_columns, id_penalty, symmetric, tile_size, output_mask):
     return _fake_contrastive_grads(output_mask, rows, cols, scale)
 
 
@@ -264,7 +264,7 @@ _register_recompute_autograd("contrastive_forward", ops.contrastive_backward, "c
 
 @torch.library.register_fake("fusedloss::contrastive_sum_and_grad")
 def _contrastive_sum_and_grad_fake(rows, cols, positives, scale, normalizer, row_ids, col_ids, self_offset,
-                                   id_columns, symmetric, row_block, memory_budget, output_mask):
+                                   id_columns, id_penalty, symmetric, row_block, memory_budget, output_mask):
     return (rows.new_empty((), dtype=_common.acc_dtype(rows.dtype)),
             *_fake_contrastive_grads(output_mask, rows, cols, scale))
 

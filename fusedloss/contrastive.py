@@ -147,21 +147,24 @@ def check_ids(ids, name, count, like):
     return ids.to(torch.int64)
 
 
-# The op's arguments without an id mask: row_ids, col_ids, id_columns.
-NO_IDS = (None, None, [])
+# The op's arguments without ids: row_ids, col_ids, id_columns, id_penalty.
+NO_IDS = (None, None, [], [])
 
 
-def id_mask(num_cols, *channels):
-    """The op's id-mask arguments from channels ``(row ids [R], column ids
-    [n])`` (None: no channel): column j < n is masked for row i (other than
-    row i's positive) when its id equals row i's in some channel; columns
-    past n carry no id in that channel."""
+def id_mask(num_cols, *channels, penalty=None):
+    """The op's id arguments from channels ``(row ids [R], column ids [n])``
+    (None: no channel): column j < n is masked for row i (other than row i's
+    positive) when its id equals row i's in some channel; columns past n
+    carry no id in that channel. With ``penalty=(match, differ)`` nothing is
+    masked: an entry off the positive gets logit ``(scale + match) * dot``
+    where the ids match and ``(scale + differ) * dot`` where they do not,
+    differentiated as ``scale * dot``."""
     channels = [c for c in channels if c is not None]
     if not channels:
         return NO_IDS
     row_ids = torch.stack([rows for rows, _ in channels])
     col_ids = torch.stack([torch.cat([cols, cols.new_zeros(num_cols - cols.shape[0])]) for _, cols in channels])
-    return row_ids, col_ids, [cols.shape[0] for _, cols in channels]
+    return row_ids, col_ids, [cols.shape[0] for _, cols in channels], [] if penalty is None else list(penalty)
 
 
 def pair_id_channels(row_ids, col_ids, num_cols, query_ids, key_ids, negative_ids=None):
@@ -186,9 +189,9 @@ def _row_losses(rows, cols, positives, scale, tile_size, *, self_offset=None, sy
     against column ``positives[i]`` (``symmetric``: averaged with the column
     term of each pair), without the columns ``ids`` (id_mask) masks."""
     scale = scale.to(_common.acc_dtype(rows.dtype))
-    row_ids, col_ids, id_columns = ids
+    row_ids, col_ids, id_columns, id_penalty = ids
     loss, _, _ = _ops.ops.contrastive_forward(rows, cols, positives, scale, row_ids, col_ids, self_offset, id_columns,
-                                              symmetric, int(tile_size or 0))
+                                              id_penalty, symmetric, int(tile_size or 0))
     return loss
 
 
@@ -203,9 +206,9 @@ def _fused(rows, cols, positives, scale, *, self_offset, symmetric, reduction, t
         # mean: the op divides by the number of pairs (a device tensor, no
         # host sync), so its stored gradients need no rescaling.
         normalizer = None if reduction == "sum" else torch.full((), rows.shape[0], dtype=acc, device=rows.device)
-        row_ids, col_ids, id_columns = ids
+        row_ids, col_ids, id_columns, id_penalty = ids
         total, *_ = _ops.ops.contrastive_sum_and_grad(rows, cols, positives, scale.to(acc), normalizer, row_ids,
-                                                      col_ids, self_offset, id_columns, symmetric, 0,
+                                                      col_ids, self_offset, id_columns, id_penalty, symmetric, 0,
                                                       memory_budget or 0, mask)
         return total
     loss = _row_losses(rows, cols, positives, scale, tile_size, self_offset=self_offset, symmetric=symmetric, ids=ids)

@@ -197,8 +197,10 @@ def test_opcheck_contrastive(device, symmetric):
     g = torch.Generator().manual_seed(52)
     row_ids = torch.randint(0, 3, (2, 6), generator=g).to(device)
     col_ids = torch.randint(0, 3, (2, 9), generator=g).to(device)
-    for ids, id_columns in (((None, None), []), ((row_ids, col_ids), [9, 4])):
-        options = (None if symmetric else 0, id_columns, symmetric, 4)  # self_offset, id_columns, symmetric, tile
+    # Then the same ids as penalties instead of a mask (id_penalty [match, differ]).
+    for ids, id_columns, penalty in (((None, None), [], []), ((row_ids, col_ids), [9, 4], []),
+                                     ((row_ids, col_ids), [9, 4], [0.5, 2.0])):
+        options = (None if symmetric else 0, id_columns, penalty, symmetric, 4)
         torch.library.opcheck(ops.contrastive_forward.default, (rows, cols, positives, scale, *ids, *options))
         plain = detached((rows, cols, scale))
         loss, row_lse, col_lse = ops.contrastive_forward(*plain[:2], positives, plain[2], *ids, *options)

@@ -171,7 +171,7 @@ def test_op_channels_and_id_columns():
     mask[torch.arange(R), positives] = False
     for symmetric in (False, True):
         logits = (scale * rows @ keys.T).masked_fill(mask, float("-inf"))
-        loss, _, _ = ops.contrastive_forward(rows, keys, positives, scale, row_ids, col_ids, None, id_columns,
+        loss, _, _ = ops.contrastive_forward(rows, keys, positives, scale, row_ids, col_ids, None, id_columns, [],
                                              symmetric, 4)
         expected = torch.nn.functional.cross_entropy(logits, positives, reduction="none")
         if symmetric:
@@ -258,13 +258,15 @@ BAD = [
 def _op(**overrides):
     kw = dict(rows=_rand(3, 4), cols=_rand(5, 4), positives=torch.arange(3), scale=torch.tensor(1.0),
               row_ids=torch.zeros(1, 3, dtype=torch.long), col_ids=torch.zeros(1, 5, dtype=torch.long),
-              self_offset=None, id_columns=[5], symmetric=False, tile_size=0)
+              self_offset=None, id_columns=[5], id_penalty=[], symmetric=False, tile_size=0)
     return ops.contrastive_forward(**{**kw, **overrides})
 
 
 BAD_OP = [
     ("row_ids alone", lambda: _op(col_ids=None), ValueError, "row_ids and col_ids are given together"),
-    ("id_columns alone", lambda: _op(row_ids=None, col_ids=None), ValueError, "id_columns needs row_ids"),
+    ("id_columns alone", lambda: _op(row_ids=None, col_ids=None), ValueError, "id_columns and id_penalty need"),
+    ("id_penalty length", lambda: _op(id_penalty=[1.0]), ValueError, "id_penalty must be empty"),
+    ("id_penalty finite", lambda: _op(id_penalty=[1.0, float("nan")]), ValueError, "id_penalty values must be finite"),
     ("three channels", lambda: _op(row_ids=torch.zeros(3, 3, dtype=torch.long)), ValueError,
      r"row_ids must be \[K, R\]"),
     ("row_ids R", lambda: _op(row_ids=torch.zeros(1, 4, dtype=torch.long)), ValueError, r"row_ids must be \[K, R\]"),

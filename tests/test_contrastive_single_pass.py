@@ -138,8 +138,8 @@ def test_opcheck():
                                                      (False, None, 80 * 4 * B, False), (True, None, 0, True),
                                                      (False, None, 80 * 4 * B, True)):
         mask = (ids, ids, [B]) if with_ids else (None, None, [])
-        args = (q, k, positives, scale, torch.tensor(float(B)), *mask[:2], self_offset, mask[2], symmetric, 0, budget,
-                [True, True, True])
+        args = (q, k, positives, scale, torch.tensor(float(B)), *mask[:2], self_offset, mask[2], [], symmetric, 0,
+                budget, [True, True, True])
         torch.library.opcheck(torch.ops.fusedloss.contrastive_sum_and_grad, args)
 
 
@@ -188,9 +188,9 @@ cases = {"info_nce": lambda mod, q, k, **kw: mod.info_nce_loss(q, k, temperature
 ops = torch.ops.fusedloss
 positives, norm = torch.arange(2048), torch.tensor(2048.0)
 direct = {"info_nce": lambda q, k: ops.contrastive_sum_and_grad(q, k, positives, torch.tensor(1.0), norm, None,
-                                                                 None, None, [], False, 0, 0, [True, True, False])[1:3],
+                                                                 None, None, [], [], False, 0, 0, [True, True, False])[1:3],
           "clip": lambda q, k: ops.contrastive_sum_and_grad(q, k, positives, torch.tensor(1.0), norm, None, None, None,
-                                                            [], True, 0, 0, [True, True, False])[1:3]}
+                                                            [], [], True, 0, 0, [True, True, False])[1:3]}
 for name, fn in cases.items():
     # The op itself (the public functions send fp16 to the recompute pair, see below).
     got = direct[name](q, k)

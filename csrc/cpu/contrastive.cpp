@@ -43,14 +43,15 @@ void fold_row(const ContrastiveParams& p, int64_t row, const acc_t* y, acc_t s, 
   acc_t m = neg_infinity<acc_t>();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < columns; ++j) {
-    const acc_t v = contrastive_logit(y[j], s, p.template excluded<kIds>(row, j, masked, t));
+    const acc_t v = contrastive_logit(y[j], p.template entry_scale<kIds>(row, j, t, s),
+                                      p.template excluded<kIds>(row, j, masked, t));
     m = v > m ? v : m;
   }
   if (m == neg_infinity<acc_t>()) return;  // every column of this tile masked
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < columns; ++j) {
-    const acc_t e = exp_vectorizable(s * y[j] - m);
+    const acc_t e = exp_vectorizable(p.template entry_scale<kIds>(row, j, t, s) * y[j] - m);
     sum += p.template excluded<kIds>(row, j, masked, t) ? acc_t(0) : e;
   }
   lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum});
@@ -86,7 +87,7 @@ acc_t grad_row(const ContrastiveParams& p, int64_t row, const acc_t* z, acc_t s,
 #pragma omp simd reduction(+ : scale_grad)
   for (int64_t j = 0; j < p.chunk_columns; ++j) {
     const acc_t dot = z[j];
-    const acc_t x = s * dot;
+    const acc_t x = p.template entry_scale<kIds>(row, j, t, s) * dot;
     acc_t col_prob = 0, col_g = 0;
     if constexpr (kSymmetric) {
       col_prob = exp_vectorizable((x - cols.max[j]) - cols.log_sum[j]);
@@ -117,7 +118,8 @@ acc_t fold_and_grad_row(const ContrastiveParams& p, int64_t row, acc_t* y, acc_t
   acc_t m = neg_infinity<acc_t>();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < columns; ++j) {
-    const acc_t v = contrastive_logit(y[j], s, p.template excluded<kIds>(row, j, masked, t));
+    const acc_t v = contrastive_logit(y[j], p.template entry_scale<kIds>(row, j, t, s),
+                                      p.template excluded<kIds>(row, j, masked, t));
     m = v > m ? v : m;
   }
   const acc_t positive_dot = positive_here ? y[t] : acc_t(0);
@@ -126,7 +128,7 @@ acc_t fold_and_grad_row(const ContrastiveParams& p, int64_t row, acc_t* y, acc_t
   for (int64_t j = 0; j < columns; ++j) {
     // exp computed unconditionally and then selected: a select vectorises, a branch not.
     const acc_t dot = y[j];
-    const acc_t exp_logit = exp_vectorizable(s * dot - m);
+    const acc_t exp_logit = exp_vectorizable(p.template entry_scale<kIds>(row, j, t, s) * dot - m);
     const acc_t e = p.template excluded<kIds>(row, j, masked, t) ? acc_t(0) : exp_logit;
     y[j] = e;
     sum += e;
@@ -187,7 +189,8 @@ void contrastive_chunk_column_lse(const ContrastiveParams& p, const acc_t* tile,
           const int64_t t = kIds ? positives[row] - p.chunk_start : -1;
 #pragma omp simd
           for (int64_t j = 0; j < width; ++j) {
-            const acc_t v = contrastive_logit(y[j], s, p.template excluded<kIds>(row, c0 + j, masked, t));
+            const acc_t v = contrastive_logit(y[j], p.template entry_scale<kIds>(row, c0 + j, t, s),
+                                              p.template excluded<kIds>(row, c0 + j, masked, t));
             m[j] = v > m[j] ? v : m[j];
           }
         }
@@ -198,7 +201,7 @@ void contrastive_chunk_column_lse(const ContrastiveParams& p, const acc_t* tile,
 #pragma omp simd
           for (int64_t j = 0; j < width; ++j) {
             // exp computed unconditionally and then selected: a select vectorises, a branch not.
-            const acc_t e = exp_vectorizable(s * y[j] - m[j]);
+            const acc_t e = exp_vectorizable(p.template entry_scale<kIds>(row, c0 + j, t, s) * y[j] - m[j]);
             sum[j] += p.template excluded<kIds>(row, c0 + j, masked, t) ? acc_t(0) : e;
           }
         }
@@ -278,7 +281,7 @@ void contrastive_single_pass_rows(const ContrastiveParams& p, acc_t* tile, const
   template void contrastive_accumulate_chunk<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,       \
                                              const int64_t*, ContrastiveRowState<acc_t>);                \
   template void contrastive_chunk_column_lse<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,    \
-                                                const int64_t*, LseArray<acc_t>, acc_t*);                                \
+                                                const int64_t*, LseArray<acc_t>, acc_t*);                \
   template void contrastive_finalize<acc_t>(const ContrastiveParams&, const int64_t*,                    \
                                             ContrastiveRowState<acc_t>, LseArray<const acc_t>,           \
                                             LseArray<acc_t>, acc_t*);

@@ -40,7 +40,7 @@ __global__ void accumulate_chunk_kernel(ContrastiveParams p, const acc_t* tile, 
   LseState<acc_t> local = LseState<acc_t>::empty();
   for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
     const bool out = p.is_excluded(row, j, masked, t);
-    const acc_t v = contrastive_logit(y[j], s, out);
+    const acc_t v = contrastive_logit(y[j], p.scale_of(row, j, t, s), out);
     if (!out) local = lse_merge(local, LseState<acc_t>{v, acc_t(1)});
     if (j == t) state.positive_logit[row] = contrastive_positive_logit(y[j], s, j == masked);
   }
@@ -64,7 +64,8 @@ __global__ void column_lse_partial_kernel(ContrastiveParams p, const acc_t* tile
     for (int64_t row = row_begin + threadIdx.y; row < row_end; row += kRowLanes) {
       const int64_t t = p.ids.any() ? positives[row] - p.chunk_start : -1;  // only the id mask reads it
       if (p.is_excluded(row, col, p.masked_chunk_column(row), t)) continue;
-      local = lse_merge(local, LseState<acc_t>{s * tile[row * p.logits_stride + col], acc_t(1)});
+      local = lse_merge(local, LseState<acc_t>{p.scale_of(row, col, t, s) * tile[row * p.logits_stride + col],
+                                               acc_t(1)});
     }
   }
   __shared__ LseState<acc_t> lanes[kRowLanes][kColumnsPerBlock];
@@ -118,7 +119,7 @@ __global__ void chunk_grad_kernel(ContrastiveParams p, const acc_t* tile, const 
     acc_t d = 0;
     if (j < p.chunk_columns && !p.is_excluded(row, j, masked, t)) {
       const acc_t dot = z[j];
-      const acc_t x = s * dot;
+      const acc_t x = p.scale_of(row, j, t, s) * dot;  // the logit (id penalty included)
       const int64_t col = p.chunk_start + j;
       const acc_t col_prob = p.symmetric ? exp_acc(col_lse[col].log_prob(x)) : acc_t(0);
       const acc_t col_g = p.symmetric ? col_grad[col] : acc_t(0);
@@ -200,7 +201,7 @@ void contrastive_single_pass_rows(const ContrastiveParams& p, acc_t* tile, const
   template void contrastive_accumulate_chunk<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,         \
                                              const int64_t*, ContrastiveRowState<acc_t>, void*);           \
   template void contrastive_chunk_column_lse<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,      \
-                                                const int64_t*, LseArray<acc_t>, acc_t*, void*);                           \
+                                                const int64_t*, LseArray<acc_t>, acc_t*, void*);           \
   template void contrastive_finalize<acc_t>(const ContrastiveParams&, const int64_t*,                      \
                                             ContrastiveRowState<acc_t>, LseArray<const acc_t>,             \
                                             LseArray<acc_t>, acc_t*, void*);

@@ -32,11 +32,19 @@ namespace fusedloss {
 // c, row i carries row[c][i] and the first columns[c] columns carry col[c][j]
 // (later columns, e.g. extra negatives without ids, none). columns[c] == 0:
 // the channel is unused and its pointers are never read.
+// With `penalize` the ids mask nothing: an entry off the row's positive
+// instead gets logit (scale + penalty) * dot, penalty_match where the column
+// shares the row's id and penalty_differ where it does not, with the
+// gradient of scale * dot only (sentence-transformers' hardness weighting,
+// scale * s + alpha * stop_grad(s)).
 struct ContrastiveIds {
   static constexpr int kChannels = 2;
   const int64_t* row[kChannels];
   const int64_t* col[kChannels];
   int64_t columns[kChannels];
+  bool penalize;
+  double penalty_match;
+  double penalty_differ;
 
   FL_HOST_DEVICE bool any() const { return columns[0] > 0 || columns[1] > 0; }
 
@@ -85,16 +93,33 @@ struct ContrastiveParams {
   template <bool kIds>
   FL_HOST_DEVICE bool excluded(int64_t row, int64_t j, int64_t self_column, int64_t positive) const {
     if constexpr (kIds) {
-      return j == self_column || (j != positive && ids.match(row, chunk_start + j));
+      return j == self_column || (!ids.penalize && j != positive && ids.match(row, chunk_start + j));
     } else {
       return j == self_column;
     }
   }
 
-  // excluded() with the flag read at run time (the CUDA kernels: a uniform
-  // branch).
+  // The multiplier of entry (row, chunk column j)'s dot product in its logit:
+  // the scale s, plus the id penalty of the entry (ContrastiveIds::penalize).
+  // Gradients keep the factor s (the penalty is not differentiated).
+  template <bool kIds, typename acc_t>
+  FL_HOST_DEVICE acc_t entry_scale(int64_t row, int64_t j, int64_t positive, acc_t s) const {
+    if constexpr (kIds) {
+      if (ids.penalize && j != positive) {
+        return s + static_cast<acc_t>(ids.match(row, chunk_start + j) ? ids.penalty_match : ids.penalty_differ);
+      }
+    }
+    return s;
+  }
+
+  // excluded() and entry_scale() with the flag read at run time (the CUDA
+  // kernels: a uniform branch).
   FL_HOST_DEVICE bool is_excluded(int64_t row, int64_t j, int64_t self_column, int64_t positive) const {
     return ids.any() ? excluded<true>(row, j, self_column, positive) : excluded<false>(row, j, self_column, positive);
+  }
+  template <typename acc_t>
+  FL_HOST_DEVICE acc_t scale_of(int64_t row, int64_t j, int64_t positive, acc_t s) const {
+    return ids.any() ? entry_scale<true>(row, j, positive, s) : s;
   }
 };
 
