@@ -134,12 +134,15 @@ def test_opcheck():
     positives = torch.arange(B)
     scale = torch.tensor(3.0, requires_grad=True)
     ids = torch.arange(B).remainder(50)[None]  # every id three times
-    for symmetric, self_offset, budget, with_ids in ((False, None, 0, False), (True, None, 0, False),
-                                                     (False, None, 80 * 4 * B, False), (True, None, 0, True),
-                                                     (False, None, 80 * 4 * B, True)):
-        mask = (ids, ids, [B]) if with_ids else (None, None, [])
-        args = (q, k, positives, scale, torch.tensor(float(B)), *mask[:2], self_offset, mask[2], [], symmetric, 0,
-                budget, [True, True, True])
+    # ids: none, the id mask, or the id penalty [match, differ]
+    for symmetric, self_offset, budget, with_ids in ((False, None, 0, None), (True, None, 0, None),
+                                                     (False, None, 80 * 4 * B, None), (True, None, 0, "mask"),
+                                                     (False, None, 80 * 4 * B, "mask"),
+                                                     (False, None, 80 * 4 * B, "penalty")):
+        mask = (None, None, []) if with_ids is None else (ids, ids, [B])
+        penalty = [2.0, 0.5] if with_ids == "penalty" else []
+        args = (q, k, positives, scale, torch.tensor(float(B)), *mask[:2], self_offset, mask[2], penalty, symmetric,
+                0, budget, [True, True, True])
         torch.library.opcheck(torch.ops.fusedloss.contrastive_sum_and_grad, args)
 
 

@@ -104,6 +104,18 @@ def test_learnable_scale_and_reductions():
         torch.testing.assert_close(_ours(embeddings, directions, mode, None, reduction="sum"), B * mean)
 
 
+def test_query_to_doc_alone_is_info_nce():
+    """The default configuration is the contrastive op itself: InfoNCE over
+    the positives and hard negatives, bit for bit (the single pass)."""
+    embeddings = _embeddings(torch.float32)
+    ours = _ours(embeddings, ("query_to_doc",), "joint", None)
+    info_nce = fusedloss.info_nce_loss(embeddings[0], embeddings[1], negatives=torch.cat(embeddings[2:]), scale=20.0,
+                                       normalize=True)
+    assert torch.equal(ours, info_nce)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(ours, embeddings),
+                                                 torch.autograd.grad(info_nce, embeddings)))
+
+
 @pytest.mark.parametrize("directions, partition_mode", [SETUPS[1], SETUPS[-1]])
 def test_a_single_query(directions, partition_mode):
     """B = 1: the same-type blocks are empty (ST's are all -inf)."""
