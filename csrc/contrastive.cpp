@@ -133,10 +133,12 @@ struct ContrastiveProblem {
     if (ids.row_ids.has_value()) {
       row_ids = ids.row_ids->contiguous();
       col_ids = ids.col_ids->contiguous();
-      for (int64_t c = 0; c < row_ids.size(0); ++c) {
-        params.ids.row[c] = row_ids.data_ptr<int64_t>() + c * num_rows;
-        params.ids.col[c] = col_ids.data_ptr<int64_t>() + c * num_cols;
-        params.ids.columns[c] = ids.id_columns[c];
+      for (int64_t c = 0; c < ContrastiveIds::kChannels; ++c) {
+        // An unused channel reads channel 0's arrays (columns 0: never a match).
+        const int64_t from = c < row_ids.size(0) ? c : 0;
+        params.ids.row[c] = row_ids.data_ptr<int64_t>() + from * num_rows;
+        params.ids.col[c] = col_ids.data_ptr<int64_t>() + from * num_cols;
+        params.ids.columns[c] = c < row_ids.size(0) ? ids.id_columns[c] : 0;
       }
     }
   }

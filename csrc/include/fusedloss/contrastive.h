@@ -30,8 +30,10 @@ namespace fusedloss {
 
 // Up to two id channels (e.g. the keys' ids and the queries' ids): in channel
 // c, row i carries row[c][i] and the first columns[c] columns carry col[c][j]
-// (later columns, e.g. extra negatives without ids, none). columns[c] == 0:
-// the channel is unused and its pointers are never read.
+// (later columns, e.g. extra negatives without ids, none); columns[c] == 0:
+// the channel is unused. Every channel's arrays are readable for every row
+// and column ([K, C] col ids; an unused channel points at channel 0's), so
+// that match() needs no branch and the CPU loops vectorise.
 // With `penalize` the ids mask nothing: an entry off the row's positive
 // instead gets logit (scale + penalty) * dot, penalty_match where the column
 // shares the row's id and penalty_differ where it does not, with the
@@ -50,15 +52,15 @@ struct ContrastiveIds {
 
   // Whether global column `col_index` has row `row_index`'s id in some channel.
   FL_HOST_DEVICE bool match(int64_t row_index, int64_t col_index) const {
-    return (col_index < columns[0] && row[0][row_index] == col[0][col_index]) ||
-           (col_index < columns[1] && row[1][row_index] == col[1][col_index]);
+    return ((col_index < columns[0]) & (row[0][row_index] == col[0][col_index])) |
+           ((col_index < columns[1]) & (row[1][row_index] == col[1][col_index]));
   }
 
   // The ids of rows [first, ...): a block of rows indexed from 0.
   ContrastiveIds rows_from(int64_t first) const {
     ContrastiveIds shifted = *this;
     for (int c = 0; c < kChannels; ++c) {
-      if (columns[c] > 0) shifted.row[c] += first;
+      if (row[c] != nullptr) shifted.row[c] += first;
     }
     return shifted;
   }
@@ -93,7 +95,7 @@ struct ContrastiveParams {
   template <bool kIds>
   FL_HOST_DEVICE bool excluded(int64_t row, int64_t j, int64_t self_column, int64_t positive) const {
     if constexpr (kIds) {
-      return j == self_column || (!ids.penalize && j != positive && ids.match(row, chunk_start + j));
+      return (j == self_column) | (!ids.penalize & (j != positive) & ids.match(row, chunk_start + j));
     } else {
       return j == self_column;
     }
@@ -105,9 +107,8 @@ struct ContrastiveParams {
   template <bool kIds, typename acc_t>
   FL_HOST_DEVICE acc_t entry_scale(int64_t row, int64_t j, int64_t positive, acc_t s) const {
     if constexpr (kIds) {
-      if (ids.penalize && j != positive) {
-        return s + static_cast<acc_t>(ids.match(row, chunk_start + j) ? ids.penalty_match : ids.penalty_differ);
-      }
+      const double penalty = ids.match(row, chunk_start + j) ? ids.penalty_match : ids.penalty_differ;
+      return ids.penalize & (j != positive) ? s + static_cast<acc_t>(penalty) : s;
     }
     return s;
   }
