@@ -112,6 +112,20 @@ def test_gradcheck_float64():
             assert torch.autograd.gradcheck(fn, (q, k, n, t)), (kind, kw)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_with_the_log_q_correction(symmetric):
+    """Ids and log q together: the mask and the corrected logits are independent."""
+    q, k, n, t, ids = _problem("cpu", batch=37)
+    g = torch.Generator().manual_seed(7)
+    log_q = {"key_log_q": torch.rand(37, generator=g) * -5, "negative_log_q": torch.rand(M, generator=g) * -5}
+    ids = {name: v % 11 for name, v in ids.items()}
+    for algorithm in ({}, {"tile_size": 6}):
+        got = _loss_and_grads(fusedloss, "negative_ids", q, k, n, t, ids, symmetric=symmetric, **log_q, **algorithm)
+        want = _loss_and_grads(reference, "negative_ids", *fp64_leaves(q, k, n, t), ids, symmetric=symmetric,
+                               **log_q)
+        assert_all_close(got, want, rtol=3e-5, atol=3e-6)
+
+
 def test_distinct_ids_change_nothing():
     """Ids that are all different mask nothing: the loops with the id mask
     give the results of the loops without it, on every algorithm."""

@@ -1,19 +1,17 @@
 """fusedloss.mnrl_loss / MultipleNegativesRankingLoss against sentence-transformers'
 own MultipleNegativesRankingLoss (v6.2.0, compute_loss_from_embeddings) on the
-same embeddings: every direction / partition / hardness combination, with and
-without hard-negative blocks, cosine and dot similarity, values and gradients
-in fp64 (<= 1e-10), fp32 and bf16; the op's id penalty it is built on against
-the materialised logits; gradcheck, compile and bad input."""
-import itertools
-
+same embeddings — and against fusedloss.reference.mnrl_loss, the materialised
+twin, which runs where sentence-transformers is not installed: every direction
+/ partition / hardness combination, with and without hard-negative blocks,
+cosine and dot similarity, values and gradients in fp64 (<= 1e-10), fp32 and
+bf16; the op's id penalty it is built on against the materialised logits;
+gradcheck, compile and bad input."""
 import pytest
 import torch
 
 import fusedloss
 from conftest import assert_all_close, assert_close_to_oracle, features, fp64_leaves
-
-st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
-st_util = pytest.importorskip("sentence_transformers.util")
+from fusedloss import reference
 
 B, DIM, NEGATIVES = 13, 8, 2
 ALL = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
@@ -27,7 +25,19 @@ def _embeddings(dtype=torch.float64, batch=B, negatives=NEGATIVES, seed=0):
     return [features(batch, DIM, "cpu", dtype, seed=seed + i) for i in range(2 + negatives)]
 
 
-def _st(embeddings, directions, partition_mode, hardness_mode, *, scale=20.0, normalize=True, strength=3.0):
+ORACLES = ["sentence_transformers", "reference"]
+
+
+def _st(embeddings, directions, partition_mode, hardness_mode, *, scale=20.0, normalize=True, strength=3.0,
+        oracle="sentence_transformers"):
+    """The loss by sentence-transformers itself (skipped when it is not
+    installed) or by fusedloss.reference."""
+    if oracle == "reference":
+        return reference.mnrl_loss(embeddings[0], embeddings[1], embeddings[2:], scale=scale, directions=directions,
+                                   partition_mode=partition_mode, hardness_mode=hardness_mode,
+                                   hardness_strength=strength if hardness_mode else 0.0, normalize=normalize)
+    st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+    st_util = pytest.importorskip("sentence_transformers.util")
     loss = st_losses.MultipleNegativesRankingLoss(
         None, scale=scale, similarity_fct=st_util.cos_sim if normalize else st_util.dot_score,
         directions=directions, partition_mode=partition_mode, hardness_mode=hardness_mode,
@@ -45,32 +55,34 @@ def _loss_and_grads(loss, leaves):
     return [loss.detach(), *torch.autograd.grad(loss, leaves)]
 
 
+@pytest.mark.parametrize("oracle", ORACLES)
 @pytest.mark.parametrize("normalize", [True, False], ids=["cos", "dot"])
 @pytest.mark.parametrize("negatives", [0, NEGATIVES], ids=["pairs", "hard_negatives"])
 @pytest.mark.parametrize("hardness_mode", HARDNESS)
 @pytest.mark.parametrize("directions, partition_mode", SETUPS, ids=["+".join(d) + "-" + m for d, m in SETUPS])
-def test_equals_sentence_transformers_fp64(directions, partition_mode, hardness_mode, negatives, normalize):
+def test_equals_sentence_transformers_fp64(directions, partition_mode, hardness_mode, negatives, normalize, oracle):
     embeddings = _embeddings(negatives=negatives)
     scale = 20.0 if normalize else 0.5  # dot products of unnormalised features are O(DIM)
     want = _loss_and_grads(_st(embeddings, directions, partition_mode, hardness_mode, scale=scale,
-                               normalize=normalize), embeddings)
+                               normalize=normalize, oracle=oracle), embeddings)
     for algorithm in ({}, {"tile_size": 4}):
         got = _loss_and_grads(_ours(embeddings, directions, partition_mode, hardness_mode, scale=scale,
                                     normalize=normalize, **algorithm), embeddings)
         assert_all_close(got, want, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("oracle", ORACLES)
 @pytest.mark.parametrize("hardness_mode", HARDNESS)
 @pytest.mark.parametrize("directions, partition_mode", SETUPS, ids=["+".join(d) + "-" + m for d, m in SETUPS])
-def test_fp32_close_to_sentence_transformers(directions, partition_mode, hardness_mode):
+def test_fp32_close_to_sentence_transformers(directions, partition_mode, hardness_mode, oracle):
     """fp32 against ST in fp64 (the oracle), within twice ST's own fp32 error."""
     embeddings = _embeddings(torch.float32, batch=37)
     oracle_in = fp64_leaves(*embeddings)
-    oracle = _loss_and_grads(_st(oracle_in, directions, partition_mode, hardness_mode), oracle_in)
-    plain = _loss_and_grads(_st(embeddings, directions, partition_mode, hardness_mode), embeddings)
+    want = _loss_and_grads(_st(oracle_in, directions, partition_mode, hardness_mode, oracle=oracle), oracle_in)
+    plain = _loss_and_grads(_st(embeddings, directions, partition_mode, hardness_mode, oracle=oracle), embeddings)
     for algorithm in ({}, {"tile_size": 5}):
         got = _loss_and_grads(_ours(embeddings, directions, partition_mode, hardness_mode, **algorithm), embeddings)
-        assert_close_to_oracle(got, plain, oracle, slack=2.0, atol=2e-6, rtol=2e-5, what=str(algorithm))
+        assert_close_to_oracle(got, plain, want, slack=2.0, atol=2e-6, rtol=2e-5, what=str(algorithm))
 
 
 @pytest.mark.parametrize("directions, partition_mode", [SETUPS[0], SETUPS[1], SETUPS[-1]])
