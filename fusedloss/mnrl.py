@@ -113,10 +113,12 @@ def mnrl_rows(query, positive, queries, docs, offset, scale, directions, partiti
     rows = torch.arange(batch, device=query.device) + offset
     # The id of every document: the index of its query (docs hold whole blocks of W).
     owner = torch.arange(world_batch, device=query.device).repeat(docs.shape[0] // world_batch)
-    own_docs = _contrastive.id_mask(docs.shape[0], (rows, owner))
     to_doc = _contrastive.NO_IDS if penalty is None else _contrastive.id_mask(docs.shape[0], (rows, owner),
                                                                                penalty=penalty)
-    row_losses = lambda r, c, positives, **kw: _contrastive._row_losses(r, c, positives, scale, tile_size, **kw)  # noqa: E731
+
+    def row_losses(r, c, positives, **kw):
+        return _contrastive._row_losses(r, c, positives, scale, tile_size, **kw)
+
     positive_logit = _row_dots(query, positive, scale)
     # Each block's LSE: its per-row loss plus the logit of the column taken as
     # the row's "positive" (any column the row keeps).
@@ -130,6 +132,7 @@ def mnrl_rows(query, positive, queries, docs, offset, scale, directions, partiti
     if "doc_to_query" in directions:
         lses.append(row_losses(positive, queries, rows) + positive_logit)
     if "doc_to_doc" in directions and world_batch > 1:
+        own_docs = _contrastive.id_mask(docs.shape[0], (rows, owner))
         lses.append(row_losses(positive, docs, neighbour, ids=own_docs) + _row_dots(positive, docs[neighbour], scale))
     lses = torch.stack(lses)
     lse = torch.logsumexp(lses, 0) if partition_mode == "joint" else lses.mean(0)
