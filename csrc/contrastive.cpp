@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cmath>
 #include <limits>
 
 #include "fusedloss/backend.h"
@@ -30,10 +31,52 @@ using at::Tensor;
 
 constexpr const char* kOp = "contrastive";
 
+// The id operands of a call as the op received them: row_ids [K, R] and
+// col_ids [K, C] int64 (K id channels, 1 or 2) on the rows' device,
+// id_columns [K] (channel c gives ids to the first id_columns[c] columns) and
+// id_penalty (empty: the ids mask; [match, differ]: ContrastiveIds::penalize),
+// or no ids at all.
+struct IdArgs {
+  const std::optional<Tensor>& row_ids;
+  const std::optional<Tensor>& col_ids;
+  at::IntArrayRef id_columns;
+  at::ArrayRef<double> id_penalty;
+};
+
+void check_ids(const Tensor& rows, const Tensor& cols, const IdArgs& args) {
+  const auto& [row_ids, col_ids, id_columns, id_penalty] = args;
+  TORCH_CHECK_VALUE(row_ids.has_value() == col_ids.has_value(), kOp, ": row_ids and col_ids are given together");
+  TORCH_CHECK_VALUE(id_penalty.empty() || id_penalty.size() == 2, kOp,
+                    ": id_penalty must be empty (the ids mask) or [penalty_match, penalty_differ], got ",
+                    id_penalty.size(), " values");
+  for (const double v : id_penalty) {
+    TORCH_CHECK_VALUE(std::isfinite(v), kOp, ": id_penalty values must be finite, got ", v);
+  }
+  if (!row_ids.has_value()) {
+    TORCH_CHECK_VALUE(id_columns.empty() && id_penalty.empty(), kOp,
+                      ": id_columns and id_penalty need row_ids and col_ids");
+    return;
+  }
+  const int64_t channels = row_ids->dim() == 2 ? row_ids->size(0) : -1;
+  TORCH_CHECK_VALUE(channels >= 1 && channels <= ContrastiveIds::kChannels && row_ids->size(1) == rows.size(0), kOp,
+                    ": row_ids must be [K, R] with K in [1, ", ContrastiveIds::kChannels, "] id channels and R=",
+                    rows.size(0), ", got ", row_ids->sizes());
+  TORCH_CHECK_VALUE(col_ids->dim() == 2 && col_ids->size(0) == channels && col_ids->size(1) == cols.size(0), kOp,
+                    ": col_ids must be [K, C]=[", channels, ", ", cols.size(0), "], got ", col_ids->sizes());
+  checks::index_tensor(kOp, "row_ids", *row_ids, rows);
+  checks::index_tensor(kOp, "col_ids", *col_ids, rows);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(id_columns.size()) == channels, kOp, ": id_columns must have K=", channels,
+                    " entries, got ", id_columns.size());
+  for (const int64_t n : id_columns) {
+    TORCH_CHECK_VALUE(n >= 0 && n <= cols.size(0), kOp, ": id_columns entries must be in [0, C=", cols.size(0),
+                      "], got ", n);
+  }
+}
+
 // Every check of a contrastive call. Query rows play the classifier's input,
 // key columns its weight.
 void check_contrastive(const Tensor& rows, const Tensor& cols, const Tensor& positives, const Tensor& scale,
-                       std::optional<int64_t> self_offset) {
+                       const IdArgs& ids, std::optional<int64_t> self_offset) {
   TORCH_CHECK_VALUE(cols.dim() != 2 || cols.size(0) > 0, kOp, ": there are no key columns (C=0)");
   checks::classifier(kOp, rows, cols, std::nullopt);
   checks::index_tensor(kOp, "positives", positives, rows);
@@ -46,6 +89,7 @@ void check_contrastive(const Tensor& rows, const Tensor& cols, const Tensor& pos
   TORCH_CHECK_VALUE(scale.device() == rows.device(), kOp, ": scale is on ", scale.device(), " but input is on ",
                     rows.device());
   checks::index_range(kOp, "positives", positives, cols.size(0));
+  check_ids(rows, cols, ids);
   if (rows.is_cpu() && self_offset.has_value()) {
     // On CUDA the positives are built by the Python layer and the kernels only
     // compare against them.
@@ -60,6 +104,7 @@ struct ContrastiveProblem {
   Tensor queries;    // [R, D] rows, in the GEMM operand dtype
   Tensor keys;       // [C, D] columns, in the GEMM operand dtype
   Tensor positives;  // [R] int64
+  Tensor row_ids, col_ids;  // [K, R], [K, C] int64 (undefined without the id mask)
   Tensor scale;      // 0-dim, accumulation dtype
   at::ScalarType acc_dtype;
   at::ScalarType operand_dtype;
@@ -68,7 +113,7 @@ struct ContrastiveProblem {
   std::vector<Chunk> chunk_list;
 
   ContrastiveProblem(const Tensor& rows_, const Tensor& cols_, const Tensor& positives_, const Tensor& scale_,
-                     std::optional<int64_t> self_offset, bool symmetric, int64_t requested_chunk)
+                     const IdArgs& ids, std::optional<int64_t> self_offset, bool symmetric, int64_t requested_chunk)
       : backend(rows_) {
     acc_dtype = accumulation_dtype(rows_.scalar_type());
     operand_dtype = gemm_operand_dtype(rows_);
@@ -79,7 +124,23 @@ struct ContrastiveProblem {
     const int64_t num_rows = queries.size(0), num_cols = keys.size(0);
     chunk_list = column_chunks(num_cols, chunk_columns_for(num_rows, num_cols, requested_chunk, queries.is_cuda()));
     params = ContrastiveParams{num_rows, num_cols, 0, 0, 0, 0, self_offset.value_or(0), self_offset.has_value(),
-                               symmetric};
+                               symmetric, ContrastiveIds{{nullptr, nullptr}, {nullptr, nullptr}, {0, 0}, false, 0, 0}};
+    if (!ids.id_penalty.empty()) {
+      params.ids.penalize = true;
+      params.ids.penalty_match = ids.id_penalty[0];
+      params.ids.penalty_differ = ids.id_penalty[1];
+    }
+    if (ids.row_ids.has_value()) {
+      row_ids = ids.row_ids->contiguous();
+      col_ids = ids.col_ids->contiguous();
+      for (int64_t c = 0; c < ContrastiveIds::kChannels; ++c) {
+        // An unused channel reads channel 0's arrays (columns 0: never a match).
+        const int64_t from = c < row_ids.size(0) ? c : 0;
+        params.ids.row[c] = row_ids.data_ptr<int64_t>() + from * num_rows;
+        params.ids.col[c] = col_ids.data_ptr<int64_t>() + from * num_cols;
+        params.ids.columns[c] = c < row_ids.size(0) ? ids.id_columns[c] : 0;
+      }
+    }
   }
 
   int64_t rows() const { return params.num_rows; }
@@ -153,7 +214,8 @@ struct ContrastiveForward : ContrastiveProblem {
     // The tile holds every row, so the chunk's column LSEs are complete here.
     if (params.symmetric) {
       backend.run(FUSEDLOSS_KERNELS(contrastive_chunk_column_lse<acc_t>), params, tile.data_ptr<acc_t>(),
-                  scale.data_ptr<acc_t>(), lse_array_at<acc_t>(col_lse), scratch.data_ptr<acc_t>());
+                  scale.data_ptr<acc_t>(), positives.data_ptr<int64_t>(), lse_array_at<acc_t>(col_lse),
+                  scratch.data_ptr<acc_t>());
     }
   }
 
@@ -273,10 +335,12 @@ struct ContrastiveSinglePass : ContrastiveProblem {
     block.chunk_columns = params.num_cols;
     block.logits_stride = tile.stride(0);
     block.dlogits_stride = dlogits.stride(0);
-    block.self_offset = params.self_offset + r.start;  // the mask follows the block's first row
+    block.self_offset = params.self_offset + r.start;  // the masks follow the block's first row
+    block.ids = params.ids.rows_from(r.start);
     if (params.symmetric) {  // one block: the tile holds every row
       backend.run(FUSEDLOSS_KERNELS(contrastive_chunk_column_lse<acc_t>), block, tile.data_ptr<acc_t>(),
-                  scale.data_ptr<acc_t>(), lse_array_at<acc_t>(col_lse), scratch.data_ptr<acc_t>());
+                  scale.data_ptr<acc_t>(), positives.data_ptr<int64_t>() + r.start, lse_array_at<acc_t>(col_lse),
+                  scratch.data_ptr<acc_t>());
     }
     with_typed_data<acc_t>(dlogits, [&](auto* out) {
       using grad_t = std::remove_pointer_t<decltype(out)>;
@@ -302,10 +366,11 @@ struct ContrastiveSinglePass : ContrastiveProblem {
 // min_block_rows (the symmetric loss: no whole tile) fits the budget.
 std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_recompute_sum_and_grad(
     const Tensor& rows, const Tensor& cols, const Tensor& positives, const Tensor& scale,
-    std::optional<int64_t> self_offset, bool symmetric, const Tensor& grad_rows, std::array<bool, 3> output_mask) {
-  ContrastiveForward forward(rows, cols, positives, scale, self_offset, symmetric, 0);
+    const IdArgs& ids, std::optional<int64_t> self_offset, bool symmetric, const Tensor& grad_rows,
+    std::array<bool, 3> output_mask) {
+  ContrastiveForward forward(rows, cols, positives, scale, ids, self_offset, symmetric, 0);
   forward.run();
-  ContrastiveBackward backward(rows, cols, positives, scale, self_offset, symmetric, 0);
+  ContrastiveBackward backward(rows, cols, positives, scale, ids, self_offset, symmetric, 0);
   auto [grad_q, grad_k, grad_scale] =
       backward.run(grad_rows, forward.row_lse, forward.col_lse, rows, cols, scale, output_mask);
   return {forward.loss.mul(grad_rows).sum(), grad_q, grad_k, grad_scale};
@@ -317,13 +382,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_recompute_sum_and_grad(
 // (0: default_memory_budget), row_block > 0 forces the block size.
 std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_sum_and_grad(
     const Tensor& rows, const Tensor& cols, const Tensor& positives, const Tensor& scale,
-    const std::optional<Tensor>& normalizer, std::optional<int64_t> self_offset, bool symmetric, int64_t row_block,
-    int64_t memory_budget, std::array<bool, 3> output_mask) {
+    const std::optional<Tensor>& normalizer, const std::optional<Tensor>& row_ids,
+    const std::optional<Tensor>& col_ids, std::optional<int64_t> self_offset, at::IntArrayRef id_columns,
+    at::ArrayRef<double> id_penalty, bool symmetric, int64_t row_block, int64_t memory_budget,
+    std::array<bool, 3> output_mask) {
   c10::DeviceGuard guard(rows.device());
-  check_contrastive(rows, cols, positives, scale, self_offset);
+  const IdArgs ids{row_ids, col_ids, id_columns, id_penalty};
+  check_contrastive(rows, cols, positives, scale, ids, self_offset);
   checks::normalizer(kOp, normalizer, rows);
   TORCH_CHECK_VALUE(memory_budget >= 0, kOp, ": memory_budget must be >= 0 bytes, got ", memory_budget);
-  ContrastiveSinglePass pass(rows, cols, positives, scale, self_offset, symmetric, 0);
+  ContrastiveSinglePass pass(rows, cols, positives, scale, ids, self_offset, symmetric, 0);
   const int64_t num_rows = pass.rows(), num_cols = pass.columns(), dim = rows.size(1);
   const auto acc_opts = rows.options().dtype(pass.acc_dtype);
   // Every pair's upstream gradient: 1 / normalizer, without a host sync.
@@ -333,7 +401,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_sum_and_grad(
   const int64_t accumulator_bytes = half_keys && output_mask[1] ? 4 * num_cols * dim : 0;
   pass.block_rows = choose_block_rows(num_rows, num_cols, row_block, memory_budget, accumulator_bytes, rows.is_cuda());
   if (pass.block_rows == 0 || (symmetric && pass.block_rows < num_rows)) {
-    return contrastive_recompute_sum_and_grad(rows, cols, positives, scale, self_offset, symmetric, grad_pairs,
+    return contrastive_recompute_sum_and_grad(rows, cols, positives, scale, ids, self_offset, symmetric, grad_pairs,
                                               output_mask);
   }
   pass.need_rows = output_mask[0];
@@ -368,11 +436,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_sum_and_grad(
 
 std::tuple<Tensor, Tensor, Tensor> contrastive_forward(const Tensor& rows, const Tensor& cols,
                                                        const Tensor& positives, const Tensor& scale,
-                                                       std::optional<int64_t> self_offset, bool symmetric,
-                                                       int64_t tile_size) {
+                                                       const std::optional<Tensor>& row_ids,
+                                                       const std::optional<Tensor>& col_ids,
+                                                       std::optional<int64_t> self_offset,
+                                                       at::IntArrayRef id_columns, at::ArrayRef<double> id_penalty,
+                                                       bool symmetric, int64_t tile_size) {
   c10::DeviceGuard guard(rows.device());
-  check_contrastive(rows, cols, positives, scale, self_offset);
-  ContrastiveForward pass(rows, cols, positives, scale, self_offset, symmetric, tile_size);
+  const IdArgs ids{row_ids, col_ids, id_columns, id_penalty};
+  check_contrastive(rows, cols, positives, scale, ids, self_offset);
+  ContrastiveForward pass(rows, cols, positives, scale, ids, self_offset, symmetric, tile_size);
   pass.run();
   return {pass.loss, pass.row_lse, pass.col_lse};
 }
@@ -380,12 +452,15 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_forward(const Tensor& rows, const
 // Checks only the sizes of what the forward produced.
 std::tuple<Tensor, Tensor, Tensor> contrastive_backward(const Tensor& grad_loss, const Tensor& rows,
                                                         const Tensor& cols, const Tensor& positives,
-                                                        const Tensor& scale, const Tensor& row_lse,
+                                                        const Tensor& scale, const std::optional<Tensor>& row_ids,
+                                                        const std::optional<Tensor>& col_ids, const Tensor& row_lse,
                                                         const Tensor& col_lse, std::optional<int64_t> self_offset,
+                                                        at::IntArrayRef id_columns, at::ArrayRef<double> id_penalty,
                                                         bool symmetric, int64_t tile_size,
                                                         std::array<bool, 3> output_mask) {
   c10::DeviceGuard guard(rows.device());
-  ContrastiveBackward pass(rows, cols, positives, scale, self_offset, symmetric, tile_size);
+  ContrastiveBackward pass(rows, cols, positives, scale, IdArgs{row_ids, col_ids, id_columns, id_penalty}, self_offset,
+                           symmetric, tile_size);
   return pass.run(grad_loss, row_lse, col_lse, rows, cols, scale, output_mask);
 }
 
@@ -393,15 +468,19 @@ std::tuple<Tensor, Tensor, Tensor> contrastive_backward(const Tensor& grad_loss,
 
 TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
   m.def(
-      "contrastive_forward(Tensor rows, Tensor cols, Tensor positives, Tensor scale, int? self_offset, "
-      "bool symmetric, int tile_size) -> (Tensor loss, Tensor row_lse, Tensor col_lse)");
+      "contrastive_forward(Tensor rows, Tensor cols, Tensor positives, Tensor scale, Tensor? row_ids, "
+      "Tensor? col_ids, int? self_offset, int[] id_columns, float[] id_penalty, bool symmetric, int tile_size) -> "
+      "(Tensor loss, Tensor row_lse, Tensor col_lse)");
   m.def(
       "contrastive_backward(Tensor grad_loss, Tensor rows, Tensor cols, Tensor positives, Tensor scale, "
-      "Tensor row_lse, Tensor col_lse, int? self_offset, bool symmetric, int tile_size, bool[3] output_mask) "
-      "-> (Tensor grad_rows, Tensor grad_cols, Tensor grad_scale)");
+      "Tensor? row_ids, Tensor? col_ids, Tensor row_lse, Tensor col_lse, int? self_offset, int[] id_columns, "
+      "float[] id_penalty, bool symmetric, int tile_size, bool[3] output_mask) -> "
+      "(Tensor grad_rows, Tensor grad_cols, Tensor grad_scale)");
   m.def(
       "contrastive_sum_and_grad(Tensor rows, Tensor cols, Tensor positives, Tensor scale, Tensor? normalizer, "
-      "int? self_offset, bool symmetric, int row_block, int memory_budget, bool[3] output_mask) -> "
+      "Tensor? row_ids, Tensor? col_ids, int? self_offset, int[] id_columns, float[] id_penalty, bool symmetric, "
+      "int row_block, "
+      "int memory_budget, bool[3] output_mask) -> "
       "(Tensor loss_sum, Tensor grad_rows, Tensor grad_cols, Tensor grad_scale)");
 }
 

@@ -1,6 +1,7 @@
 """fusedloss: large-vocabulary losses that never materialise the full logits."""
 from ._extension import built_with_cuda
 from .contrastive import ClipLoss, InfoNCELoss, NTXentLoss, clip_loss, info_nce_loss, nt_xent_loss
+from .mnrl import MultipleNegativesRankingLoss, mnrl_loss
 from .linear_ce import LinearCEOutput, LinearCrossEntropyLoss, linear_cross_entropy, release_cpu_tile
 from . import reference
 from . import compat, samplers
@@ -18,6 +19,8 @@ __all__ = [
     "clip_loss",
     "info_nce_loss",
     "nt_xent_loss",
+    "MultipleNegativesRankingLoss",
+    "mnrl_loss",
     "LinearCEOutput",
     "LinearCrossEntropyLoss",
     "built_with_cuda",

@@ -250,7 +250,8 @@ def _fake_contrastive_grads(output_mask, rows, cols, scale):
 
 
 @torch.library.register_fake("fusedloss::contrastive_forward")
-def _contrastive_forward_fake(rows, cols, positives, scale, self_offset, symmetric, tile_size):
+def _contrastive_forward_fake(rows, cols, positives, scale, row_ids, col_ids, self_offset, id_columns, id_penalty,
+                              symmetric, tile_size):
     acc = _common.acc_dtype(rows.dtype)
     num_rows = rows.shape[0]
     col_stats = cols.shape[0] if symmetric else 0
@@ -260,24 +261,25 @@ def _contrastive_forward_fake(rows, cols, positives, scale, self_offset, symmetr
 
 
 @torch.library.register_fake("fusedloss::contrastive_backward")
-def _contrastive_backward_fake(grad_loss, rows, cols, positives, scale, row_lse, col_lse, self_offset, symmetric,
-                               tile_size, output_mask):
+def _contrastive_backward_fake(grad_loss, rows, cols, positives, scale, row_ids, col_ids, row_lse, col_lse,
+                               self_offset, id_columns, id_penalty, symmetric, tile_size, output_mask):
     return _fake_contrastive_grads(output_mask, rows, cols, scale)
 
 
-# (rows, cols, positives, scale, *options) -> (loss, row_lse, col_lse); gradients of rows, cols, scale.
-_register_recompute_autograd("contrastive_forward", ops.contrastive_backward, "contrastive loss", 4, (0, 1, 3))
+# (rows, cols, positives, scale, row_ids, col_ids, *options) -> (loss, row_lse, col_lse); gradients of rows,
+# cols, scale.
+_register_recompute_autograd("contrastive_forward", ops.contrastive_backward, "contrastive loss", 6, (0, 1, 3))
 
 
 @torch.library.register_fake("fusedloss::contrastive_sum_and_grad")
-def _contrastive_sum_and_grad_fake(rows, cols, positives, scale, normalizer, self_offset, symmetric, row_block,
-                                   memory_budget, output_mask):
+def _contrastive_sum_and_grad_fake(rows, cols, positives, scale, normalizer, row_ids, col_ids, self_offset,
+                                   id_columns, id_penalty, symmetric, row_block, memory_budget, output_mask):
     return (rows.new_empty((), dtype=_common.acc_dtype(rows.dtype)),
             *_fake_contrastive_grads(output_mask, rows, cols, scale))
 
 
-# (rows, cols, positives, scale, normalizer, *options, output_mask) -> (loss_sum, *gradients).
-_register_single_pass_autograd("contrastive_sum_and_grad", "contrastive loss", 5, (0, 1, 3))
+# (rows, cols, positives, scale, normalizer, row_ids, col_ids, *options, output_mask) -> (loss_sum, *gradients).
+_register_single_pass_autograd("contrastive_sum_and_grad", "contrastive loss", 7, (0, 1, 3))
 
 
 # ------------------------------------------------------------------------------ SigLIP

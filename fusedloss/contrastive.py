@@ -14,6 +14,13 @@ columns is complete in the same pass) and its backward recomputes each tile
 
 ``normalize=True`` L2-normalises in Python with ``F.normalize`` (autograd
 through it; O(B*D) extra memory, nothing quadratic).
+
+False negatives by id (``query_ids`` / ``key_ids`` / ``negative_ids``,
+``ids`` for NT-Xent, ``image_ids`` / ``text_ids`` for CLIP): a column that
+refers to the same item as row i's positive is left out of row i's softmax
+(TF-Recommenders' ``remove_accidental_hits``), the positive itself excepted;
+the kernels select such entries out (exactly zero gradient, no ``-inf``
+arithmetic). See :func:`info_nce_loss`.
 """
 import numbers
 
@@ -124,17 +131,72 @@ def _clip_scale(image_features, text_features, logit_scale, reduction, tile_size
     return scalar_argument(logit_scale, "logit_scale", image_features)
 
 
-def _row_losses(rows, cols, positives, scale, tile_size, *, self_offset=None, symmetric=False):
+def check_ids(ids, name, count, like):
+    """A [count] integer tensor of item ids on like's device, as int64 (None
+    stays None)."""
+    if ids is None:
+        return None
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of item ids, got {ids.dtype}")
+    if tuple(ids.shape) != (count,):
+        raise ValueError(f"{name} must be [{count}] (one id per row), got shape {tuple(ids.shape)}")
+    if ids.device != like.device:
+        raise ValueError(f"{name} is on {ids.device} but the features are on {like.device}")
+    return ids.to(torch.int64)
+
+
+# The op's arguments without ids: row_ids, col_ids, id_columns, id_penalty.
+NO_IDS = (None, None, [], [])
+
+
+def id_mask(num_cols, *channels, penalty=None):
+    """The op's id arguments from channels ``(row ids [R], column ids [n])``
+    (None: no channel): column j < n is masked for row i (other than row i's
+    positive) when its id equals row i's in some channel; columns past n
+    carry no id in that channel. With ``penalty=(match, differ)`` nothing is
+    masked: an entry off the positive gets logit ``(scale + match) * dot``
+    where the ids match and ``(scale + differ) * dot`` where they do not,
+    differentiated as ``scale * dot``."""
+    channels = [c for c in channels if c is not None]
+    if not channels:
+        return NO_IDS
+    row_ids = torch.stack([rows for rows, _ in channels])
+    col_ids = torch.stack([torch.cat([cols, cols.new_zeros(num_cols - cols.shape[0])]) for _, cols in channels])
+    return row_ids, col_ids, [cols.shape[0] for _, cols in channels], [] if penalty is None else list(penalty)
+
+
+def pair_id_channels(row_ids, col_ids, num_cols, query_ids, key_ids, negative_ids=None):
+    """The id channels of query rows against key columns (then extra
+    negatives): row i's positive is key i, so its id is ``key_ids[i]``
+    (compared with every key's and each negative's id), and key j is the
+    positive of query j, so it is also a positive of query i when
+    ``query_ids[j] == query_ids[i]``. ``row_ids`` / ``col_ids`` select the
+    rows' and the key columns' entries (the distributed layout: local rows,
+    gathered columns)."""
+    key_channel = query_channel = None
+    if key_ids is not None:
+        cols = col_ids(key_ids)
+        key_channel = (row_ids(key_ids), cols if negative_ids is None else torch.cat([cols, negative_ids]))
+    if query_ids is not None:
+        query_channel = (row_ids(query_ids), col_ids(query_ids))
+    return id_mask(num_cols, key_channel, query_channel)
+
+
+def _row_losses(rows, cols, positives, scale, tile_size, *, self_offset=None, symmetric=False, ids=NO_IDS):
     """Per-row losses of the fused op: cross-entropy of ``scale * rows @ cols.T``
     against column ``positives[i]`` (``symmetric``: averaged with the column
-    term of each pair)."""
+    term of each pair), without the columns ``ids`` (id_mask) masks."""
     scale = scale.to(_common.acc_dtype(rows.dtype))
-    loss, _, _ = _ops.ops.contrastive_forward(rows, cols, positives, scale, self_offset, symmetric,
-                                              int(tile_size or 0))
+    row_ids, col_ids, id_columns, id_penalty = ids
+    loss, _, _ = _ops.ops.contrastive_forward(rows, cols, positives, scale, row_ids, col_ids, self_offset, id_columns,
+                                              id_penalty, symmetric, int(tile_size or 0))
     return loss
 
 
-def _fused(rows, cols, positives, scale, *, self_offset, symmetric, reduction, tile_size, memory_budget):
+def _fused(rows, cols, positives, scale, *, self_offset, symmetric, reduction, tile_size, memory_budget,
+           ids=NO_IDS):
     """The reduced loss; for a loss that will be differentiated, by default
     the single pass (the gradients formed in the forward, three GEMMs a step
     instead of four), unless tile_size asks for the recompute pair."""
@@ -144,10 +206,12 @@ def _fused(rows, cols, positives, scale, *, self_offset, symmetric, reduction, t
         # mean: the op divides by the number of pairs (a device tensor, no
         # host sync), so its stored gradients need no rescaling.
         normalizer = None if reduction == "sum" else torch.full((), rows.shape[0], dtype=acc, device=rows.device)
-        total, *_ = _ops.ops.contrastive_sum_and_grad(rows, cols, positives, scale.to(acc), normalizer, self_offset,
-                                                      symmetric, 0, memory_budget or 0, mask)
+        row_ids, col_ids, id_columns, id_penalty = ids
+        total, *_ = _ops.ops.contrastive_sum_and_grad(rows, cols, positives, scale.to(acc), normalizer, row_ids,
+                                                      col_ids, self_offset, id_columns, id_penalty, symmetric, 0,
+                                                      memory_budget or 0, mask)
         return total
-    loss = _row_losses(rows, cols, positives, scale, tile_size, self_offset=self_offset, symmetric=symmetric)
+    loss = _row_losses(rows, cols, positives, scale, tile_size, self_offset=self_offset, symmetric=symmetric, ids=ids)
     return _common.reduce_rows(loss, None, reduction, loss.shape)
 
 
@@ -178,8 +242,24 @@ def _log_q_corrected(query, cols, scale, log_q):
     return torch.cat([query, ones], dim=1), torch.cat([cols, offset.unsqueeze(1)], dim=1)
 
 
+def _info_nce_ids(query, key, negatives, query_ids, key_ids, negative_ids):
+    """The checked id tensors of :func:`info_nce_loss` (and its distributed twin)."""
+    batch = query.shape[0]
+    query_ids = check_ids(query_ids, "query_ids", batch, query)
+    key_ids = check_ids(key_ids, "key_ids", batch, query)
+    if negative_ids is not None:
+        if negatives is None:
+            raise ValueError("negative_ids needs negatives")
+        if key_ids is None:
+            raise ValueError("negative_ids needs key_ids (a negative is compared with the id of each row's positive "
+                             "key)")
+    negative_ids = check_ids(negative_ids, "negative_ids", 0 if negatives is None else negatives.shape[0], query)
+    return query_ids, key_ids, negative_ids
+
+
 def info_nce_loss(query, key, *, negatives=None, temperature=None, scale=None, normalize=False, symmetric=False,
-                  reduction="mean", tile_size=None, memory_budget=None, key_log_q=None, negative_log_q=None):
+                  reduction="mean", tile_size=None, memory_budget=None, key_log_q=None, negative_log_q=None,
+                  query_ids=None, key_ids=None, negative_ids=None):
     """InfoNCE with in-batch negatives (plus optional extra negatives).
 
     Args:
@@ -208,6 +288,20 @@ def info_nce_loss(query, key, *, negatives=None, temperature=None, scale=None, n
         negative_log_q: optional [M] the same for the extra negatives. The
             key -> query term of ``symmetric`` is unchanged by either (a
             column's correction is constant over its softmax).
+        key_ids: optional [B] integer id of the item each key is (a document,
+            a product). Row i's positive is key i; any other key j with
+            ``key_ids[j] == key_ids[i]`` is the same item, a false negative,
+            and is left out of row i's softmax (and, ``symmetric``, row i out
+            of column j's): TF-Recommenders' ``remove_accidental_hits``.
+        query_ids: optional [B] id of each query: key j is the positive of
+            query j, so when ``query_ids[j] == query_ids[i]`` it is a positive
+            of query i as well and is left out of row i's softmax too.
+        negative_ids: optional [M] ids of the extra negatives (needs
+            ``key_ids``): negative m is left out of row i's softmax when
+            ``negative_ids[m] == key_ids[i]``.
+            The positive itself is never masked; masked entries get exactly
+            zero gradient. Without ids, nothing is masked and the kernels run
+            the loops they ran before ids existed.
 
     Returns the loss in fp32 (fp64 for fp64 inputs).
     """
@@ -217,6 +311,7 @@ def info_nce_loss(query, key, *, negatives=None, temperature=None, scale=None, n
         raise ValueError("negative_log_q needs negatives")
     negative_log_q = _check_log_q(negative_log_q, "negative_log_q", 0 if negatives is None else negatives.shape[0],
                                   query)
+    query_ids, key_ids, negative_ids = _info_nce_ids(query, key, negatives, query_ids, key_ids, negative_ids)
     query, key, negatives = _info_nce_features(query, key, negatives, normalize)
     cols = key if negatives is None else torch.cat([key, negatives])
     if key_log_q is not None or negative_log_q is not None:
@@ -225,12 +320,25 @@ def info_nce_loss(query, key, *, negatives=None, temperature=None, scale=None, n
             parts.append(negative_log_q if negative_log_q is not None else query.new_zeros(negatives.shape[0]))
         query, cols = _log_q_corrected(query, cols, scale, torch.cat([p.to(parts[0].dtype) for p in parts]))
     positives = torch.arange(query.shape[0], device=query.device)
+    same = lambda ids: ids  # noqa: E731  (rows and key columns are the same B pairs)
+    ids = pair_id_channels(same, same, cols.shape[0], query_ids, key_ids, negative_ids)
     return _fused(query, cols, positives, scale, self_offset=None, symmetric=symmetric, reduction=reduction,
-                  tile_size=tile_size, memory_budget=memory_budget)
+                  tile_size=tile_size, memory_budget=memory_budget, ids=ids)
+
+
+def _nt_xent_ids(ids, hidden):
+    """NT-Xent's ids, [N] (one per sample, both views) or [2N], as one per row."""
+    rows = hidden.shape[0]
+    if isinstance(ids, torch.Tensor) and tuple(ids.shape) == (rows // 2,):
+        return check_ids(ids, "ids", rows // 2, hidden).repeat(2)
+    if isinstance(ids, torch.Tensor) and tuple(ids.shape) != (rows,):
+        raise ValueError(f"ids must be [N]=[{rows // 2}] (one per sample) or [2N]=[{rows}] (one per row), got shape "
+                         f"{tuple(ids.shape)}")
+    return check_ids(ids, "ids", rows, hidden)
 
 
 def nt_xent_loss(hidden, *, temperature=None, scale=None, normalize=True, reduction="mean", tile_size=None,
-                 memory_budget=None):
+                 memory_budget=None, ids=None):
     """SimCLR's NT-Xent on hidden [2N, D], rows i and i + N being two views.
 
     Each of the 2N rows is an anchor: its positive is the other view, its
@@ -240,6 +348,11 @@ def nt_xent_loss(hidden, *, temperature=None, scale=None, normalize=True, reduct
     to 0.5; ``scale`` (= 1 / temperature) may be given instead, as in
     :func:`info_nce_loss`. ``tile_size`` and ``memory_budget`` as in
     :func:`clip_loss`.
+
+    ``ids``: optional integer ids of the underlying samples, [N] (sample i's
+    two views, rows i and i + N, share ``ids[i]``) or [2N] (one per row). Row
+    i's negatives then exclude every other row with its positive's id: two
+    draws of the same image in one batch are not pushed apart.
     """
     _validate.check_reduction(reduction)
     _check_tiling(tile_size, memory_budget)
@@ -248,16 +361,19 @@ def nt_xent_loss(hidden, *, temperature=None, scale=None, normalize=True, reduct
         raise ValueError(f"hidden must have an even, non-zero number of rows [2N, D] (views i and i+N), "
                          f"got {hidden.shape[0]}")
     scale = _logit_scale(temperature, scale, 0.5, hidden)
+    rows = hidden.shape[0]
+    ids = _nt_xent_ids(ids, hidden)
     (hidden,) = _common.autocast_inputs(hidden.device.type, hidden)
     if normalize:
         hidden = F.normalize(hidden, dim=-1)
-    rows = hidden.shape[0]
     positives = (torch.arange(rows, device=hidden.device) + rows // 2) % rows
+    mask = NO_IDS if ids is None else id_mask(rows, (ids[positives], ids))
     return _fused(hidden, hidden, positives, scale, self_offset=0, symmetric=False, reduction=reduction,
-                  tile_size=tile_size, memory_budget=memory_budget)
+                  tile_size=tile_size, memory_budget=memory_budget, ids=mask)
 
 
-def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", tile_size=None, memory_budget=None):
+def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", tile_size=None, memory_budget=None,
+              image_ids=None, text_ids=None):
     """CLIP's symmetric loss: per pair, the mean of the image -> text and the
     text -> image cross-entropy of ``logit_scale * image @ text.T`` (targets on
     the diagonal). ``logit_scale`` is the multiplier (already exponentiated), a
@@ -277,17 +393,29 @@ def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", t
     ``reduction="none"``, or when ``tile_size`` (key columns per tile) is
     given, the recompute pair runs: a tiled forward and a backward that
     recomputes each tile (four GEMMs, a [B, tile] workspace).
+
+    ``image_ids`` / ``text_ids``: optional [B] integer ids of the images and
+    the captions. Pair j is left out of pair i's image -> text softmax and of
+    its text -> image softmax when they share the image or the caption
+    (``image_ids[j] == image_ids[i]`` or ``text_ids[j] == text_ids[i]``): the
+    mask is symmetric, as the loss is.
     """
     scale = _clip_scale(image_features, text_features, logit_scale, reduction, tile_size, memory_budget)
+    batch = image_features.shape[0]
+    image_ids = check_ids(image_ids, "image_ids", batch, image_features)
+    text_ids = check_ids(text_ids, "text_ids", batch, image_features)
     image_features, text_features = _common.autocast_inputs(image_features.device.type, image_features,
                                                             text_features)
-    positives = torch.arange(image_features.shape[0], device=image_features.device)
+    positives = torch.arange(batch, device=image_features.device)
+    same = lambda ids: ids  # noqa: E731
+    ids = pair_id_channels(same, same, batch, image_ids, text_ids)
     return _fused(image_features, text_features, positives, scale, self_offset=None, symmetric=True,
-                  reduction=reduction, tile_size=tile_size, memory_budget=memory_budget)
+                  reduction=reduction, tile_size=tile_size, memory_budget=memory_budget, ids=ids)
 
 
 class InfoNCELoss(_common.LossModule):
-    """Module form of :func:`info_nce_loss`; call as ``loss(query, key, negatives=None)``.
+    """Module form of :func:`info_nce_loss`; call as ``loss(query, key, negatives=None, *, query_ids=None,
+    key_ids=None, negative_ids=None)``.
     ``temperature`` (or ``scale``) may be a float or a 0-dim tensor / Parameter (learnable)."""
 
     def __init__(self, temperature=None, *, scale=None, normalize=False, symmetric=False, reduction="mean",
@@ -295,10 +423,11 @@ class InfoNCELoss(_common.LossModule):
         super().__init__(reduction, temperature=temperature, scale=scale, normalize=normalize, symmetric=symmetric,
                          tile_size=tile_size, memory_budget=memory_budget)
 
-    def forward(self, query, key, negatives=None):
+    def forward(self, query, key, negatives=None, *, query_ids=None, key_ids=None, negative_ids=None):
         return info_nce_loss(query, key, negatives=negatives, temperature=self.temperature, scale=self.scale,
                              normalize=self.normalize, symmetric=self.symmetric, reduction=self.reduction,
-                             tile_size=self.tile_size, memory_budget=self.memory_budget)
+                             tile_size=self.tile_size, memory_budget=self.memory_budget, query_ids=query_ids,
+                             key_ids=key_ids, negative_ids=negative_ids)
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, scale={self.scale}, normalize={self.normalize}, "
@@ -306,16 +435,17 @@ class InfoNCELoss(_common.LossModule):
 
 
 class NTXentLoss(_common.LossModule):
-    """Module form of :func:`nt_xent_loss`; call as ``loss(hidden)``."""
+    """Module form of :func:`nt_xent_loss`; call as ``loss(hidden, ids=None)``."""
 
     def __init__(self, temperature=None, *, scale=None, normalize=True, reduction="mean", tile_size=None,
                  memory_budget=None):
         super().__init__(reduction, temperature=temperature, scale=scale, normalize=normalize, tile_size=tile_size,
                          memory_budget=memory_budget)
 
-    def forward(self, hidden):
+    def forward(self, hidden, ids=None):
         return nt_xent_loss(hidden, temperature=self.temperature, scale=self.scale, normalize=self.normalize,
-                            reduction=self.reduction, tile_size=self.tile_size, memory_budget=self.memory_budget)
+                            reduction=self.reduction, tile_size=self.tile_size, memory_budget=self.memory_budget,
+                            ids=ids)
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, scale={self.scale}, normalize={self.normalize}, "
@@ -323,14 +453,16 @@ class NTXentLoss(_common.LossModule):
 
 
 class ClipLoss(_common.LossModule):
-    """Module form of :func:`clip_loss`; call as ``loss(image_features, text_features, logit_scale)``."""
+    """Module form of :func:`clip_loss`; call as ``loss(image_features, text_features, logit_scale, *,
+    image_ids=None, text_ids=None)``."""
 
     def __init__(self, *, reduction="mean", tile_size=None, memory_budget=None):
         super().__init__(reduction, tile_size=tile_size, memory_budget=memory_budget)
 
-    def forward(self, image_features, text_features, logit_scale):
+    def forward(self, image_features, text_features, logit_scale, *, image_ids=None, text_ids=None):
         return clip_loss(image_features, text_features, logit_scale, reduction=self.reduction,
-                         tile_size=self.tile_size, memory_budget=self.memory_budget)
+                         tile_size=self.tile_size, memory_budget=self.memory_budget, image_ids=image_ids,
+                         text_ids=text_ids)
 
     def extra_repr(self):
         return f"reduction={self.reduction!r}"

@@ -145,8 +145,8 @@ def rand(*shape, dtype=torch.float32, device="cpu"):
 
 def contrastive_op(**overrides):
     """fusedloss::contrastive_forward on a valid 3 x 5 problem with some arguments replaced."""
-    kw = dict(rows=rand(3, 4), cols=rand(5, 4), positives=torch.arange(3), scale=torch.tensor(1.0),
-              self_offset=None, symmetric=False, tile_size=0)
+    kw = dict(rows=rand(3, 4), cols=rand(5, 4), positives=torch.arange(3), scale=torch.tensor(1.0), row_ids=None,
+              col_ids=None, self_offset=None, id_columns=[], id_penalty=[], symmetric=False, tile_size=0)
     return ops.contrastive_forward(**{**kw, **overrides})
 
 
@@ -235,5 +235,6 @@ def test_cuda_invalid_positive_poisons_its_row(symmetric):
     is never seen gets NaN instead of a silently wrong loss or a stray read."""
     rows, cols = rand(3, 4, device="cuda"), rand(5, 4, device="cuda")
     positives = torch.tensor([0, 9, 2], device="cuda")
-    loss, _, _ = ops.contrastive_forward(rows, cols, positives, torch.tensor(1.0, device="cuda"), None, symmetric, 0)
+    loss, _, _ = ops.contrastive_forward(rows, cols, positives, torch.tensor(1.0, device="cuda"), None, None, None, [], [],
+                                         symmetric, 0)
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()

@@ -193,10 +193,18 @@ def test_opcheck_contrastive(device, symmetric):
     rows, cols = features(6, 5, device, seed=50), features(9, 5, device, seed=51)
     positives = torch.arange(6, device=device) + 1
     scale = torch.tensor(1.5, device=device, requires_grad=True)
-    options = (None if symmetric else 0, symmetric, 4)  # self_offset, symmetric, tile_size
-    torch.library.opcheck(ops.contrastive_forward.default, (rows, cols, positives, scale, *options))
-    rows, cols, scale = detached((rows, cols, scale))
-    loss, row_lse, col_lse = ops.contrastive_forward(rows, cols, positives, scale, *options)
-    for mask in BACKWARD_MASKS:
-        torch.library.opcheck(ops.contrastive_backward.default,
-                              (torch.rand_like(loss), rows, cols, positives, scale, row_lse, col_lse, *options, mask))
+    # With an id mask of two channels, the second giving ids to the first 4 columns only.
+    g = torch.Generator().manual_seed(52)
+    row_ids = torch.randint(0, 3, (2, 6), generator=g).to(device)
+    col_ids = torch.randint(0, 3, (2, 9), generator=g).to(device)
+    # Then the same ids as penalties instead of a mask (id_penalty [match, differ]).
+    for ids, id_columns, penalty in (((None, None), [], []), ((row_ids, col_ids), [9, 4], []),
+                                     ((row_ids, col_ids), [9, 4], [0.5, 2.0])):
+        options = (None if symmetric else 0, id_columns, penalty, symmetric, 4)
+        torch.library.opcheck(ops.contrastive_forward.default, (rows, cols, positives, scale, *ids, *options))
+        plain = detached((rows, cols, scale))
+        loss, row_lse, col_lse = ops.contrastive_forward(*plain[:2], positives, plain[2], *ids, *options)
+        for mask in BACKWARD_MASKS:
+            torch.library.opcheck(ops.contrastive_backward.default,
+                                  (torch.rand_like(loss), *plain[:2], positives, plain[2], *ids, row_lse, col_lse,
+                                   *options, mask))

@@ -168,7 +168,7 @@ def test_rows_as_slice_of_gathered_columns():
     rows = keys.detach()[off:off + R].clone().requires_grad_()
     positives = torch.arange(R) + off + 3
     scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
-    loss, _, _ = torch.ops.fusedloss.contrastive_forward(rows, keys, positives, scale, off, False, 4)
+    loss, _, _ = torch.ops.fusedloss.contrastive_forward(rows, keys, positives, scale, None, None, off, [], [], False, 4)
     logits = scale * rows @ keys.T
     logits = logits.masked_fill(torch.arange(C) == (torch.arange(R) + off)[:, None], float("-inf"))
     expected = F.cross_entropy(logits, positives, reduction="none")
@@ -252,7 +252,8 @@ def test_symmetric_with_self_mask_over_several_column_strips(device):
     hidden = features(n, D, device, seed=90)
     positives = (torch.arange(n, device=device) + n // 2) % n
     scale = torch.tensor(3.0, device=device, requires_grad=True)
-    loss, _, _ = torch.ops.fusedloss.contrastive_forward(hidden, hidden, positives, scale, 0, True, 70)
+    loss, _, _ = torch.ops.fusedloss.contrastive_forward(hidden, hidden, positives, scale, None, None, 0, [], [], True,
+                                                         70)
     logits = (scale * hidden @ hidden.T).masked_fill(torch.eye(n, dtype=torch.bool, device=device), float("-inf"))
     expected = 0.5 * (F.cross_entropy(logits, positives, reduction="none")
                       + torch.logsumexp(logits, 0)[positives] - logits.gather(1, positives[:, None]).squeeze(1))

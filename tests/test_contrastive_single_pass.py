@@ -134,9 +134,16 @@ def test_opcheck():
     q, k, _, _ = _problem("cpu")
     positives = torch.arange(B)
     scale = torch.tensor(3.0, requires_grad=True)
-    for symmetric, self_offset, budget in ((False, None, 0), (True, None, 0), (False, None, 80 * 4 * B)):
-        args = (q, k, positives, scale, torch.tensor(float(B)), self_offset, symmetric, 0, budget,
-                [True, True, True])
+    ids = torch.arange(B).remainder(50)[None]  # every id three times
+    # ids: none, the id mask, or the id penalty [match, differ]
+    for symmetric, self_offset, budget, with_ids in ((False, None, 0, None), (True, None, 0, None),
+                                                     (False, None, 80 * 4 * B, None), (True, None, 0, "mask"),
+                                                     (False, None, 80 * 4 * B, "mask"),
+                                                     (False, None, 80 * 4 * B, "penalty")):
+        mask = (None, None, []) if with_ids is None else (ids, ids, [B])
+        penalty = [2.0, 0.5] if with_ids == "penalty" else []
+        args = (q, k, positives, scale, torch.tensor(float(B)), *mask[:2], self_offset, mask[2], penalty, symmetric,
+                0, budget, [True, True, True])
         torch.library.opcheck(torch.ops.fusedloss.contrastive_sum_and_grad, args)
 
 
@@ -185,9 +192,9 @@ cases = {"info_nce": lambda mod, q, k, **kw: mod.info_nce_loss(q, k, temperature
 ops = torch.ops.fusedloss
 positives, norm = torch.arange(2048), torch.tensor(2048.0)
 direct = {"info_nce": lambda q, k: ops.contrastive_sum_and_grad(q, k, positives, torch.tensor(1.0), norm, None,
-                                                                 False, 0, 0, [True, True, False])[1:3],
-          "clip": lambda q, k: ops.contrastive_sum_and_grad(q, k, positives, torch.tensor(1.0), norm, None, True, 0, 0,
-                                                            [True, True, False])[1:3]}
+                                                                 None, None, [], [], False, 0, 0, [True, True, False])[1:3],
+          "clip": lambda q, k: ops.contrastive_sum_and_grad(q, k, positives, torch.tensor(1.0), norm, None, None, None,
+                                                            [], [], True, 0, 0, [True, True, False])[1:3]}
 for name, fn in cases.items():
     # The op itself (the public functions send fp16 to the recompute pair, see below).
     got = direct[name](q, k)

@@ -694,10 +694,101 @@ def _check_bad_inputs(rank, world, device):
     assert torch.isfinite(loss)
 
 
+def _check_contrastive_ids(rank, world, device):
+    """False-negative ids across ranks: each rank's loss and gradients equal
+    the single-process loss on the concatenated tensors and ids (duplicates
+    on different ranks included)."""
+    tol = dict(rtol=1e-9, atol=1e-10)
+    batch, dim, extra = 5, 8, 3
+    rows, negs = slice(rank * batch, (rank + 1) * batch), slice(rank * extra, (rank + 1) * extra)
+    for index, (name, symmetric, reduction) in enumerate([("info_nce", False, "mean"), ("info_nce", True, "none"),
+                                                          ("clip", True, "sum")]):
+        gen = torch.Generator().manual_seed(100 + index)
+        # fp64: the layouts sum in different orders, and ties of duplicates need no fp32 slack.
+        full = [torch.randn(world * batch, dim, generator=gen, dtype=torch.float64) for _ in range(2)]
+        full_neg = torch.randn(world * extra, dim, generator=gen, dtype=torch.float64)
+        ids = [torch.randint(0, 4, (n,), generator=gen) for n in (world * batch, world * batch, world * extra)]
+        weights = torch.rand(world * batch, generator=gen, dtype=torch.float64)
+        full, full_neg, ids, weights = _to(device, full, full_neg, ids, weights)
+        ref_in = [_leaf(t) for t in (*full, full_neg)]
+        local = [_leaf(full[0][rows]), _leaf(full[1][rows]), _leaf(full_neg[negs])]
+        if name == "info_nce":
+            ref_rows = fusedloss.info_nce_loss(*ref_in[:2], negatives=ref_in[2], temperature=0.2, symmetric=symmetric,
+                                               reduction="none", query_ids=ids[0], key_ids=ids[1],
+                                               negative_ids=ids[2])
+            loss = fdist.info_nce_loss(*local[:2], negatives=local[2], temperature=0.2, symmetric=symmetric,
+                                       reduction=reduction, tile_size=3, query_ids=ids[0][rows],
+                                       key_ids=ids[1][rows], negative_ids=ids[2][negs])
+        else:
+            ref_rows = fusedloss.clip_loss(*ref_in[:2], 4.0, reduction="none", image_ids=ids[0], text_ids=ids[1])
+            loss = fdist.clip_loss(*local[:2], 4.0, reduction=reduction, tile_size=3, image_ids=ids[0][rows],
+                                   text_ids=ids[1][rows])
+        ref = _reduce_like_ranks(ref_rows, world, reduction, weights)
+        ref.sum().backward()
+        objective = loss * weights[rows] if reduction == "none" else loss
+        objective.sum().backward()
+        where = _context(f"ids {name} symmetric={symmetric} rank {rank}/{world}")
+        torch.testing.assert_close(objective.detach(), ref[rank].detach(), **tol, msg=where)
+        torch.testing.assert_close(local[0].grad, ref_in[0].grad[rows], **tol, msg=where)
+        torch.testing.assert_close(local[1].grad, ref_in[1].grad[rows], **tol, msg=where)
+        if name == "info_nce":
+            torch.testing.assert_close(local[2].grad, ref_in[2].grad[negs], **tol, msg=where)
+    # Ids on one rank only: every rank raises instead of hanging.
+    with pytest.raises(ValueError, match="whether key_ids are given"):
+        fdist.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3), key_ids=torch.arange(4) if rank else None)
+
+
+def _check_mnrl(rank, world, device):
+    """MultipleNegativesRankingLoss across ranks: each rank's loss and gradients
+    equal the single-process loss on the concatenated batch, and (when it is
+    installed) sentence-transformers' own loss with gather_across_devices=True."""
+    try:
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:
+        MultipleNegativesRankingLoss = None
+    tol = dict(rtol=1e-9, atol=1e-10)  # fp64
+    batch, dim, blocks = 4, 6, 2
+    rows = slice(rank * batch, (rank + 1) * batch)
+    every = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+    cases = [(("query_to_doc",), "joint", None, "mean"), (("query_to_doc",), "joint", "all_negatives", "none"),
+             (("query_to_doc", "doc_to_query"), "per_direction", "in_batch_negatives", "none"),
+             (every, "joint", "hard_negatives", "sum"), (every, "joint", "all_negatives", "mean")]
+    for index, (directions, mode, hardness, reduction) in enumerate(cases):
+        gen = torch.Generator().manual_seed(200 + index)
+        full = [torch.randn(world * batch, dim, generator=gen, dtype=torch.float64) for _ in range(2 + blocks)]
+        weights = torch.rand(world * batch, generator=gen, dtype=torch.float64)
+        full, weights = _to(device, full, weights)
+        options = dict(scale=7.0, directions=directions, partition_mode=mode, hardness_mode=hardness,
+                       hardness_strength=2.0 if hardness else 0.0)
+        ref_in = [_leaf(t) for t in full]
+        ref = _reduce_like_ranks(fusedloss.mnrl_loss(ref_in[0], ref_in[1], ref_in[2:], reduction="none", **options),
+                                 world, reduction, weights)
+        ref.sum().backward()
+        local = [_leaf(t[rows]) for t in full]
+        loss = fdist.mnrl_loss(local[0], local[1], local[2:], reduction=reduction, tile_size=3, **options)
+        objective = loss * weights[rows] if reduction == "none" else loss
+        objective.sum().backward()
+        where = _context(f"mnrl {directions} {mode} {hardness} {reduction} rank {rank}/{world}")
+        torch.testing.assert_close(objective.detach(), ref[rank].detach(), **tol, msg=where)
+        for mine, theirs in zip(local, ref_in):
+            torch.testing.assert_close(mine.grad, theirs.grad[rows], **tol, msg=where)
+        if MultipleNegativesRankingLoss is not None and reduction == "mean":
+            st_in = [_leaf(t[rows]) for t in full]
+            st = MultipleNegativesRankingLoss(None, gather_across_devices=True, **options)
+            st_loss = st.compute_loss_from_embeddings(st_in, None)
+            st_loss.backward()
+            torch.testing.assert_close(loss.detach(), st_loss.detach(), **tol, msg=where)
+            for mine, theirs in zip(local, st_in):
+                torch.testing.assert_close(mine.grad, theirs.grad, **tol, msg=where)
+    # A different number of hard-negative blocks on one rank: every rank raises.
+    with pytest.raises(ValueError, match="the number of hard-negative blocks"):
+        fdist.mnrl_loss(torch.randn(4, 3), torch.randn(4, 3), [torch.randn(4, 3)] * rank)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_matches_single_process(tmp_path, world):
-    _spawn(tmp_path, world, _check_contrastive, _check_linear_ce, _check_sampled, _check_sampled_collectives,
-           _check_subgroup)
+    _spawn(tmp_path, world, _check_contrastive, _check_contrastive_ids, _check_mnrl, _check_linear_ce,
+           _check_sampled, _check_sampled_collectives, _check_subgroup)
 
 
 def test_dtensor_weights_and_fsdp2(tmp_path):

@@ -35,4 +35,4 @@ def test_readme_marked_example_runs(block):
 
 
 def test_readme_marks_examples():
-    assert len(MARKED) == 3
+    assert len(MARKED) == 5

@@ -17,13 +17,13 @@ def test_symmetric_backward_with_an_out_of_range_positive_poisons_instead_of_ass
     rows, cols = torch.randn(4, 3), torch.randn(4, 3)
     scale = torch.tensor(2.0)
     good = torch.arange(4)
-    loss, row_lse, col_lse = ops.contrastive_forward(rows, cols, good, scale, None, True, 0)
+    loss, row_lse, col_lse = ops.contrastive_forward(rows, cols, good, scale, None, None, None, [], [], True, 0)
     bad = good.clone()
     bad[1] = 9  # what the forward would have made a NaN row on CUDA
-    grads = ops.contrastive_backward(torch.ones(4), rows, cols, bad, scale, row_lse, col_lse, None, True, 0,
+    grads = ops.contrastive_backward(torch.ones(4), rows, cols, bad, scale, None, None, row_lse, col_lse, None, [], [], True, 0,
                                      [True, True, False])
     assert torch.isnan(grads[0]).any() and torch.isnan(grads[1]).any()
-    clean = ops.contrastive_backward(torch.ones(4), rows, cols, good, scale, row_lse, col_lse, None, True, 0,
+    clean = ops.contrastive_backward(torch.ones(4), rows, cols, good, scale, None, None, row_lse, col_lse, None, [], [], True, 0,
                                      [True, True, False])
     assert all(torch.isfinite(g).all() for g in clean[:2])
     assert not math.isnan(loss.sum().item())

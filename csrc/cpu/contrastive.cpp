@@ -21,9 +21,17 @@ namespace {
 // stay in registers / L1 while the rows stream past.
 constexpr int64_t kColumnStrip = 32;
 
+// f(std::bool_constant<has ids>): one instantiation of a loop without the id
+// mask (as fast as before it existed) and one with it.
+template <typename F>
+void with_ids_flag(const ContrastiveParams& p, const F& f) {
+  if (p.ids.any()) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 // Folds one row of raw dot products into its state (and records its positive
 // logit when its column is here).
-template <typename acc_t>
+template <bool kIds, typename acc_t>
 void fold_row(const ContrastiveParams& p, int64_t row, const acc_t* y, acc_t s, const int64_t* positives,
               ContrastiveRowState<acc_t> state) {
   const int64_t columns = p.chunk_columns;
@@ -35,15 +43,16 @@ void fold_row(const ContrastiveParams& p, int64_t row, const acc_t* y, acc_t s, 
   acc_t m = neg_infinity<acc_t>();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < columns; ++j) {
-    const acc_t v = contrastive_logit(y[j], s, j == masked);
+    const acc_t v = contrastive_logit(y[j], p.template entry_scale<kIds>(row, j, t, s),
+                                      p.template excluded<kIds>(row, j, masked, t));
     m = v > m ? v : m;
   }
   if (m == neg_infinity<acc_t>()) return;  // every column of this tile masked
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < columns; ++j) {
-    const acc_t e = exp_vectorizable(s * y[j] - m);
-    sum += j == masked ? acc_t(0) : e;
+    const acc_t e = exp_vectorizable(p.template entry_scale<kIds>(row, j, t, s) * y[j] - m);
+    sum += p.template excluded<kIds>(row, j, masked, t) ? acc_t(0) : e;
   }
   lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum});
 }
@@ -67,7 +76,7 @@ ColumnTerms<acc_t> column_terms(const ContrastiveParams& p, LseArray<const acc_t
 // may alias z: each element is read before it is written).
 // Returns the row's term of d loss / d scale, sum_j dLoss/dlogit_j * dot_j,
 // in the accumulation dtype (before dz is rounded).
-template <bool kSymmetric, typename acc_t, typename grad_t>
+template <bool kSymmetric, bool kIds, typename acc_t, typename grad_t>
 acc_t grad_row(const ContrastiveParams& p, int64_t row, const acc_t* z, acc_t s, const int64_t* positives,
                LseArray<const acc_t> row_lse, ColumnTerms<acc_t> cols, const acc_t* row_grad, grad_t* dz) {
   const LseParts<acc_t> lse = row_lse[row];
@@ -78,15 +87,16 @@ acc_t grad_row(const ContrastiveParams& p, int64_t row, const acc_t* z, acc_t s,
 #pragma omp simd reduction(+ : scale_grad)
   for (int64_t j = 0; j < p.chunk_columns; ++j) {
     const acc_t dot = z[j];
-    const acc_t x = s * dot;
+    const acc_t x = p.template entry_scale<kIds>(row, j, t, s) * dot;
     acc_t col_prob = 0, col_g = 0;
     if constexpr (kSymmetric) {
       col_prob = exp_vectorizable((x - cols.max[j]) - cols.log_sum[j]);
       col_g = cols.grad[j];
     }
     const acc_t d = contrastive_logit_grad(exp_vectorizable(lse.log_prob(x)), g, col_prob, col_g, j == t, kSymmetric);
-    const acc_t kept = j == masked ? acc_t(0) : d;
-    scale_grad += kept * (j == masked ? acc_t(0) : dot);
+    const bool out = p.template excluded<kIds>(row, j, masked, t);
+    const acc_t kept = out ? acc_t(0) : d;
+    scale_grad += kept * (out ? acc_t(0) : dot);
     // d logits / d dot = scale: the GEMMs consume raw operands.
     dz[j] = static_cast<grad_t>(s * kept);
   }
@@ -96,7 +106,7 @@ acc_t grad_row(const ContrastiveParams& p, int64_t row, const acc_t* z, acc_t s,
 // The one-directional single pass of one row that holds every column: the
 // fold keeps exp(logit - max) in the tile and the gradient reuses it, one exp
 // per element.
-template <typename acc_t, typename grad_t>
+template <bool kIds, typename acc_t, typename grad_t>
 acc_t fold_and_grad_row(const ContrastiveParams& p, int64_t row, acc_t* y, acc_t s, const int64_t* positives,
                         ContrastiveRowState<acc_t> state, LseArray<acc_t> row_lse, acc_t* loss, acc_t g,
                         grad_t* dz) {
@@ -108,7 +118,8 @@ acc_t fold_and_grad_row(const ContrastiveParams& p, int64_t row, acc_t* y, acc_t
   acc_t m = neg_infinity<acc_t>();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < columns; ++j) {
-    const acc_t v = contrastive_logit(y[j], s, j == masked);
+    const acc_t v = contrastive_logit(y[j], p.template entry_scale<kIds>(row, j, t, s),
+                                      p.template excluded<kIds>(row, j, masked, t));
     m = v > m ? v : m;
   }
   const acc_t positive_dot = positive_here ? y[t] : acc_t(0);
@@ -117,8 +128,8 @@ acc_t fold_and_grad_row(const ContrastiveParams& p, int64_t row, acc_t* y, acc_t
   for (int64_t j = 0; j < columns; ++j) {
     // exp computed unconditionally and then selected: a select vectorises, a branch not.
     const acc_t dot = y[j];
-    const acc_t exp_logit = exp_vectorizable(s * dot - m);
-    const acc_t e = j == masked ? acc_t(0) : exp_logit;
+    const acc_t exp_logit = exp_vectorizable(p.template entry_scale<kIds>(row, j, t, s) * dot - m);
+    const acc_t e = p.template excluded<kIds>(row, j, masked, t) ? acc_t(0) : exp_logit;
     y[j] = e;
     sum += e;
     weighted_dots += e * dot;
@@ -147,47 +158,58 @@ template <typename acc_t>
 void contrastive_accumulate_chunk(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, ContrastiveRowState<acc_t> state) {
   const acc_t s = *scale;
-  at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) fold_row(p, row, tile + row * p.logits_stride, s, positives, state);
+  with_ids_flag(p, [&](auto ids_tag) {
+    constexpr bool kIds = decltype(ids_tag)::value;
+    at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        fold_row<kIds>(p, row, tile + row * p.logits_stride, s, positives, state);
+      }
+    });
   });
 }
 
 template <typename acc_t>
 void contrastive_chunk_column_lse(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
-                              LseArray<acc_t> col_lse, acc_t* /*scratch*/) {
+                              const int64_t* positives, LseArray<acc_t> col_lse, acc_t* /*scratch*/) {
   const acc_t s = *scale;
   const int64_t strips = (p.chunk_columns + kColumnStrip - 1) / kColumnStrip;
-  at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t strip = begin; strip < end; ++strip) {
-      const int64_t c0 = strip * kColumnStrip;
-      const int64_t width = std::min(kColumnStrip, p.chunk_columns - c0);
-      acc_t m[kColumnStrip], sum[kColumnStrip];
-      std::fill_n(m, kColumnStrip, neg_infinity<acc_t>());
-      std::fill_n(sum, kColumnStrip, acc_t(0));
-      // Two sweeps (max, then sum of exp) keep the inner loops branch-free.
-      for (int64_t row = 0; row < p.num_rows; ++row) {
-        const acc_t* y = tile + row * p.logits_stride + c0;
-        const int64_t masked = p.masked_chunk_column(row) - c0;
+  with_ids_flag(p, [&](auto ids_tag) {
+    constexpr bool kIds = decltype(ids_tag)::value;
+    at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t strip = begin; strip < end; ++strip) {
+        const int64_t c0 = strip * kColumnStrip;
+        const int64_t width = std::min(kColumnStrip, p.chunk_columns - c0);
+        acc_t m[kColumnStrip], sum[kColumnStrip];
+        std::fill_n(m, kColumnStrip, neg_infinity<acc_t>());
+        std::fill_n(sum, kColumnStrip, acc_t(0));
+        // Two sweeps (max, then sum of exp) keep the inner loops branch-free.
+        for (int64_t row = 0; row < p.num_rows; ++row) {
+          const acc_t* y = tile + row * p.logits_stride + c0;
+          const int64_t masked = p.masked_chunk_column(row);
+          const int64_t t = kIds ? positives[row] - p.chunk_start : -1;
 #pragma omp simd
+          for (int64_t j = 0; j < width; ++j) {
+            const acc_t v = contrastive_logit(y[j], p.template entry_scale<kIds>(row, c0 + j, t, s),
+                                              p.template excluded<kIds>(row, c0 + j, masked, t));
+            m[j] = v > m[j] ? v : m[j];
+          }
+        }
+        for (int64_t row = 0; row < p.num_rows; ++row) {
+          const acc_t* y = tile + row * p.logits_stride + c0;
+          const int64_t masked = p.masked_chunk_column(row);
+          const int64_t t = kIds ? positives[row] - p.chunk_start : -1;
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j) {
+            // exp computed unconditionally and then selected: a select vectorises, a branch not.
+            const acc_t e = exp_vectorizable(p.template entry_scale<kIds>(row, c0 + j, t, s) * y[j] - m[j]);
+            sum[j] += p.template excluded<kIds>(row, c0 + j, masked, t) ? acc_t(0) : e;
+          }
+        }
         for (int64_t j = 0; j < width; ++j) {
-          const acc_t v = contrastive_logit(y[j], s, j == masked);
-          m[j] = v > m[j] ? v : m[j];
+          col_lse.store(p.chunk_start + c0 + j, LseState<acc_t>{m[j], sum[j]}.parts());
         }
       }
-      for (int64_t row = 0; row < p.num_rows; ++row) {
-        const acc_t* y = tile + row * p.logits_stride + c0;
-        const int64_t masked = p.masked_chunk_column(row) - c0;
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          // exp computed unconditionally and then selected: a select vectorises, a branch not.
-          const acc_t e = exp_vectorizable(s * y[j] - m[j]);
-          sum[j] += j == masked ? acc_t(0) : e;
-        }
-      }
-      for (int64_t j = 0; j < width; ++j) {
-        col_lse.store(p.chunk_start + c0 + j, LseState<acc_t>{m[j], sum[j]}.parts());
-      }
-    }
+    });
   });
 }
 
@@ -205,20 +227,23 @@ void contrastive_chunk_grad(const ContrastiveParams& p, const acc_t* tile, const
                            LseArray<const acc_t> col_lse, const acc_t* row_grad, const acc_t* col_grad,
                            grad_t* dlogits, acc_t* scale_grad_rows) {
   const acc_t s = *scale;
-  // One loop per variant, so that neither carries a conditional load.
-  const auto run = [&](auto symmetric_tag) {
+  // One loop per variant, so that none carries a conditional load.
+  const auto run = [&](auto symmetric_tag, auto ids_tag) {
     constexpr bool kSymmetric = decltype(symmetric_tag)::value;
+    constexpr bool kIds = decltype(ids_tag)::value;
     const ColumnTerms<acc_t> cols = column_terms<kSymmetric>(p, col_lse, col_grad);
     at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const acc_t scale_grad = grad_row<kSymmetric>(p, row, tile + row * p.logits_stride, s, positives, row_lse,
-                                                      cols, row_grad, dlogits + row * p.dlogits_stride);
+        const acc_t scale_grad = grad_row<kSymmetric, kIds>(p, row, tile + row * p.logits_stride, s, positives,
+                                                            row_lse, cols, row_grad, dlogits + row * p.dlogits_stride);
         if (scale_grad_rows != nullptr) scale_grad_rows[row] += scale_grad;
       }
     });
   };
-  if (p.symmetric) run(std::true_type{});
-  else run(std::false_type{});
+  with_ids_flag(p, [&](auto ids_tag) {
+    if (p.symmetric) run(std::true_type{}, ids_tag);
+    else run(std::false_type{}, ids_tag);
+  });
 }
 
 template <typename acc_t, typename grad_t>
@@ -230,22 +255,25 @@ void contrastive_single_pass_rows(const ContrastiveParams& p, acc_t* tile, const
   const acc_t s = *scale;
   const LseArray<const acc_t> finished_row_lse{row_lse.max, row_lse.log_sum};
   const ColumnTerms<acc_t> cols = p.symmetric ? column_terms<true>(p, col_lse, col_grad) : ColumnTerms<acc_t>{};
-  at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      acc_t* y = tile + row * p.logits_stride;
-      grad_t* dz = dlogits + row * p.dlogits_stride;
-      acc_t scale_grad;
-      if (!p.symmetric) {
-        scale_grad = fold_and_grad_row(p, row, y, s, positives, state, row_lse, loss, row_grad[row], dz);
-      } else {
-        // The column term needs the raw logits: the tile is only read until
-        // the gradient pass of the row.
-        fold_row(p, row, y, s, positives, state);
-        contrastive_finalize_row(p, row, positives, state, col_lse, row_lse, loss);
-        scale_grad = grad_row<true>(p, row, y, s, positives, finished_row_lse, cols, row_grad, dz);
+  with_ids_flag(p, [&](auto ids_tag) {
+    constexpr bool kIds = decltype(ids_tag)::value;
+    at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        acc_t* y = tile + row * p.logits_stride;
+        grad_t* dz = dlogits + row * p.dlogits_stride;
+        acc_t scale_grad;
+        if (!p.symmetric) {
+          scale_grad = fold_and_grad_row<kIds>(p, row, y, s, positives, state, row_lse, loss, row_grad[row], dz);
+        } else {
+          // The column term needs the raw logits: the tile is only read until
+          // the gradient pass of the row.
+          fold_row<kIds>(p, row, y, s, positives, state);
+          contrastive_finalize_row(p, row, positives, state, col_lse, row_lse, loss);
+          scale_grad = grad_row<true, kIds>(p, row, y, s, positives, finished_row_lse, cols, row_grad, dz);
+        }
+        if (scale_grad_rows != nullptr) scale_grad_rows[row] += scale_grad;
       }
-      if (scale_grad_rows != nullptr) scale_grad_rows[row] += scale_grad;
-    }
+    });
   });
 }
 
@@ -253,7 +281,7 @@ void contrastive_single_pass_rows(const ContrastiveParams& p, acc_t* tile, const
   template void contrastive_accumulate_chunk<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,       \
                                              const int64_t*, ContrastiveRowState<acc_t>);                \
   template void contrastive_chunk_column_lse<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,    \
-                                                LseArray<acc_t>, acc_t*);                                \
+                                                const int64_t*, LseArray<acc_t>, acc_t*);                \
   template void contrastive_finalize<acc_t>(const ContrastiveParams&, const int64_t*,                    \
                                             ContrastiveRowState<acc_t>, LseArray<const acc_t>,           \
                                             LseArray<acc_t>, acc_t*);

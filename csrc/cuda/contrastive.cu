@@ -39,8 +39,9 @@ __global__ void accumulate_chunk_kernel(ContrastiveParams p, const acc_t* tile, 
   const int64_t t = positives[row] - p.chunk_start;
   LseState<acc_t> local = LseState<acc_t>::empty();
   for (int64_t j = threadIdx.x; j < p.chunk_columns; j += blockDim.x) {
-    const acc_t v = contrastive_logit(y[j], s, j == masked);
-    if (j != masked) local = lse_merge(local, LseState<acc_t>{v, acc_t(1)});
+    const bool out = p.is_excluded(row, j, masked, t);
+    const acc_t v = contrastive_logit(y[j], p.scale_of(row, j, t, s), out);
+    if (!out) local = lse_merge(local, LseState<acc_t>{v, acc_t(1)});
     if (j == t) state.positive_logit[row] = contrastive_positive_logit(y[j], s, j == masked);
   }
   const LseState<acc_t> chunk = block_allreduce(local, LseMergeOp{});
@@ -52,7 +53,8 @@ __global__ void accumulate_chunk_kernel(ContrastiveParams p, const acc_t* tile, 
 // Partial column LSE of rows [slice * rows_per_slice, ...) for 32 columns.
 template <typename acc_t>
 __global__ void column_lse_partial_kernel(ContrastiveParams p, const acc_t* tile, const acc_t* scale,
-                                            int64_t rows_per_slice, LseState<acc_t>* partial) {
+                                            const int64_t* positives, int64_t rows_per_slice,
+                                            LseState<acc_t>* partial) {
   const int64_t col = blockIdx.x * int64_t(kColumnsPerBlock) + threadIdx.x;
   const int64_t row_begin = blockIdx.y * rows_per_slice;
   const int64_t row_end = min(p.num_rows, row_begin + rows_per_slice);
@@ -60,8 +62,10 @@ __global__ void column_lse_partial_kernel(ContrastiveParams p, const acc_t* tile
   if (col < p.chunk_columns) {
     const acc_t s = *scale;
     for (int64_t row = row_begin + threadIdx.y; row < row_end; row += kRowLanes) {
-      if (p.masked_chunk_column(row) == col) continue;
-      local = lse_merge(local, LseState<acc_t>{s * tile[row * p.logits_stride + col], acc_t(1)});
+      const int64_t t = p.ids.any() ? positives[row] - p.chunk_start : -1;  // only the id mask reads it
+      if (p.is_excluded(row, col, p.masked_chunk_column(row), t)) continue;
+      local = lse_merge(local, LseState<acc_t>{p.scale_of(row, col, t, s) * tile[row * p.logits_stride + col],
+                                               acc_t(1)});
     }
   }
   __shared__ LseState<acc_t> lanes[kRowLanes][kColumnsPerBlock];
@@ -113,9 +117,9 @@ __global__ void chunk_grad_kernel(ContrastiveParams p, const acc_t* tile, const 
   for (int64_t pass = 0; pass < passes; ++pass) {
     const int64_t j = pass * blockDim.x + threadIdx.x;
     acc_t d = 0;
-    if (j < p.chunk_columns && j != masked) {
+    if (j < p.chunk_columns && !p.is_excluded(row, j, masked, t)) {
       const acc_t dot = z[j];
-      const acc_t x = s * dot;
+      const acc_t x = p.scale_of(row, j, t, s) * dot;  // the logit (id penalty included)
       const int64_t col = p.chunk_start + j;
       const acc_t col_prob = p.symmetric ? exp_acc(col_lse[col].log_prob(x)) : acc_t(0);
       const acc_t col_g = p.symmetric ? col_grad[col] : acc_t(0);
@@ -147,15 +151,15 @@ void contrastive_accumulate_chunk(const ContrastiveParams& p, const acc_t* tile,
 
 template <typename acc_t>
 void contrastive_chunk_column_lse(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
-                              LseArray<acc_t> col_lse, acc_t* scratch, void* stream) {
+                              const int64_t* positives, LseArray<acc_t> col_lse, acc_t* scratch, void* stream) {
   if (p.num_rows == 0 || p.chunk_columns == 0) return;
   const int64_t slices = column_slices(p.num_rows);
   const int64_t rows_per_slice = (p.num_rows + slices - 1) / slices;
   auto* partial = reinterpret_cast<LseState<acc_t>*>(scratch);
   const dim3 grid((p.chunk_columns + kColumnsPerBlock - 1) / kColumnsPerBlock, slices);
   const dim3 block(kColumnsPerBlock, kRowLanes);
-  column_lse_partial_kernel<acc_t><<<grid, block, 0, as_stream(stream)>>>(p, tile, scale, rows_per_slice,
-                                                                                partial);
+  column_lse_partial_kernel<acc_t><<<grid, block, 0, as_stream(stream)>>>(p, tile, scale, positives,
+                                                                                rows_per_slice, partial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int threads = 256;
   column_lse_merge_kernel<acc_t><<<(p.chunk_columns + threads - 1) / threads, threads, 0, as_stream(stream)>>>(
@@ -197,7 +201,7 @@ void contrastive_single_pass_rows(const ContrastiveParams& p, acc_t* tile, const
   template void contrastive_accumulate_chunk<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,         \
                                              const int64_t*, ContrastiveRowState<acc_t>, void*);           \
   template void contrastive_chunk_column_lse<acc_t>(const ContrastiveParams&, const acc_t*, const acc_t*,      \
-                                                LseArray<acc_t>, acc_t*, void*);                           \
+                                                const int64_t*, LseArray<acc_t>, acc_t*, void*);           \
   template void contrastive_finalize<acc_t>(const ContrastiveParams&, const int64_t*,                      \
                                             ContrastiveRowState<acc_t>, LseArray<const acc_t>,             \
                                             LseArray<acc_t>, acc_t*, void*);

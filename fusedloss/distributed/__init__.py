@@ -24,6 +24,12 @@ formed on any rank. See docs/distributed.md.
   mean. The key -> query direction of the symmetric losses needs column
   statistics over all ranks' queries: queries are gathered too and the local
   keys are scored against them (a second call of the op, roles swapped).
+  ``query_ids`` / ``key_ids`` / ``negative_ids`` (``image_ids`` /
+  ``text_ids``) are all-gathered with the features they name.
+- :func:`mnrl_loss`: sentence-transformers' MultipleNegativesRankingLoss with
+  ``gather_across_devices=True``: queries, positives and hard-negative blocks
+  are gathered (with gradients); this rank's queries (and their positives, for
+  the doc directions) are scored against them, one op call per direction.
 
 - :func:`sampled_softmax_loss` / :func:`nce_loss` with a vocabulary-sharded
   weight: candidates are drawn on group rank 0 and broadcast; each rank scores
@@ -45,7 +51,7 @@ Cross-rank consistency (batch sizes, feature sizes, shard layout) is checked
 with one small all-gather of sizes; an invalid argument on any rank makes every
 rank raise, instead of leaving the others waiting in a collective.
 
-One module per family (``linear_ce``, ``contrastive``, ``sampled``, ``siglip``), one for
+One module per family (``linear_ce``, ``contrastive``, ``mnrl``, ``sampled``, ``siglip``), one for
 DTensor weights (``dtensor``) and one for the group handling, cross-rank
 checks and autograd-aware collectives (``_collectives``).
 """
@@ -55,8 +61,10 @@ import torch.distributed as dist  # noqa: F401
 import torch.nn.functional as F  # noqa: F401
 
 from .contrastive import clip_loss, info_nce_loss
+from .mnrl import mnrl_loss
 from .linear_ce import linear_cross_entropy
 from .sampled import nce_loss, sampled_softmax_loss
 from .siglip import siglip_loss
 
-__all__ = ["clip_loss", "info_nce_loss", "linear_cross_entropy", "nce_loss", "sampled_softmax_loss", "siglip_loss"]
+__all__ = ["clip_loss", "info_nce_loss", "linear_cross_entropy", "mnrl_loss", "nce_loss", "sampled_softmax_loss",
+           "siglip_loss"]

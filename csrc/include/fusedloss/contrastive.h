@@ -13,6 +13,12 @@
 // Row i's positive is column positives[i] (any layout: i, i + offset for a
 // slice of gathered keys, (i + N) mod 2N for NT-Xent); with mask_self, column
 // i + self_offset is excluded from row i's softmax (and from that column's).
+//
+// False negatives by id (ContrastiveIds): column j is also excluded from row
+// i's softmax (and, symmetric, row i from column j's) when it refers to the
+// same item as row i's positive in some id channel, except the positive
+// itself. Excluded entries take no part in any max, sum or gradient: they are
+// selected out, never computed as exp(-inf), so no NaN can arise from them.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +27,44 @@
 #include "fusedloss/numerics.h"
 
 namespace fusedloss {
+
+// Up to two id channels (e.g. the keys' ids and the queries' ids): in channel
+// c, row i carries row[c][i] and the first columns[c] columns carry col[c][j]
+// (later columns, e.g. extra negatives without ids, none); columns[c] == 0:
+// the channel is unused. Every channel's arrays are readable for every row
+// and column ([K, C] col ids; an unused channel points at channel 0's), so
+// that match() needs no branch and the CPU loops vectorise.
+// With `penalize` the ids mask nothing: an entry off the row's positive
+// instead gets logit (scale + penalty) * dot, penalty_match where the column
+// shares the row's id and penalty_differ where it does not, with the
+// gradient of scale * dot only (sentence-transformers' hardness weighting,
+// scale * s + alpha * stop_grad(s)).
+struct ContrastiveIds {
+  static constexpr int kChannels = 2;
+  const int64_t* row[kChannels];
+  const int64_t* col[kChannels];
+  int64_t columns[kChannels];
+  bool penalize;
+  double penalty_match;
+  double penalty_differ;
+
+  FL_HOST_DEVICE bool any() const { return columns[0] > 0 || columns[1] > 0; }
+
+  // Whether global column `col_index` has row `row_index`'s id in some channel.
+  FL_HOST_DEVICE bool match(int64_t row_index, int64_t col_index) const {
+    return ((col_index < columns[0]) & (row[0][row_index] == col[0][col_index])) |
+           ((col_index < columns[1]) & (row[1][row_index] == col[1][col_index]));
+  }
+
+  // The ids of rows [first, ...): a block of rows indexed from 0.
+  ContrastiveIds rows_from(int64_t first) const {
+    ContrastiveIds shifted = *this;
+    for (int c = 0; c < kChannels; ++c) {
+      if (row[c] != nullptr) shifted.row[c] += first;
+    }
+    return shifted;
+  }
+};
 
 struct ContrastiveParams {
   int64_t num_rows;     // R: query rows
@@ -33,11 +77,50 @@ struct ContrastiveParams {
   int64_t self_offset;  // row i masks column i + self_offset (when mask_self)
   bool mask_self;
   bool symmetric;       // add the column-wise (key -> query) term
+  ContrastiveIds ids;   // the false-negative mask (ids.any() false: none)
 
   // Column of the chunk masked for `row`, or -1.
   FL_HOST_DEVICE int64_t masked_chunk_column(int64_t row) const {
     const int64_t c = row + self_offset - chunk_start;
     return mask_self && c >= 0 && c < chunk_columns ? c : -1;
+  }
+
+  // Whether entry (row, chunk column j) is out of the row's (and the
+  // column's) softmax: the masked self column `self_column`
+  // (masked_chunk_column), or — kIds, the id mask — a column sharing an id
+  // with the row's positive, at chunk column `positive` (any value outside
+  // the chunk when it is elsewhere), other than the positive. The one
+  // predicate of every CPU and CUDA kernel; the template flag keeps the
+  // id-free loops as they were.
+  template <bool kIds>
+  FL_HOST_DEVICE bool excluded(int64_t row, int64_t j, int64_t self_column, int64_t positive) const {
+    if constexpr (kIds) {
+      return (j == self_column) | (!ids.penalize & (j != positive) & ids.match(row, chunk_start + j));
+    } else {
+      return j == self_column;
+    }
+  }
+
+  // The multiplier of entry (row, chunk column j)'s dot product in its logit:
+  // the scale s, plus the id penalty of the entry (ContrastiveIds::penalize).
+  // Gradients keep the factor s (the penalty is not differentiated).
+  template <bool kIds, typename acc_t>
+  FL_HOST_DEVICE acc_t entry_scale(int64_t row, int64_t j, int64_t positive, acc_t s) const {
+    if constexpr (kIds) {
+      const double penalty = ids.match(row, chunk_start + j) ? ids.penalty_match : ids.penalty_differ;
+      return ids.penalize & (j != positive) ? s + static_cast<acc_t>(penalty) : s;
+    }
+    return s;
+  }
+
+  // excluded() and entry_scale() with the flag read at run time (the CUDA
+  // kernels: a uniform branch).
+  FL_HOST_DEVICE bool is_excluded(int64_t row, int64_t j, int64_t self_column, int64_t positive) const {
+    return ids.any() ? excluded<true>(row, j, self_column, positive) : excluded<false>(row, j, self_column, positive);
+  }
+  template <typename acc_t>
+  FL_HOST_DEVICE acc_t scale_of(int64_t row, int64_t j, int64_t positive, acc_t s) const {
+    return ids.any() ? entry_scale<true>(row, j, positive, s) : s;
   }
 };
 
@@ -112,10 +195,10 @@ void contrastive_accumulate_chunk(const ContrastiveParams& p, const acc_t* tile,
                            const int64_t* positives, ContrastiveRowState<acc_t> state);
 // Column-wise LSE of the chunk over all R rows: writes col_lse[chunk_start + j].
 // `scratch` is the CUDA kernels' (contrastive_column_scratch_elems); the CPU
-// needs none.
+// needs none. The rows' positives only matter to the id mask.
 template <typename acc_t>
 void contrastive_chunk_column_lse(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
-                              LseArray<acc_t> col_lse, acc_t* scratch);
+                              const int64_t* positives, LseArray<acc_t> col_lse, acc_t* scratch);
 // row_lse[R] and the per-row loss[R]: lse - positive, or the mean of the row
 // and the column term of the pair when symmetric.
 template <typename acc_t>
@@ -157,7 +240,7 @@ void contrastive_accumulate_chunk(const ContrastiveParams& p, const acc_t* tile,
 int64_t contrastive_column_scratch_elems(int64_t num_rows, int64_t chunk_columns);
 template <typename acc_t>
 void contrastive_chunk_column_lse(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
-                              LseArray<acc_t> col_lse, acc_t* scratch, void* stream);
+                              const int64_t* positives, LseArray<acc_t> col_lse, acc_t* scratch, void* stream);
 template <typename acc_t>
 void contrastive_finalize(const ContrastiveParams& p, const int64_t* positives,
                           ContrastiveRowState<acc_t> state, LseArray<const acc_t> col_lse,
