@@ -7,7 +7,10 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "common.h"
 #include "fusedloss/contrastive.h"
@@ -30,10 +33,11 @@ void with_ids_flag(const ContrastiveParams& p, const F& f) {
 }
 
 // Folds one row of raw dot products into its state (and records its positive
-// logit when its column is here).
-template <bool kIds, typename acc_t>
-void fold_row(const ContrastiveParams& p, int64_t row, const acc_t* y, acc_t s, const int64_t* positives,
-              ContrastiveRowState<acc_t> state) {
+// logit when its column is here); returns the chunk's max of the row. With
+// kKeep, exp(logit - that max) of every column (0 where excluded) goes to `kept`.
+template <bool kIds, bool kKeep = false, typename acc_t>
+acc_t fold_row(const ContrastiveParams& p, int64_t row, const acc_t* y, acc_t s, const int64_t* positives,
+               ContrastiveRowState<acc_t> state, acc_t* kept = nullptr) {
   const int64_t columns = p.chunk_columns;
   // The mask is applied before the max: the self-similarity is usually the
   // largest logit and would otherwise be a shift that underflows every term.
@@ -47,14 +51,17 @@ void fold_row(const ContrastiveParams& p, int64_t row, const acc_t* y, acc_t s, 
                                       p.template excluded<kIds>(row, j, masked, t));
     m = v > m ? v : m;
   }
-  if (m == neg_infinity<acc_t>()) return;  // every column of this tile masked
+  if (m == neg_infinity<acc_t>()) return m;  // every column of this tile masked
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < columns; ++j) {
     const acc_t e = exp_vectorizable(p.template entry_scale<kIds>(row, j, t, s) * y[j] - m);
-    sum += p.template excluded<kIds>(row, j, masked, t) ? acc_t(0) : e;
+    const acc_t live = p.template excluded<kIds>(row, j, masked, t) ? acc_t(0) : e;
+    sum += live;
+    if constexpr (kKeep) kept[j] = live;
   }
   lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum});
+  return m;
 }
 
 // Column statistics of the symmetric loss for the chunk's columns (absent
@@ -72,14 +79,40 @@ ColumnTerms<acc_t> column_terms(const ContrastiveParams& p, LseArray<const acc_t
   return {col_lse.max + p.chunk_start, col_lse.log_sum + p.chunk_start, col_grad + p.chunk_start};
 }
 
+// The row and column softmax probabilities of entry j with logit x, from the
+// finished row and column LSEs: two exps.
+template <bool kSymmetric, typename acc_t>
+struct ExactProbs {
+  LseParts<acc_t> row_lse;
+  ColumnTerms<acc_t> cols;
+  acc_t row(int64_t /*j*/, acc_t x) const { return exp_vectorizable(row_lse.log_prob(x)); }
+  acc_t col(int64_t j, acc_t x) const {
+    if constexpr (kSymmetric) return exp_vectorizable((x - cols.max[j]) - cols.log_sum[j]);
+    return 0;
+  }
+};
+
+// The same from the row's kept exps e_j = exp(x_j - m) (fold_row<kKeep>):
+// row p_j = e_j * exp(m - row lse); column p_j = e_j * exp(m - L) * c_j with
+// c_j = exp(L - column lse_j) (see contrastive_single_pass_rows): products,
+// no exp. Valid where m - L is small enough for both factors (row_factorizes).
+template <typename acc_t>
+struct KeptProbs {
+  const acc_t* kept;
+  acc_t to_row, to_col;
+  const acc_t* col_factor;
+  acc_t row(int64_t j, acc_t /*x*/) const { return kept[j] * to_row; }
+  acc_t col(int64_t j, acc_t /*x*/) const { return kept[j] * to_col * col_factor[j]; }
+};
+
 // scale * dLoss/dlogits of one row of raw dot products `z` into `dz` (which
-// may alias z: each element is read before it is written).
+// may alias z: each element is read before it is written), with the
+// probabilities from `probs` (ExactProbs or KeptProbs).
 // Returns the row's term of d loss / d scale, sum_j dLoss/dlogit_j * dot_j,
 // in the accumulation dtype (before dz is rounded).
-template <bool kSymmetric, bool kIds, typename acc_t, typename grad_t>
+template <bool kSymmetric, bool kIds, typename acc_t, typename grad_t, typename Probs>
 acc_t grad_row(const ContrastiveParams& p, int64_t row, const acc_t* z, acc_t s, const int64_t* positives,
-               LseArray<const acc_t> row_lse, ColumnTerms<acc_t> cols, const acc_t* row_grad, grad_t* dz) {
-  const LseParts<acc_t> lse = row_lse[row];
+               const Probs probs, ColumnTerms<acc_t> cols, const acc_t* row_grad, grad_t* dz) {
   const acc_t g = row_grad[row];
   const int64_t t = positives[row] - p.chunk_start;
   const int64_t masked = p.masked_chunk_column(row);
@@ -90,10 +123,10 @@ acc_t grad_row(const ContrastiveParams& p, int64_t row, const acc_t* z, acc_t s,
     const acc_t x = p.template entry_scale<kIds>(row, j, t, s) * dot;
     acc_t col_prob = 0, col_g = 0;
     if constexpr (kSymmetric) {
-      col_prob = exp_vectorizable((x - cols.max[j]) - cols.log_sum[j]);
+      col_prob = probs.col(j, x);
       col_g = cols.grad[j];
     }
-    const acc_t d = contrastive_logit_grad(exp_vectorizable(lse.log_prob(x)), g, col_prob, col_g, j == t, kSymmetric);
+    const acc_t d = contrastive_logit_grad(probs.row(j, x), g, col_prob, col_g, j == t, kSymmetric);
     const bool out = p.template excluded<kIds>(row, j, masked, t);
     const acc_t kept = out ? acc_t(0) : d;
     scale_grad += kept * (out ? acc_t(0) : dot);
@@ -234,8 +267,9 @@ void contrastive_chunk_grad(const ContrastiveParams& p, const acc_t* tile, const
     const ColumnTerms<acc_t> cols = column_terms<kSymmetric>(p, col_lse, col_grad);
     at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
+        const ExactProbs<kSymmetric, acc_t> probs{row_lse[row], cols};
         const acc_t scale_grad = grad_row<kSymmetric, kIds>(p, row, tile + row * p.logits_stride, s, positives,
-                                                            row_lse, cols, row_grad, dlogits + row * p.dlogits_stride);
+                                                            probs, cols, row_grad, dlogits + row * p.dlogits_stride);
         if (scale_grad_rows != nullptr) scale_grad_rows[row] += scale_grad;
       }
     });
@@ -255,21 +289,60 @@ void contrastive_single_pass_rows(const ContrastiveParams& p, acc_t* tile, const
   const acc_t s = *scale;
   const LseArray<const acc_t> finished_row_lse{row_lse.max, row_lse.log_sum};
   const ColumnTerms<acc_t> cols = p.symmetric ? column_terms<true>(p, col_lse, col_grad) : ColumnTerms<acc_t>{};
+  // The symmetric gradient needs each entry's row and column probability.
+  // Both are the row's kept exp e = exp(x - m) times a factor: exp(m - row
+  // lse) and exp(m - column lse_j) = exp(m - L) * c_j, with L the least column
+  // lse and c_j = exp(L - column lse_j) <= 1 — products instead of two exps
+  // per entry. A row takes them when m - L <= kFactorRange: exp(m - L) stays
+  // finite, and an exp that fold_row clamped (x - m < -87) belongs to a
+  // column probability below exp(kFactorRange - 87) ≈ 1e-20, negligible;
+  // other rows (and any column lse that is not finite) take the exact exps.
+  constexpr acc_t kFactorRange = 40;
+  std::vector<acc_t> col_factor;
+  acc_t least_col_lse = std::numeric_limits<acc_t>::infinity();
+  if (p.symmetric) {
+    bool finite = true;
+    for (int64_t j = 0; j < p.chunk_columns; ++j) {
+      const acc_t lse = cols.max[j] + cols.log_sum[j];
+      finite = finite && std::isfinite(lse);
+      least_col_lse = std::min(least_col_lse, lse);
+    }
+    if (finite) {
+      col_factor.resize(p.chunk_columns);
+      for (int64_t j = 0; j < p.chunk_columns; ++j) {
+        col_factor[j] = exp_acc(least_col_lse - (cols.max[j] + cols.log_sum[j]));
+      }
+    }
+  }
   with_ids_flag(p, [&](auto ids_tag) {
     constexpr bool kIds = decltype(ids_tag)::value;
     at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> kept(p.symmetric && !col_factor.empty() ? p.chunk_columns : 0);
       for (int64_t row = begin; row < end; ++row) {
         acc_t* y = tile + row * p.logits_stride;
         grad_t* dz = dlogits + row * p.dlogits_stride;
         acc_t scale_grad;
         if (!p.symmetric) {
           scale_grad = fold_and_grad_row<kIds>(p, row, y, s, positives, state, row_lse, loss, row_grad[row], dz);
-        } else {
+        } else if (kept.empty()) {
           // The column term needs the raw logits: the tile is only read until
           // the gradient pass of the row.
           fold_row<kIds>(p, row, y, s, positives, state);
           contrastive_finalize_row(p, row, positives, state, col_lse, row_lse, loss);
-          scale_grad = grad_row<true, kIds>(p, row, y, s, positives, finished_row_lse, cols, row_grad, dz);
+          const ExactProbs<true, acc_t> probs{finished_row_lse[row], cols};
+          scale_grad = grad_row<true, kIds>(p, row, y, s, positives, probs, cols, row_grad, dz);
+        } else {
+          const acc_t m = fold_row<kIds, true>(p, row, y, s, positives, state, kept.data());
+          contrastive_finalize_row(p, row, positives, state, col_lse, row_lse, loss);
+          const LseParts<acc_t> lse = finished_row_lse[row];
+          if (std::isfinite(m) && m - least_col_lse <= kFactorRange) {
+            const KeptProbs<acc_t> probs{kept.data(), exp_acc((m - lse.max) - lse.log_sum),
+                                         exp_acc(m - least_col_lse), col_factor.data()};
+            scale_grad = grad_row<true, kIds>(p, row, y, s, positives, probs, cols, row_grad, dz);
+          } else {
+            const ExactProbs<true, acc_t> probs{lse, cols};
+            scale_grad = grad_row<true, kIds>(p, row, y, s, positives, probs, cols, row_grad, dz);
+          }
         }
         if (scale_grad_rows != nullptr) scale_grad_rows[row] += scale_grad;
       }
