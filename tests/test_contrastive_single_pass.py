@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fusedloss
 from conftest import assert_all_close, features, fp64_leaves
@@ -225,3 +226,45 @@ def test_fp16_mean_gradients_do_not_underflow():
     result = subprocess.run([sys.executable, "-c", _FP16_MEAN_SCRIPT], cwd=tests, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+def _clip_spread(spread):
+    """Unit image / text features [96, 16] (fp64) and the logit scale of each
+    test_symmetric_single_pass_factored_and_exact_rows case."""
+    g = torch.Generator().manual_seed(7)
+    image = F.normalize(torch.randn(96, 16, generator=g, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(96, 16, generator=g, dtype=torch.float64), dim=-1)
+    if spread == "near":
+        return image, text, 5.0
+    image[0] = text[5]  # row 0's max: logit 100
+    if spread == "mixed":
+        text[7] = F.normalize(-image.mean(0), dim=0)
+        image[8:40] = F.normalize(text[7] + 0.05 * image[8:40], dim=-1)
+        return image, text, 100.0
+    # "extreme": every other image near v, caption 7 = -v orthogonal to image 0:
+    # column 7's probability sits on row 0 (logit 0), 100 below row 0's max.
+    v = torch.randn(16, generator=g, dtype=torch.float64)
+    v = F.normalize(v - (v @ text[5]) * text[5], dim=0)
+    image[1:] = F.normalize(v + 0.3 * torch.randn(95, 16, generator=g, dtype=torch.float64), dim=-1)
+    text[7] = -v
+    return image, text, 100.0
+
+
+@pytest.mark.parametrize("spread", ["near", "mixed", "extreme"])
+def test_symmetric_single_pass_factored_and_exact_rows(spread):
+    """The symmetric single pass forms each entry's column probability from
+    the row's kept exp times per-row and per-column factors, except in rows
+    whose max lies more than 40 above the least column LSE (exact exps there:
+    a kept exp clamped at exp(-87) would be wrong by a huge factor). "mixed"
+    has rows of both kinds in one tile (logit scale 100, clamped kept exps in
+    the factored rows); "extreme" a column whose probability is ≈ 1 in a row
+    where its kept exp is clamped."""
+    image, text, scale = _clip_spread(spread)
+    leaves = [image.float().requires_grad_(), text.float().requires_grad_()]
+    got = fusedloss.clip_loss(*leaves, scale)
+    got = [got.detach(), *torch.autograd.grad(got, leaves)]
+    oracle = [image.clone().requires_grad_(), text.clone().requires_grad_()]
+    want = reference.clip_loss(*oracle, scale)
+    want = [want.detach(), *torch.autograd.grad(want, oracle)]
+    assert all(torch.isfinite(t).all() for t in got)
+    assert_all_close(got, want, rtol=3e-5, atol=3e-6)
