@@ -25,6 +25,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("row_block"), py::arg("memory_budget"), py::arg("per_pass_bytes"), py::arg("cuda"),
         "Rows per block of a single pass over [rows, columns] logits (0: the recompute pair runs), the choice "
         "every *_sum_and_grad op makes");
+  m.def("sampled_single_pass_block_rows", &fusedloss::sampled_single_pass_block_rows, py::arg("rows"),
+        py::arg("num_true"), py::arg("num_sampled"), py::arg("dim"), py::arg("half_operands"), py::arg("cuda"),
+        py::arg("row_block") = 0, py::arg("memory_budget") = 0,
+        "Rows per block of the sampled single pass with shared candidates (0: the recompute pair runs)");
   using fusedloss::HitMask;
   using fusedloss::SampledMode;
   py::dict modes, hit_masks;

@@ -575,16 +575,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sampled_sum_and_grad(
                                                                       input.scalar_type())));
   SampledSinglePass pass(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, opts);
   if (pass.shared) {
-    // The tile's row: T + K fp32 logits, plus a half-precision copy of the
-    // candidates' dlogits for half GEMM operands (CUDA); once per pass, the
-    // candidates' fp32 [K, D] gradient.
-    const int64_t half_copy = pass.operand_dtype != pass.acc_dtype ? pass.num_sampled / 2 : 0;
-    // Default: the recompute pair's own workspace (32 MiB CPU, 512 MiB CUDA).
-    // A block adds only its [K, D] dW accumulation, so small blocks cost
-    // little time, and the loss needs no more memory than before.
-    const int64_t budget = memory_budget > 0 ? memory_budget : (input.is_cuda() ? int64_t(512) << 20 : int64_t(32) << 20);
-    pass.block_rows = choose_block_rows(rows, pass.columns() + half_copy, row_block, budget,
-                                        4 * pass.num_sampled * dim, input.is_cuda());
+    pass.block_rows =
+        sampled_single_pass_block_rows(rows, pass.params.num_true, pass.num_sampled, dim,
+                                       pass.operand_dtype != pass.acc_dtype, input.is_cuda(), row_block, memory_budget);
   }
   if (!pass.shared || pass.block_rows == 0) {
     return sampled_recompute_sum_and_grad(input, weight, bias, true_classes, sampled, true_log_q, sampled_log_q, opts,
@@ -643,6 +636,21 @@ std::tuple<Tensor, Tensor, Tensor> sampled_backward(
 }
 
 }  // namespace
+
+int64_t sampled_single_pass_block_rows(int64_t rows, int64_t num_true, int64_t num_sampled, int64_t dim,
+                                       bool half_operands, bool cuda, int64_t row_block, int64_t memory_budget) {
+  // The tile's row (SampledSinglePass::columns): T + K fp32 logits, each part
+  // padded to 16, plus a half-precision copy of the candidates' dlogits for
+  // half GEMM operands (CUDA); once per pass, the candidates' fp32 [K, D]
+  // gradient.
+  const int64_t columns = aligned_columns(num_true) + aligned_columns(num_sampled);
+  const int64_t half_copy = half_operands ? num_sampled / 2 : 0;
+  // Default: the recompute pair's own workspace (32 MiB CPU, 512 MiB CUDA).
+  // A block adds only its [K, D] dW accumulation, so small blocks cost
+  // little time, and the loss needs no more memory than before.
+  const int64_t budget = memory_budget > 0 ? memory_budget : (cuda ? int64_t(512) << 20 : int64_t(32) << 20);
+  return choose_block_rows(rows, columns + half_copy, row_block, budget, 4 * num_sampled * dim, cuda);
+}
 
 TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
   m.def(

@@ -66,7 +66,7 @@ def test_every_layout_matches_the_oracle(device, kind, layout, reduction):
 
 
 def test_the_budget_picks_the_layout():
-    plan = {layout: C.single_pass_block_rows(N, TILE_COLUMNS, 0, budget or 0, 4 * K * DIM, False)
+    plan = {layout: C.sampled_single_pass_block_rows(N, NUM_TRUE, K, DIM, False, False, memory_budget=budget or 0)
             for layout, budget in BUDGETS.items()}
     assert plan == {"one_block": N, "blocks": 70, "recompute": 0}
 

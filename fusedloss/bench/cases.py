@@ -175,19 +175,24 @@ def _sampled_gemm_operands(x):
     return x["input"], x["weight"].detach().index_select(0, x["sampled_values"][0])
 
 
-def fused_path(rows, columns, device, *, per_pass_bytes=0, whole_tile_only=False, budget=0):
-    """The algorithm a fused op runs for a reduced, differentiated loss (the
-    same block sizing as the *_sum_and_grad ops; budget 0: their default)."""
+def fused_path(device, plan_block_rows, rows, *, whole_tile_only=False):
+    """The algorithm a fused op runs for a reduced, differentiated loss:
+    ``plan_block_rows(cuda)`` is the op's own block sizing (0: the recompute pair)."""
     from fusedloss import _common
-    from fusedloss._extension import C
 
     cuda = torch.device(device).type == "cuda"
     if cuda and os.environ.get(_common.CUDA_SINGLE_PASS_ENV, "0") != "1":
         return "recompute (CUDA single pass off)"
-    block = C.single_pass_block_rows(rows, columns, 0, budget, per_pass_bytes, cuda)
+    block = plan_block_rows(cuda)
     if block == 0 or (whole_tile_only and block < rows):
         return "recompute"
     return "single pass" if block >= rows else f"single pass, {block}-row blocks"
+
+
+def _single_pass_block_rows(rows, columns, per_pass_bytes=0):
+    from fusedloss._extension import C
+
+    return lambda cuda: C.single_pass_block_rows(rows, columns, 0, 0, per_pass_bytes, cuda)
 
 
 def _half(dtype):
@@ -195,21 +200,21 @@ def _half(dtype):
 
 
 def _linear_ce_path(s, dtype, device):
-    return fused_path(s["N"], s["V"], device, per_pass_bytes=4 * s["V"] * s["D"] if _half(dtype) else 0)
+    per_pass = 4 * s["V"] * s["D"] if _half(dtype) else 0
+    return fused_path(device, _single_pass_block_rows(s["N"], s["V"], per_pass), s["N"])
 
 
 def _sampled_path(s, dtype, device):
-    # The tile's row: the true column and the candidates, each padded to 16 (sampled.cpp),
-    # + a half-precision copy of the candidates' dlogits for half GEMM operands on CUDA.
-    aligned_k = -(-s["K"] // 16) * 16
-    half_copy = s["K"] // 2 if _half(dtype) and torch.device(device).type == "cuda" else 0
-    # The sampled ops' default budget: 32 MiB CPU, 512 MiB CUDA (sampled.cpp).
-    budget = (512 if torch.device(device).type == "cuda" else 32) << 20
-    return fused_path(s["N"], 16 + aligned_k + half_copy, device, per_pass_bytes=4 * s["K"] * s["D"], budget=budget)
+    from fusedloss._extension import C
+
+    # bf16/fp16 inputs are GEMM operands as they are on CUDA only (gemm.h).
+    plan = lambda cuda: C.sampled_single_pass_block_rows(s["N"], 1, s["K"], s["D"], _half(dtype) and cuda, cuda)
+    return fused_path(device, plan, s["N"])
 
 
 def _pair_path(whole_tile_only):
-    return lambda s, dtype, device: fused_path(s["B"], s["B"], device, whole_tile_only=whole_tile_only)
+    return lambda s, dtype, device: fused_path(device, _single_pass_block_rows(s["B"], s["B"]), s["B"],
+                                               whole_tile_only=whole_tile_only)
 
 
 def _scalar(value, device):

@@ -273,4 +273,11 @@ FL_HOST_DEVICE acc_t sampled_row_columns(const SampledParams& p, const acc_t* st
   return stats[2 * p.num_rows + row];
 }
 
+// Rows per block of the sampled single pass with shared candidates
+// (sampled_sum_and_grad; 0: the recompute pair runs), for `rows` inputs of
+// `dim` features, T = num_true true columns and K = num_sampled candidates;
+// half_operands: bf16/fp16 GEMM operands (CUDA). Defined in csrc/sampled.cpp.
+int64_t sampled_single_pass_block_rows(int64_t rows, int64_t num_true, int64_t num_sampled, int64_t dim,
+                                       bool half_operands, bool cuda, int64_t row_block, int64_t memory_budget);
+
 }  // namespace fusedloss
