@@ -75,6 +75,19 @@ def _sum_over_ranks(t):
 # Contrastive: keys / negatives gathered from every rank
 
 
+def _check_pair_rank(loss, ref, local, ref_in, rows, weights, reduction, tol, where, negatives=None):
+    """Backpropagate one rank's loss (weighted per row for reduction="none")
+    and compare it and its local inputs' gradients with the single-process
+    reference's rows (and `negatives`' rows of the extra negatives)."""
+    objective = loss * weights[rows] if reduction == "none" else loss
+    objective.sum().backward()
+    torch.testing.assert_close(objective.detach(), ref.detach(), **tol, msg=where)
+    torch.testing.assert_close(local[0].grad, ref_in[0].grad[rows], **tol, msg=where)
+    torch.testing.assert_close(local[1].grad, ref_in[1].grad[rows], **tol, msg=where)
+    if negatives is not None:
+        torch.testing.assert_close(local[2].grad, ref_in[2].grad[negatives], **tol, msg=where)
+
+
 def _reduce_like_ranks(rows, world, reduction, weights):
     """The single-process counterpart of each rank's loss: [world] values."""
     per_rank = rows.view(world, -1)
@@ -129,16 +142,9 @@ def _check_contrastive(rank, world, device):
                                        temperature=scale, tile_size=3, **kwargs)
         else:
             loss = fdist.clip_loss(local[0], local[1], scale, tile_size=3, **kwargs)
-        objective = loss * weights[rows] if reduction == "none" else loss
-        objective.sum().backward()
-
         where = _context(f"{name} {kwargs} negatives={with_negatives} rank {rank}/{world}")
-        torch.testing.assert_close(objective.detach(), ref[rank].detach(), **tol, msg=where)
-        torch.testing.assert_close(local[0].grad, ref_in[0].grad[rows], **tol, msg=where)
-        torch.testing.assert_close(local[1].grad, ref_in[1].grad[rows], **tol, msg=where)
-        if with_negatives:
-            torch.testing.assert_close(local[2].grad, ref_in[2].grad[rank * extra:(rank + 1) * extra], **tol,
-                                       msg=where)
+        _check_pair_rank(loss, ref[rank], local, ref_in, rows, weights, reduction, tol, where,
+                         slice(rank * extra, (rank + 1) * extra) if with_negatives else None)
         if tensor_scale:
             # Each rank holds d(its loss)/d(scale); DDP would combine them.
             torch.testing.assert_close(_sum_over_ranks(scale.grad), ref_scale.grad, **tol, msg=where)
@@ -725,14 +731,9 @@ def _check_contrastive_ids(rank, world, device):
                                    text_ids=ids[1][rows])
         ref = _reduce_like_ranks(ref_rows, world, reduction, weights)
         ref.sum().backward()
-        objective = loss * weights[rows] if reduction == "none" else loss
-        objective.sum().backward()
         where = _context(f"ids {name} symmetric={symmetric} rank {rank}/{world}")
-        torch.testing.assert_close(objective.detach(), ref[rank].detach(), **tol, msg=where)
-        torch.testing.assert_close(local[0].grad, ref_in[0].grad[rows], **tol, msg=where)
-        torch.testing.assert_close(local[1].grad, ref_in[1].grad[rows], **tol, msg=where)
-        if name == "info_nce":
-            torch.testing.assert_close(local[2].grad, ref_in[2].grad[negs], **tol, msg=where)
+        _check_pair_rank(loss, ref[rank], local, ref_in, rows, weights, reduction, tol, where,
+                         negs if name == "info_nce" else None)
     # Ids on one rank only: every rank raises instead of hanging.
     with pytest.raises(ValueError, match="whether key_ids are given"):
         fdist.info_nce_loss(torch.randn(4, 3), torch.randn(4, 3), key_ids=torch.arange(4) if rank else None)
