@@ -31,8 +31,20 @@ template <typename acc_t>
 void final_row_logits(const SampledParams& p, const SampledColumns<acc_t>& cols, int64_t row, const acc_t* raw,
                       acc_t* out) {
   const int64_t columns = p.chunk_columns;
+  // One loop per set of terms: a null check inside it would keep it scalar.
+  const auto each_column = [&](auto terms_tag) {
+    constexpr int kTerms = decltype(terms_tag)::value;
+    // Local copies: loads through the references stay in the loop otherwise.
+    const SampledParams params = p;
+    const SampledColumns<acc_t> c = cols;
 #pragma omp simd
-  for (int64_t j = 0; j < columns; ++j) out[j] = sampled_column_logit(p, cols, row, j, raw[j]);
+    for (int64_t j = 0; j < columns; ++j) out[j] = sampled_column_logit<kTerms>(params, c, row, j, raw[j]);
+  };
+  const int terms = (cols.bias != nullptr ? kBiasTerm : 0) | (cols.log_q != nullptr ? kLogQTerm : 0);
+  if (terms == (kBiasTerm | kLogQTerm)) each_column(std::integral_constant<int, kBiasTerm | kLogQTerm>{});
+  else if (terms == kBiasTerm) each_column(std::integral_constant<int, kBiasTerm>{});
+  else if (terms == kLogQTerm) each_column(std::integral_constant<int, kLogQTerm>{});
+  else each_column(std::integral_constant<int, 0>{});
   if (!p.mask_hits || p.is_true_chunk) return;
   // sampled_column_masked, one true class at a time so that the column loop
   // is a vectorisable compare and select.

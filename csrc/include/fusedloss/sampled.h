@@ -180,16 +180,23 @@ FL_HOST_DEVICE bool sampled_column_masked(const SampledParams& p, const SampledC
 // of bounds.
 FL_HOST_DEVICE bool sampled_id_valid(const SampledParams& p, int64_t id) { return id >= 0 && id < p.num_classes; }
 
+// Which terms sampled_column_logit adds: kTermsAsSet, those whose pointers
+// are set (the CUDA kernels: a uniform branch), or a set the caller
+// guarantees, kBiasTerm | kLogQTerm bits (the CPU loops: no branch in them).
+constexpr int kTermsAsSet = -1, kBiasTerm = 1, kLogQTerm = 2;
+
 // Final logit of column j of `row` from its raw dot product: + bias - log Q.
-template <typename acc_t>
+template <int kTerms = kTermsAsSet, typename acc_t>
 FL_HOST_DEVICE acc_t sampled_column_logit(const SampledParams& p, const SampledColumns<acc_t>& c, int64_t row,
                                           int64_t j, acc_t raw) {
+  const bool add_bias = kTerms == kTermsAsSet ? c.bias != nullptr : (kTerms & kBiasTerm) != 0;
+  const bool sub_log_q = kTerms == kTermsAsSet ? c.log_q != nullptr : (kTerms & kLogQTerm) != 0;
   acc_t z = raw;
   const int64_t id = c.ids[row * c.id_row_stride + j];
   // Selects, not branches: the CPU loops over columns stay vectorisable.
   const bool valid = sampled_id_valid(p, id);
-  if (c.bias != nullptr) z += c.bias[valid ? id : 0];
-  if (c.log_q != nullptr) z -= c.log_q[row * c.log_q_row_stride + j];
+  if (add_bias) z += c.bias[valid ? id : 0];
+  if (sub_log_q) z -= c.log_q[row * c.log_q_row_stride + j];
   return valid ? z : std::numeric_limits<acc_t>::quiet_NaN();
 }
 
