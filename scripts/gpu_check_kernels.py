@@ -56,6 +56,10 @@ CASES = {
     "nt_xent_fp32": "NT-Xent (self-similarity masked), several tiles",
     "nt_xent_bf16": "the same in bf16",
     "clip_fp32": "CLIP symmetric loss, learnable logit scale",
+    "info_nce_ids_fp32": "InfoNCE with false negatives masked by query, key and negative ids (duplicates), "
+                         "several tiles",
+    "mnrl_all_directions_fp32": "MultipleNegativesRankingLoss: four directions in one joint softmax, a hard-"
+                                "negative block, in-batch hardness penalty (ids and self masks in the op)",
     "sampled_single_bf16": "sampled softmax single pass (FUSEDLOSS_CUDA_SINGLE_PASS=1), shared candidates, "
                            "hits and duplicates, bf16",
     "nce_single_fp32": "NCE single pass, shared candidates, fp32",
@@ -416,6 +420,27 @@ class Runner:
         scale = torch.tensor(20.0, device=self.device, requires_grad=True)
         return self._case(lambda i, t, s: fl.clip_loss(i, t, s, tile_size=tile),
                           lambda i, t, s: fl.reference.clip_loss(i, t, s), [img, txt, scale], torch.float32)
+
+    def info_nce_ids_fp32(self):
+        torch, fl = self.torch, self.fl
+        b, d, m, tile = self.shapes["pairs"]
+        g = self._gen(24)
+        q, k, neg = (self._features(r, d, torch.float32, g) for r in (b, b, m))
+        ids = {name: torch.randint(0, max(b // 3, 1), (rows,), generator=g).to(self.device)
+               for name, rows in (("query_ids", b), ("key_ids", b), ("negative_ids", m))}
+        return self._case(lambda q, k, neg: fl.info_nce_loss(q, k, negatives=neg, tile_size=tile, **ids),
+                          lambda q, k, neg: fl.reference.info_nce_loss(q, k, negatives=neg, **ids), [q, k, neg],
+                          torch.float32)
+
+    def mnrl_all_directions_fp32(self):
+        torch, fl = self.torch, self.fl
+        b, d, _, tile = self.shapes["pairs"]
+        g = self._gen(25)
+        q, pos, hard = (self._features(b, d, torch.float32, g) for _ in range(3))
+        opts = dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+                    hardness_mode="in_batch_negatives", hardness_strength=5.0)
+        return self._case(lambda q, p, n: fl.mnrl_loss(q, p, n, tile_size=tile, **opts),
+                          lambda q, p, n: fl.reference.mnrl_loss(q, p, n, **opts), [q, pos, hard], torch.float32)
 
     def _siglip(self, dtype_name, reduction="mean"):
         torch, fl, dtype = self.torch, self.fl, self.dtypes[dtype_name]
