@@ -32,17 +32,15 @@ void with_ids_flag(const ContrastiveParams& p, const F& f) {
   else f(std::false_type{});
 }
 
-// Folds one row of raw dot products into its state (and records its positive
-// logit when its column is here); returns the chunk's max of the row. With
-// kKeep, exp(logit - that max) of every column (0 where excluded) goes to `kept`.
-template <bool kIds, bool kKeep = false, typename acc_t>
-acc_t fold_row(const ContrastiveParams& p, int64_t row, const acc_t* y, acc_t s, const int64_t* positives,
-               ContrastiveRowState<acc_t> state, acc_t* kept = nullptr) {
+// Records the row's positive logit when its column is in this chunk and
+// returns the row's max over the chunk's entries that are not excluded
+// (-inf when all are). The mask is applied before the max: the
+// self-similarity is usually the largest logit and would otherwise be a
+// shift that underflows every term.
+template <bool kIds, typename acc_t>
+acc_t record_positive_and_max(const ContrastiveParams& p, int64_t row, const acc_t* y, acc_t s, int64_t masked,
+                              int64_t t, ContrastiveRowState<acc_t> state) {
   const int64_t columns = p.chunk_columns;
-  // The mask is applied before the max: the self-similarity is usually the
-  // largest logit and would otherwise be a shift that underflows every term.
-  const int64_t masked = p.masked_chunk_column(row);
-  const int64_t t = positives[row] - p.chunk_start;
   if (t >= 0 && t < columns) state.positive_logit[row] = contrastive_positive_logit(y[t], s, t == masked);
   acc_t m = neg_infinity<acc_t>();
 #pragma omp simd reduction(max : m)
@@ -51,6 +49,19 @@ acc_t fold_row(const ContrastiveParams& p, int64_t row, const acc_t* y, acc_t s,
                                       p.template excluded<kIds>(row, j, masked, t));
     m = v > m ? v : m;
   }
+  return m;
+}
+
+// Folds one row of raw dot products into its state (and records its positive
+// logit when its column is here); returns the chunk's max of the row. With
+// kKeep, exp(logit - that max) of every column (0 where excluded) goes to `kept`.
+template <bool kIds, bool kKeep = false, typename acc_t>
+acc_t fold_row(const ContrastiveParams& p, int64_t row, const acc_t* y, acc_t s, const int64_t* positives,
+               ContrastiveRowState<acc_t> state, acc_t* kept = nullptr) {
+  const int64_t columns = p.chunk_columns;
+  const int64_t masked = p.masked_chunk_column(row);
+  const int64_t t = positives[row] - p.chunk_start;
+  const acc_t m = record_positive_and_max<kIds>(p, row, y, s, masked, t, state);
   if (m == neg_infinity<acc_t>()) return m;  // every column of this tile masked
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -147,14 +158,7 @@ acc_t fold_and_grad_row(const ContrastiveParams& p, int64_t row, acc_t* y, acc_t
   const int64_t masked = p.masked_chunk_column(row);
   const int64_t t = positives[row] - p.chunk_start;
   const bool positive_here = t >= 0 && t < columns;
-  if (positive_here) state.positive_logit[row] = contrastive_positive_logit(y[t], s, t == masked);
-  acc_t m = neg_infinity<acc_t>();
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < columns; ++j) {
-    const acc_t v = contrastive_logit(y[j], p.template entry_scale<kIds>(row, j, t, s),
-                                      p.template excluded<kIds>(row, j, masked, t));
-    m = v > m ? v : m;
-  }
+  const acc_t m = record_positive_and_max<kIds>(p, row, y, s, masked, t, state);
   const acc_t positive_dot = positive_here ? y[t] : acc_t(0);
   acc_t sum = 0, weighted_dots = 0;  // sum of e_j and of e_j * dot_j (for d loss / d scale)
 #pragma omp simd reduction(+ : sum, weighted_dots)
