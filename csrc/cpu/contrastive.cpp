@@ -32,6 +32,18 @@ void with_ids_flag(const ContrastiveParams& p, const F& f) {
   else f(std::false_type{});
 }
 
+// exp(scale * dot - shift) of chunk entry j of a row with ids, exactly 0
+// where the entry is excluded (`hit`: entries.match(j)). The exclusion
+// selects the exp's argument (a constant with a finite exp, so no inf * 0)
+// and weights the result by 0/1: GCC leaves the id loops scalar when the
+// result itself is selected (the faster form of the loops without ids).
+template <typename acc_t>
+acc_t id_entry_exp(const ContrastiveRowEntries<true, acc_t> entries, int64_t j, bool hit, acc_t dot, acc_t shift) {
+  const bool out = entries.excluded(j, hit);
+  const acc_t arg = out ? acc_t(-100) : entries.scale(j, hit) * dot - shift;
+  return (out ? acc_t(0) : acc_t(1)) * exp_vectorizable(arg);
+}
+
 // Records the row's positive logit when its column is in this chunk and
 // returns the row's max over the chunk's entries that are not excluded
 // (-inf when all are). The mask is applied before the max: the
@@ -42,11 +54,12 @@ acc_t record_positive_and_max(const ContrastiveParams& p, int64_t row, const acc
                               int64_t t, ContrastiveRowState<acc_t> state) {
   const int64_t columns = p.chunk_columns;
   if (t >= 0 && t < columns) state.positive_logit[row] = contrastive_positive_logit(y[t], s, t == masked);
+  const auto entries = p.template row_entries<kIds>(row, masked, t, s);
   acc_t m = neg_infinity<acc_t>();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < columns; ++j) {
-    const acc_t v = contrastive_logit(y[j], p.template entry_scale<kIds>(row, j, t, s),
-                                      p.template excluded<kIds>(row, j, masked, t));
+    const bool hit = entries.match(j);
+    const acc_t v = contrastive_logit(y[j], entries.scale(j, hit), entries.excluded(j, hit));
     m = v > m ? v : m;
   }
   return m;
@@ -64,12 +77,23 @@ acc_t fold_row(const ContrastiveParams& p, int64_t row, const acc_t* y, acc_t s,
   const acc_t m = record_positive_and_max<kIds>(p, row, y, s, masked, t, state);
   if (m == neg_infinity<acc_t>()) return m;  // every column of this tile masked
   acc_t sum = 0;
+  // One loop each: GCC vectorises neither form inside the other's loop.
+  if constexpr (kIds) {
+    const auto entries = p.template row_entries<kIds>(row, masked, t, s);
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < columns; ++j) {
-    const acc_t e = exp_vectorizable(p.template entry_scale<kIds>(row, j, t, s) * y[j] - m);
-    const acc_t live = p.template excluded<kIds>(row, j, masked, t) ? acc_t(0) : e;
-    sum += live;
-    if constexpr (kKeep) kept[j] = live;
+    for (int64_t j = 0; j < columns; ++j) {
+      const acc_t e = id_entry_exp(entries, j, entries.match(j), y[j], m);
+      sum += e;
+      if constexpr (kKeep) kept[j] = e;
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < columns; ++j) {
+      const acc_t e = exp_vectorizable(s * y[j] - m);
+      const acc_t live = j == masked ? acc_t(0) : e;
+      sum += live;
+      if constexpr (kKeep) kept[j] = live;
+    }
   }
   lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum});
   return m;
@@ -126,20 +150,24 @@ acc_t grad_row(const ContrastiveParams& p, int64_t row, const acc_t* z, acc_t s,
                const Probs probs, ColumnTerms<acc_t> cols, const acc_t* row_grad, grad_t* dz) {
   const acc_t g = row_grad[row];
   const int64_t t = positives[row] - p.chunk_start;
-  const int64_t masked = p.masked_chunk_column(row);
+  const auto entries = p.template row_entries<kIds>(row, p.masked_chunk_column(row), t, s);
   acc_t scale_grad = 0;
 #pragma omp simd reduction(+ : scale_grad)
   for (int64_t j = 0; j < p.chunk_columns; ++j) {
     const acc_t dot = z[j];
-    const acc_t x = p.template entry_scale<kIds>(row, j, t, s) * dot;
+    const bool hit = entries.match(j);
+    const bool out = entries.excluded(j, hit);
+    // With ids, an excluded entry's probabilities are taken at the lowest
+    // logit (finite, they vanish) and its gradient weighted by 0 (entry_exp's
+    // form, which vectorises there; without ids the select of d does).
+    const acc_t x = kIds && out ? std::numeric_limits<acc_t>::lowest() : entries.scale(j, hit) * dot;
     acc_t col_prob = 0, col_g = 0;
     if constexpr (kSymmetric) {
       col_prob = probs.col(j, x);
       col_g = cols.grad[j];
     }
     const acc_t d = contrastive_logit_grad(probs.row(j, x), g, col_prob, col_g, j == t, kSymmetric);
-    const bool out = p.template excluded<kIds>(row, j, masked, t);
-    const acc_t kept = out ? acc_t(0) : d;
+    const acc_t kept = kIds ? (out ? acc_t(0) : acc_t(1)) * d : (out ? acc_t(0) : d);
     scale_grad += kept * (out ? acc_t(0) : dot);
     // d logits / d dot = scale: the GEMMs consume raw operands.
     dz[j] = static_cast<grad_t>(s * kept);
@@ -161,15 +189,28 @@ acc_t fold_and_grad_row(const ContrastiveParams& p, int64_t row, acc_t* y, acc_t
   const acc_t m = record_positive_and_max<kIds>(p, row, y, s, masked, t, state);
   const acc_t positive_dot = positive_here ? y[t] : acc_t(0);
   acc_t sum = 0, weighted_dots = 0;  // sum of e_j and of e_j * dot_j (for d loss / d scale)
+  // One loop each, as in fold_row.
+  if constexpr (kIds) {
+    const auto entries = p.template row_entries<kIds>(row, masked, t, s);
 #pragma omp simd reduction(+ : sum, weighted_dots)
-  for (int64_t j = 0; j < columns; ++j) {
-    // exp computed unconditionally and then selected: a select vectorises, a branch not.
-    const acc_t dot = y[j];
-    const acc_t exp_logit = exp_vectorizable(p.template entry_scale<kIds>(row, j, t, s) * dot - m);
-    const acc_t e = p.template excluded<kIds>(row, j, masked, t) ? acc_t(0) : exp_logit;
-    y[j] = e;
-    sum += e;
-    weighted_dots += e * dot;
+    for (int64_t j = 0; j < columns; ++j) {
+      const acc_t dot = y[j];
+      const acc_t e = id_entry_exp(entries, j, entries.match(j), dot, m);
+      y[j] = e;
+      sum += e;
+      weighted_dots += e * dot;
+    }
+  } else {
+#pragma omp simd reduction(+ : sum, weighted_dots)
+    for (int64_t j = 0; j < columns; ++j) {
+      // exp computed unconditionally and then selected: a select vectorises, a branch not.
+      const acc_t dot = y[j];
+      const acc_t exp_logit = exp_vectorizable(s * dot - m);
+      const acc_t e = j == masked ? acc_t(0) : exp_logit;
+      y[j] = e;
+      sum += e;
+      weighted_dots += e * dot;
+    }
   }
   if (m != neg_infinity<acc_t>()) lse_merge_into(state.max[row], state.sum_exp[row], LseState<acc_t>{m, sum});
   contrastive_finalize_row(p, row, positives, state, LseArray<const acc_t>{nullptr, nullptr}, row_lse, loss);
@@ -219,27 +260,48 @@ void contrastive_chunk_column_lse(const ContrastiveParams& p, const acc_t* tile,
         acc_t m[kColumnStrip], sum[kColumnStrip];
         std::fill_n(m, kColumnStrip, neg_infinity<acc_t>());
         std::fill_n(sum, kColumnStrip, acc_t(0));
-        // Two sweeps (max, then sum of exp) keep the inner loops branch-free.
+        // Row `row`'s entries, indexed from the strip's first column.
+        const auto strip_entries = [&](int64_t row) {
+          const int64_t masked = p.masked_chunk_column(row);
+          return p.template row_entries<true>(row, masked < 0 ? -1 : masked - c0,
+                                              positives[row] - p.chunk_start - c0, s, c0);
+        };
+        // Two sweeps (max, then sum of exp) keep the inner loops branch-free;
+        // each with and without ids (GCC vectorises neither form inside the
+        // other's loop).
         for (int64_t row = 0; row < p.num_rows; ++row) {
           const acc_t* y = tile + row * p.logits_stride + c0;
-          const int64_t masked = p.masked_chunk_column(row);
-          const int64_t t = kIds ? positives[row] - p.chunk_start : -1;
+          if constexpr (kIds) {
+            const auto entries = strip_entries(row);
 #pragma omp simd
-          for (int64_t j = 0; j < width; ++j) {
-            const acc_t v = contrastive_logit(y[j], p.template entry_scale<kIds>(row, c0 + j, t, s),
-                                              p.template excluded<kIds>(row, c0 + j, masked, t));
-            m[j] = v > m[j] ? v : m[j];
+            for (int64_t j = 0; j < width; ++j) {
+              const bool hit = entries.match(j);
+              const acc_t v = contrastive_logit(y[j], entries.scale(j, hit), entries.excluded(j, hit));
+              m[j] = v > m[j] ? v : m[j];
+            }
+          } else {
+            const int64_t masked = p.masked_chunk_column(row);
+#pragma omp simd
+            for (int64_t j = 0; j < width; ++j) {
+              const acc_t v = contrastive_logit(y[j], s, c0 + j == masked);
+              m[j] = v > m[j] ? v : m[j];
+            }
           }
         }
         for (int64_t row = 0; row < p.num_rows; ++row) {
           const acc_t* y = tile + row * p.logits_stride + c0;
-          const int64_t masked = p.masked_chunk_column(row);
-          const int64_t t = kIds ? positives[row] - p.chunk_start : -1;
+          if constexpr (kIds) {
+            const auto entries = strip_entries(row);
 #pragma omp simd
-          for (int64_t j = 0; j < width; ++j) {
-            // exp computed unconditionally and then selected: a select vectorises, a branch not.
-            const acc_t e = exp_vectorizable(p.template entry_scale<kIds>(row, c0 + j, t, s) * y[j] - m[j]);
-            sum[j] += p.template excluded<kIds>(row, c0 + j, masked, t) ? acc_t(0) : e;
+            for (int64_t j = 0; j < width; ++j) sum[j] += id_entry_exp(entries, j, entries.match(j), y[j], m[j]);
+          } else {
+            const int64_t masked = p.masked_chunk_column(row);
+#pragma omp simd
+            for (int64_t j = 0; j < width; ++j) {
+              // exp computed unconditionally and then selected: a select vectorises, a branch not.
+              const acc_t e = exp_vectorizable(s * y[j] - m[j]);
+              sum[j] += c0 + j == masked ? acc_t(0) : e;
+            }
           }
         }
         for (int64_t j = 0; j < width; ++j) {

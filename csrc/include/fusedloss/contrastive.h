@@ -23,6 +23,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "fusedloss/numerics.h"
 
@@ -33,7 +34,7 @@ namespace fusedloss {
 // (later columns, e.g. extra negatives without ids, none); columns[c] == 0:
 // the channel is unused. Every channel's arrays are readable for every row
 // and column ([K, C] col ids; an unused channel points at channel 0's), so
-// that match() needs no branch and the CPU loops vectorise.
+// that ContrastiveRowEntries::match() needs no branch and the CPU loops vectorise.
 // With `penalize` the ids mask nothing: an entry off the row's positive
 // instead gets logit (scale + penalty) * dot, penalty_match where the column
 // shares the row's id and penalty_differ where it does not, with the
@@ -50,12 +51,6 @@ struct ContrastiveIds {
 
   FL_HOST_DEVICE bool any() const { return columns[0] > 0 || columns[1] > 0; }
 
-  // Whether global column `col_index` has row `row_index`'s id in some channel.
-  FL_HOST_DEVICE bool match(int64_t row_index, int64_t col_index) const {
-    return ((col_index < columns[0]) & (row[0][row_index] == col[0][col_index])) |
-           ((col_index < columns[1]) & (row[1][row_index] == col[1][col_index]));
-  }
-
   // The ids of rows [first, ...): a block of rows indexed from 0.
   ContrastiveIds rows_from(int64_t first) const {
     ContrastiveIds shifted = *this;
@@ -63,6 +58,71 @@ struct ContrastiveIds {
       if (row[c] != nullptr) shifted.row[c] += first;
     }
     return shifted;
+  }
+};
+
+// The id channels of one row (ContrastiveRowEntries with ids): channel c's
+// column ids from the entries' first column, how many of those columns have
+// one, and the row's id; the id mask or the penalties.
+template <typename acc_t>
+struct RowIdChannels {
+  const int64_t* col[ContrastiveIds::kChannels];
+  int64_t limit[ContrastiveIds::kChannels];
+  int64_t id[ContrastiveIds::kChannels];
+  bool mask_ids;          // the ids mask (else they penalize)
+  acc_t penalty_match;    // penalizing: the penalties; else 0
+  acc_t penalty_differ;
+};
+struct NoRowIds {};
+
+// The entries of one row of a chunk (ContrastiveParams::row_entries), with
+// the row's ids, the chunk offset and the scales read once: the CPU column
+// loops then hold only locals and vectorise (loads through the params
+// struct inside a loop keep it scalar). An entry is out of the row's (and,
+// symmetric, the column's) softmax when it is the masked self column or,
+// with kIds and the id mask, a column sharing an id with the row other than
+// the positive. The one predicate of every CPU and CUDA kernel; the template
+// flag keeps the id-free loops as they were.
+template <bool kIds, typename acc_t>
+struct ContrastiveRowEntries {
+  int64_t self_column;
+  int64_t positive;
+  acc_t scale_plain;  // s
+  // Absent without ids: GCC keeps a small struct of scalars in registers
+  // (and vectorises the loops that use it), not one that holds arrays.
+  std::conditional_t<kIds, RowIdChannels<acc_t>, NoRowIds> channels;
+
+  // Whether chunk column j has the row's id in some channel (branch-free:
+  // every channel's ids are readable for every column); false without ids.
+  // The loops pass it to excluded() and scale() instead of those calling it
+  // twice: GCC leaves such a loop unvectorised.
+  FL_HOST_DEVICE bool match(int64_t j) const {
+    if constexpr (kIds) {
+      const RowIdChannels<acc_t>& c = channels;
+      return ((j < c.limit[0]) & (c.col[0][j] == c.id[0])) | ((j < c.limit[1]) & (c.col[1][j] == c.id[1]));
+    } else {
+      return false;
+    }
+  }
+  // Whether entry j is out of the softmax; `hit` is match(j).
+  FL_HOST_DEVICE bool excluded(int64_t j, bool hit) const {
+    if constexpr (kIds) {
+      return (j == self_column) | (channels.mask_ids & (j != positive) & hit);
+    } else {
+      return j == self_column;
+    }
+  }
+  // The multiplier of entry j's dot product in its logit: s, plus the id
+  // penalty off the positive (ContrastiveIds::penalize; gradients keep the
+  // factor s, the penalty is not differentiated). Selects of values only: a
+  // nested conditional stays control flow and keeps the loop scalar.
+  FL_HOST_DEVICE acc_t scale(int64_t j, bool hit) const {
+    if constexpr (kIds) {
+      const acc_t penalty = hit ? channels.penalty_match : channels.penalty_differ;
+      return scale_plain + (j != positive ? penalty : acc_t(0));
+    } else {
+      return scale_plain;
+    }
   }
 };
 
@@ -85,32 +145,43 @@ struct ContrastiveParams {
     return mask_self && c >= 0 && c < chunk_columns ? c : -1;
   }
 
-  // Whether entry (row, chunk column j) is out of the row's (and the
-  // column's) softmax: the masked self column `self_column`
-  // (masked_chunk_column), or — kIds, the id mask — a column sharing an id
-  // with the row's positive, at chunk column `positive` (any value outside
-  // the chunk when it is elsewhere), other than the positive. The one
-  // predicate of every CPU and CUDA kernel; the template flag keeps the
-  // id-free loops as they were.
-  template <bool kIds>
-  FL_HOST_DEVICE bool excluded(int64_t row, int64_t j, int64_t self_column, int64_t positive) const {
+  // The entries of one row of the chunk (ContrastiveRowEntries) from chunk
+  // column `first` on (a strip of the chunk): whether each is out of the
+  // softmax, and its logit's multiplier of the dot product. `self_column` is
+  // the row's masked self column (masked_chunk_column), `positive` the chunk
+  // column of its positive (any value outside the chunk when it is
+  // elsewhere), both counted from `first`.
+  template <bool kIds, typename acc_t>
+  FL_HOST_DEVICE ContrastiveRowEntries<kIds, acc_t> row_entries(int64_t row, int64_t self_column, int64_t positive,
+                                                                acc_t s, int64_t first = 0) const {
+    ContrastiveRowEntries<kIds, acc_t> e;
+    e.self_column = self_column;
+    e.positive = positive;
+    e.scale_plain = s;
     if constexpr (kIds) {
-      return (j == self_column) | (!ids.penalize & (j != positive) & ids.match(row, chunk_start + j));
-    } else {
-      return j == self_column;
+      RowIdChannels<acc_t>& c = e.channels;
+      for (int k = 0; k < ContrastiveIds::kChannels; ++k) {
+        c.col[k] = ids.col[k] + chunk_start + first;
+        c.limit[k] = ids.columns[k] - chunk_start - first;
+        c.id[k] = ids.row[k][row];
+      }
+      c.mask_ids = !ids.penalize;
+      c.penalty_match = ids.penalize ? static_cast<acc_t>(ids.penalty_match) : acc_t(0);
+      c.penalty_differ = ids.penalize ? static_cast<acc_t>(ids.penalty_differ) : acc_t(0);
     }
+    return e;
   }
 
-  // The multiplier of entry (row, chunk column j)'s dot product in its logit:
-  // the scale s, plus the id penalty of the entry (ContrastiveIds::penalize).
-  // Gradients keep the factor s (the penalty is not differentiated).
+  // Entry (row, chunk column j) one at a time (the CUDA kernels).
+  template <bool kIds>
+  FL_HOST_DEVICE bool excluded(int64_t row, int64_t j, int64_t self_column, int64_t positive) const {
+    const auto entries = row_entries<kIds, float>(row, self_column, positive, 0.0f);
+    return entries.excluded(j, entries.match(j));
+  }
   template <bool kIds, typename acc_t>
   FL_HOST_DEVICE acc_t entry_scale(int64_t row, int64_t j, int64_t positive, acc_t s) const {
-    if constexpr (kIds) {
-      const double penalty = ids.match(row, chunk_start + j) ? ids.penalty_match : ids.penalty_differ;
-      return ids.penalize & (j != positive) ? s + static_cast<acc_t>(penalty) : s;
-    }
-    return s;
+    const auto entries = row_entries<kIds, acc_t>(row, -1, positive, s);
+    return entries.scale(j, entries.match(j));
   }
 
   // excluded() and entry_scale() with the flag read at run time (the CUDA
