@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace fusedloss::cpu {
 
@@ -17,6 +18,15 @@ void for_each_row(int64_t rows, const F& finalize_row) {
   at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) finalize_row(row);
   });
+}
+
+// f(std::true_type{}) when `flag`, else f(std::false_type{}): a loop that
+// tests a loop-invariant condition per element (a null pointer, an option)
+// stays scalar in GCC, one instantiated per value of the flag vectorises.
+template <typename F>
+void with_flag(bool flag, const F& f) {
+  if (flag) f(std::true_type{});
+  else f(std::false_type{});
 }
 
 }  // namespace fusedloss::cpu

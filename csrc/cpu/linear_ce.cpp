@@ -16,21 +16,36 @@ namespace fusedloss::cpu {
 
 namespace {
 // Overwrites one row of raw logits with softcap(logit + bias) and returns its
-// max and its sum (Σ_j w_j y_j with class weights w).
+// max and its sum (Σ_j w_j y_j with class weights w). One loop per set of the
+// optional terms (with_flag): tested inside the loop they keep it scalar.
 template <typename acc_t>
 void transform_row(acc_t* y, const acc_t* bias, const acc_t* column_weight, int64_t columns, acc_t cap,
                    acc_t& row_max, acc_t& row_sum) {
-  acc_t m = neg_infinity<acc_t>(), s = 0;
+  with_flag(bias != nullptr, [&](auto has_bias) {
+    with_flag(cap > acc_t(0), [&](auto has_cap) {
+      with_flag(column_weight != nullptr, [&](auto has_weight) {
+        // Local copies: the captures are references, which the stores to y
+        // could alias, so the loop would reload them.
+        const acc_t* const b = bias;
+        const acc_t* const w = column_weight;
+        const acc_t c = cap;
+        acc_t* const out = y;
+        acc_t m = neg_infinity<acc_t>(), s = 0;
 #pragma omp simd reduction(max : m) reduction(+ : s)
-  for (int64_t j = 0; j < columns; ++j) {
-    acc_t v = y[j] + (bias ? bias[j] : acc_t(0));
-    v = softcap_apply(v, cap);
-    y[j] = v;
-    m = v > m ? v : m;
-    s += column_weight ? column_weight[j] * v : v;
-  }
-  row_max = m;
-  row_sum = s;
+        for (int64_t j = 0; j < columns; ++j) {
+          acc_t v = out[j];
+          if constexpr (decltype(has_bias)::value) v += b[j];
+          if constexpr (decltype(has_cap)::value) v = softcap_vectorizable(v, c);
+          out[j] = v;
+          m = v > m ? v : m;
+          if constexpr (decltype(has_weight)::value) s += w[j] * v;
+          else s += v;
+        }
+        row_max = m;
+        row_sum = s;
+      });
+    });
+  });
 }
 
 // Σ exp(y - max) of a row and, with kStats, Σ exp(y - max)·(y - max) (the
@@ -120,14 +135,39 @@ void grad_row(const LinearCEParams& p, int64_t row, const acc_t* z, const acc_t*
   const acc_t target_z = target_here ? z[t] : acc_t(0);
   const acc_t* column_bias = p.tile_transformed ? nullptr : bias;
   const acc_t tile_cap = p.tile_transformed ? acc_t(0) : cap;
+  // The softcap: none, its gradient only (the tile holds softcapped logits),
+  // or applied and differentiated; one loop per mode and per optional term.
+  const int cap_mode = cap <= acc_t(0) ? 0 : tile_cap > acc_t(0) ? 2 : 1;
+  const auto each_column = [&](auto has_bias, auto has_weight, auto cap_tag) {
+    constexpr int kCapMode = decltype(cap_tag)::value;
+    // Local copies (see transform_row).
+    const acc_t* const in = z;
+    const acc_t* const b = column_bias;
+    const acc_t* const w = column_weight;
+    grad_t* const out = dz;
+    const acc_t c = cap, scale = prob_scale, u = uniform, shift_max = row_max, shift_log = log_sum;
 #pragma omp simd
-  for (int64_t j = 0; j < columns; ++j) {
-    const acc_t y = softcap_apply(z[j] + (column_bias ? column_bias[j] : acc_t(0)), tile_cap);
-    const acc_t d = (prob_scale * exp_vectorizable((y - row_max) - log_sum) -
-                     uniform * (column_weight ? column_weight[j] : acc_t(1))) *
-                    softcap_grad_from_output(y, cap);
-    dz[j] = static_cast<grad_t>(d);
-  }
+    for (int64_t j = 0; j < columns; ++j) {
+      acc_t y = in[j];
+      if constexpr (decltype(has_bias)::value) y += b[j];
+      if constexpr (kCapMode == 2) y = softcap_vectorizable(y, c);
+      acc_t d = scale * exp_vectorizable((y - shift_max) - shift_log);
+      if constexpr (decltype(has_weight)::value) d -= u * w[j];
+      else d -= u;
+      if constexpr (kCapMode > 0) {
+        const acc_t r = y / c;  // softcap_grad_from_output with cap > 0
+        d *= acc_t(1) - r * r;
+      }
+      out[j] = static_cast<grad_t>(d);
+    }
+  };
+  with_flag(column_bias != nullptr, [&](auto has_bias) {
+    with_flag(column_weight != nullptr, [&](auto has_weight) {
+      if (cap_mode == 0) each_column(has_bias, has_weight, std::integral_constant<int, 0>{});
+      else if (cap_mode == 1) each_column(has_bias, has_weight, std::integral_constant<int, 1>{});
+      else each_column(has_bias, has_weight, std::integral_constant<int, 2>{});
+    });
+  });
   if (target_here) {
     // The target column also carries the one-hot term.
     const acc_t y = softcap_apply(target_z + (column_bias ? column_bias[t] : acc_t(0)), tile_cap);
@@ -194,10 +234,18 @@ void fold_and_grad_uncapped_row(const LinearCEParams& p, int64_t row, acc_t* y, 
   const acc_t uniform = g * terms.label_smoothing / terms.num_classes;
   const acc_t* column_weight = linear_ce_smoothing_weights(p, class_weight);
   const acc_t target_e = t >= 0 && t < columns ? y[t] : acc_t(0);  // read before dz may overwrite it
+  with_flag(column_weight != nullptr, [&](auto has_weight) {
+    // Local copies (see transform_row).
+    const acc_t* const e = y;
+    const acc_t* const w = column_weight;
+    grad_t* const out = dz;
+    const acc_t scale = prob_scale, u = uniform;
 #pragma omp simd
-  for (int64_t j = 0; j < columns; ++j) {
-    dz[j] = static_cast<grad_t>(prob_scale * y[j] - uniform * (column_weight ? column_weight[j] : acc_t(1)));
-  }
+    for (int64_t j = 0; j < columns; ++j) {
+      if constexpr (decltype(has_weight)::value) out[j] = static_cast<grad_t>(scale * e[j] - u * w[j]);
+      else out[j] = static_cast<grad_t>(scale * e[j] - u);
+    }
+  });
   if (t >= 0 && t < columns) {
     dz[t] = static_cast<grad_t>(g * terms.logit_grad(target_e * to_prob, true, row_lse.value(),
                                                      column_weight ? column_weight[t] : acc_t(1)));

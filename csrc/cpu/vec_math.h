@@ -78,4 +78,28 @@ inline float log1p_vectorizable(float x) {
 
 inline double log1p_vectorizable(double x) { return std::log1p(x); }
 
+// tanh, branch-free (Cephes tanhf: an odd polynomial below |x| = 0.625,
+// 1 - 2 / (exp(2|x|) + 1) above; both computed, one selected; ~2 ulp).
+inline float tanh_vectorizable(float x) {
+  const float a = x < 0.0f ? -x : x;
+  const float s = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * s + 2.06390887954e-2f;
+  p = p * s - 5.37397155531e-2f;
+  p = p * s + 1.33314422036e-1f;
+  p = p * s - 3.33332819422e-1f;
+  const float small = p * s * x + x;
+  const float large = 1.0f - 2.0f / (exp_vectorizable(a + a) + 1.0f);  // exp clamps: 1 for |x| > 44
+  const float signed_large = x < 0.0f ? -large : large;
+  return a < 0.625f ? small : signed_large;
+}
+
+inline double tanh_vectorizable(double x) { return std::tanh(x); }
+
+// softcap_apply (numerics.h) with cap > 0, vectorisable.
+template <typename acc_t>
+acc_t softcap_vectorizable(acc_t x, acc_t cap) {
+  return cap * tanh_vectorizable(x / cap);
+}
+
 }  // namespace fusedloss::cpu

@@ -133,6 +133,18 @@ int main() {
   for (float x = -87.0f; x <= 88.0f; x += 0.37f) {
     EXPECT_NEAR(cpu::exp_vectorizable(x), std::exp(x), 4e-7);
   }
+  // The vectorisable tanh (the CPU softcap) stays within a few ulp of
+  // std::tanh, relative, on both sides of its polynomial/exp split at 0.625
+  // and out to where it saturates; odd, and exactly 0 at 0.
+  for (float x = -30.0f; x <= 30.0f; x += 0.0137f) {
+    const double exact = std::tanh(double(x));
+    EXPECT_NEAR(cpu::tanh_vectorizable(x), exact, 4e-7 * std::fabs(exact) + 1e-30);
+    EXPECT_NEAR(cpu::tanh_vectorizable(-x), -cpu::tanh_vectorizable(x), 0);
+  }
+  for (float x : {1e-30f, 1e-6f, 0.6249f, 0.6251f, 9.0f, 100.0f}) {
+    EXPECT_NEAR(cpu::tanh_vectorizable(x), std::tanh(double(x)), 4e-7 * std::tanh(double(x)));
+  }
+  EXPECT_NEAR(cpu::tanh_vectorizable(0.0f), 0.0, 0);
   EXPECT_NEAR(log_sigmoid(-800.0), -800.0, 1e-15);
   EXPECT_NEAR(log_sigmoid(800.0), 0.0, 1e-15);
 
