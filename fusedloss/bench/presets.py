@@ -30,7 +30,8 @@ PRESETS = {
     "llm": [_lce(4096, 2048, v) for v in (32768, 65536, 131072)] + [_lce(8192, 4096, 128256)],
     "recsys": [_sampled(op, 4096, 128, 8192, c) for op in SAMPLED_OPS for c in (100_000, 300_000, 1_000_000)]
     + [_lce(4096, 128, c) for c in (100_000, 300_000)],
-    "contrastive": [_pair(op, b, 256) for op in CONTRASTIVE_OPS for b in (2048, 8192, 32768)],
+    "contrastive": [_pair(op, b, 256) for op in CONTRASTIVE_OPS for b in (2048, 8192, 32768)]
+    + [_pair(op, b, 256) for op in ("info_nce_ids", "mnrl") for b in (2048, 8192)],
     # The headline: the references do not fit, the fused ops do.
     "million": [_sampled(op, 8192, 256, 8192, 1_000_000) for op in SAMPLED_OPS] + [_lce(2048, 256, 1_000_000)],
     "gpu": (
