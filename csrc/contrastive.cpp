@@ -288,16 +288,16 @@ struct ContrastiveBackward : ContrastiveProblem {
     row_lse = row_lse_in.reshape({2, num_rows}).to(acc_dtype).contiguous();
     col_lse = col_lse_in.reshape({2, col_stats}).to(acc_dtype).contiguous();
     if (params.symmetric) col_grad = column_grads(row_grad);
-    grad_rows_acc = need_rows ? at::zeros({num_rows, queries.size(1)}, acc_opts) : Tensor();
+    grad_rows_acc = need_rows ? zeros_buffer({num_rows, queries.size(1)}, acc_opts) : Tensor();
     scale_grad_rows = need_scale ? at::zeros({num_rows}, acc_opts) : Tensor();
     // Every dK row is written by its tile's GEMM (zeros only without rows).
     grad_cols_buf = !need_cols      ? Tensor()
-                    : num_rows == 0 ? at::zeros({num_cols, keys.size(1)}, options().dtype(operand_dtype))
-                                    : at::empty({num_cols, keys.size(1)}, options().dtype(operand_dtype));
+                    : num_rows == 0 ? zeros_buffer({num_cols, keys.size(1)}, options().dtype(operand_dtype))
+                                    : empty_buffer({num_cols, keys.size(1)}, options().dtype(operand_dtype));
     if (need_rows || need_cols || need_scale) backward_chunks(*this);
     Tensor grad_scale = need_scale ? scale_grad_rows.sum().to(scale_.scalar_type()) : at::empty({0}, acc_opts);
-    Tensor grad_rows = need_rows ? grad_rows_acc.to(rows_.scalar_type()) : at::empty({0}, rows_.options());
-    Tensor grad_cols = need_cols ? grad_cols_buf.to(cols_.scalar_type()) : at::empty({0}, cols_.options());
+    Tensor grad_rows = need_rows ? to_buffer(grad_rows_acc, rows_.scalar_type()) : at::empty({0}, rows_.options());
+    Tensor grad_cols = need_cols ? to_buffer(grad_cols_buf, cols_.scalar_type()) : at::empty({0}, cols_.options());
     return {grad_rows, grad_cols, grad_scale};
   }
 };
@@ -418,16 +418,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_sum_and_grad(
   pass.scratch = pass.column_scratch(num_cols);
   // dQ rows come from one GEMM per block, dK from one GEMM (one block) or an
   // accumulation over blocks: both in fp32, rounded once at the end.
-  pass.grad_rows_acc = pass.need_rows ? at::empty({num_rows, dim}, acc_opts) : Tensor();
+  pass.grad_rows_acc = pass.need_rows ? empty_buffer({num_rows, dim}, acc_opts) : Tensor();
   pass.grad_cols_acc = !pass.need_cols ? Tensor()
-                       : num_rows > 0  ? at::empty({num_cols, dim}, acc_opts)
-                                       : at::zeros({num_cols, dim}, acc_opts);
+                       : num_rows > 0  ? empty_buffer({num_cols, dim}, acc_opts)
+                                       : zeros_buffer({num_cols, dim}, acc_opts);
   pass.scale_grad_rows = output_mask[2] ? at::zeros({num_rows}, acc_opts) : Tensor();
   single_pass(pass);
   const Tensor inverse = grad_pairs.numel() > 0 ? grad_pairs[0] : at::ones({}, acc_opts);
   const Tensor total = pass.loss.mul(grad_pairs).sum();
   const auto finish = [&](const Tensor& acc, const Tensor& like) {
-    return acc.defined() ? acc.mul_(inverse).to(like.scalar_type()) : at::empty({0}, like.options());
+    return acc.defined() ? to_buffer(acc.mul_(inverse), like.scalar_type()) : at::empty({0}, like.options());
   };
   Tensor grad_scale = output_mask[2] ? pass.scale_grad_rows.sum().mul_(inverse).to(scale.scalar_type())
                                      : at::empty({0}, acc_opts);

@@ -156,16 +156,16 @@ struct SiglipPass {
     row_grad = row_grad_.reshape({num_rows}).to(acc_dtype).contiguous();
     need_image = mask[0];
     need_text = mask[1];
-    grad_image_acc = need_image ? at::zeros({num_rows, image.size(1)}, options().dtype(acc_dtype)) : Tensor();
+    grad_image_acc = need_image ? zeros_buffer({num_rows, image.size(1)}, options().dtype(acc_dtype)) : Tensor();
     // Every dT row is written by its tile's GEMM (zeros only without rows).
     grad_text = !need_text      ? Tensor()
-                : num_rows == 0 ? at::zeros({num_cols, text.size(1)}, options().dtype(operand_dtype))
-                                : at::empty({num_cols, text.size(1)}, options().dtype(operand_dtype));
+                : num_rows == 0 ? zeros_buffer({num_cols, text.size(1)}, options().dtype(operand_dtype))
+                                : empty_buffer({num_cols, text.size(1)}, options().dtype(operand_dtype));
     backward_chunks(*this);
     // A fresh empty tensor per output: outputs must not alias (op schema).
     const auto empty = [&] { return at::empty({0}, options().dtype(acc_dtype)); };
-    return {need_image ? grad_image_acc.to(image_.scalar_type()) : empty(),
-            need_text ? grad_text.to(text_.scalar_type()) : empty(),
+    return {need_image ? to_buffer(grad_image_acc, image_.scalar_type()) : empty(),
+            need_text ? to_buffer(grad_text, text_.scalar_type()) : empty(),
             mask[2] ? state[2].sum().to(scale_.scalar_type()) : empty(),
             mask[3] ? state[1].sum().to(bias_.scalar_type()) : empty()};
   }

@@ -24,14 +24,6 @@ namespace {
 // stay in registers / L1 while the rows stream past.
 constexpr int64_t kColumnStrip = 32;
 
-// f(std::bool_constant<has ids>): one instantiation of a loop without the id
-// mask (as fast as before it existed) and one with it.
-template <typename F>
-void with_ids_flag(const ContrastiveParams& p, const F& f) {
-  if (p.ids.any()) f(std::true_type{});
-  else f(std::false_type{});
-}
-
 // exp(scale * dot - shift) of chunk entry j of a row with ids, exactly 0
 // where the entry is excluded (`hit`: entries.match(j)). The exclusion
 // selects the exp's argument (a constant with a finite exp, so no inf * 0)
@@ -236,7 +228,7 @@ template <typename acc_t>
 void contrastive_accumulate_chunk(const ContrastiveParams& p, const acc_t* tile, const acc_t* scale,
                            const int64_t* positives, ContrastiveRowState<acc_t> state) {
   const acc_t s = *scale;
-  with_ids_flag(p, [&](auto ids_tag) {
+  with_flag(p.ids.any(), [&](auto ids_tag) {
     constexpr bool kIds = decltype(ids_tag)::value;
     at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
@@ -251,7 +243,7 @@ void contrastive_chunk_column_lse(const ContrastiveParams& p, const acc_t* tile,
                               const int64_t* positives, LseArray<acc_t> col_lse, acc_t* /*scratch*/) {
   const acc_t s = *scale;
   const int64_t strips = (p.chunk_columns + kColumnStrip - 1) / kColumnStrip;
-  with_ids_flag(p, [&](auto ids_tag) {
+  with_flag(p.ids.any(), [&](auto ids_tag) {
     constexpr bool kIds = decltype(ids_tag)::value;
     at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
       for (int64_t strip = begin; strip < end; ++strip) {
@@ -340,7 +332,7 @@ void contrastive_chunk_grad(const ContrastiveParams& p, const acc_t* tile, const
       }
     });
   };
-  with_ids_flag(p, [&](auto ids_tag) {
+  with_flag(p.ids.any(), [&](auto ids_tag) {
     if (p.symmetric) run(std::true_type{}, ids_tag);
     else run(std::false_type{}, ids_tag);
   });
@@ -380,7 +372,7 @@ void contrastive_single_pass_rows(const ContrastiveParams& p, acc_t* tile, const
       }
     }
   }
-  with_ids_flag(p, [&](auto ids_tag) {
+  with_flag(p.ids.any(), [&](auto ids_tag) {
     constexpr bool kIds = decltype(ids_tag)::value;
     at::parallel_for(0, p.num_rows, row_grain(p.chunk_columns), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> kept(p.symmetric && !col_factor.empty() ? p.chunk_columns : 0);
