@@ -150,8 +150,9 @@ acc_t grad_row(const ContrastiveParams& p, int64_t row, const acc_t* z, acc_t s,
     const bool hit = entries.match(j);
     const bool out = entries.excluded(j, hit);
     // With ids, an excluded entry's probabilities are taken at the lowest
-    // logit (finite, they vanish) and its gradient weighted by 0 (entry_exp's
-    // form, which vectorises there; without ids the select of d does).
+    // finite logit (they vanish against any finite row or column lse) and its
+    // gradient weighted by 0: id_entry_exp's form, which vectorises there;
+    // without ids the select of d does.
     const acc_t x = kIds && out ? std::numeric_limits<acc_t>::lowest() : entries.scale(j, hit) * dot;
     acc_t col_prob = 0, col_g = 0;
     if constexpr (kSymmetric) {

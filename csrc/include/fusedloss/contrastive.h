@@ -88,8 +88,7 @@ struct ContrastiveRowEntries {
   int64_t self_column;
   int64_t positive;
   acc_t scale_plain;  // s
-  // Absent without ids: GCC keeps a small struct of scalars in registers
-  // (and vectorises the loops that use it), not one that holds arrays.
+  // Absent without ids: the id-free loops carry nothing they do not use.
   std::conditional_t<kIds, RowIdChannels<acc_t>, NoRowIds> channels;
 
   // Whether chunk column j has the row's id in some channel (branch-free:
