@@ -267,9 +267,9 @@ def sampled_softmax_loss(input, weight, target, num_sampled, bias=None, *, num_c
             shared [K] candidates, a reduced loss that will be differentiated
             (not fp16: see fusedloss/_common.wants_single_pass) gathers the candidates' weight rows once and forms the gradients
             in the forward over row blocks whose [R, num_true + K] tile fits
-            the budget (default 32 MiB on the CPU, 512 MiB on CUDA — the
-            recompute pair's workspace: a block only adds a [K, D] dW
-            accumulation, so small blocks cost little; on CUDA it is
+            the budget (default 64 MiB on the CPU, 512 MiB on CUDA: a
+            block only adds a [K, D] dW accumulation, so smaller blocks
+            cost little; on CUDA it is
             opt-in with FUSEDLOSS_CUDA_SINGLE_PASS=1 until validated on a GPU);
             extra memory ≈ 4·R·(num_true + K) + 8·K·D bytes. Otherwise (per-row
             candidates, ``reduction="none"``, no block of 64 rows fits) the

@@ -122,10 +122,12 @@ def test_fused_path_names_blocks_and_the_recompute_pair():
     assert cases.fused_path("cpu", plan, 100_000) == "single pass, 1024-row blocks"
     assert cases.fused_path("cpu", plan, 100_000, whole_tile_only=True) == "recompute"
     assert cases.fused_path("cpu", cases._single_pass_block_rows(10, 10**7), 10) == "recompute"
-    # The sampled ops' own sizing: a [2048, 16 + 4096] fp32 tile over the 32 MiB
-    # default, less the candidates' 4 MiB [K, D] gradient accumulator.
+    # The sampled ops' own sizing: a [2048, 16 + 4096] fp32 tile (33.7 MB) fits
+    # the 64 MiB CPU default whole; 8192 rows take blocks of the budget less the
+    # candidates' 4 MiB [K, D] gradient accumulator.
     sampled = {"N": 2048, "D": 256, "K": 4096, "C": 50_000}
-    assert cases._sampled_path(sampled, torch.float32, "cpu") == "single pass, 1785-row blocks"
+    assert cases._sampled_path(sampled, torch.float32, "cpu") == "single pass"
+    assert cases._sampled_path(dict(sampled, N=8192), torch.float32, "cpu") == "single pass, 3825-row blocks"
 
 
 def test_table_building():
