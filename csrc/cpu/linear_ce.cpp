@@ -154,10 +154,7 @@ void grad_row(const LinearCEParams& p, int64_t row, const acc_t* z, const acc_t*
       acc_t d = scale * exp_vectorizable((y - shift_max) - shift_log);
       if constexpr (decltype(has_weight)::value) d -= u * w[j];
       else d -= u;
-      if constexpr (kCapMode > 0) {
-        const acc_t r = y / c;  // softcap_grad_from_output with cap > 0
-        d *= acc_t(1) - r * r;
-      }
+      if constexpr (kCapMode > 0) d *= softcap_grad_from_output(y, c);
       out[j] = static_cast<grad_t>(d);
     }
   };
