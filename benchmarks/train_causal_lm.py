@@ -120,7 +120,7 @@ def run_variant(args, variant):
         peak = CudaPeak(args.device)
     else:
         return_heap_to_os()
-        fusedloss.release_cpu_tile()
+        fusedloss.empty_cache()
         peak = RssPeak()
     with peak:
         losses.append(forward_backward())

@@ -426,9 +426,6 @@ SumAndGrad linear_ce_sum_and_grad(const Tensor& input, const Tensor& weight, con
   return {total, pass.grad_input, grad_weight, grad_bias, lse, argmax, entropy};
 }
 
-// Frees the CPU tile kept by the single pass between calls.
-void release_cpu_tile() { TileWorkspace::release_cpu_tile(); }
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
@@ -456,14 +453,12 @@ TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
       "Tensor? normalizer, int ignore_index, float label_smoothing, float z_loss, float softcap, int row_block, "
       "int memory_budget, bool stats, bool[3] output_mask) -> (Tensor loss_sum, Tensor grad_input, "
       "Tensor grad_weight, Tensor grad_bias, Tensor lse, Tensor argmax, Tensor entropy)");
-  m.def("release_cpu_tile() -> ()");
 }
 
 // Shape, dtype and device checks hold for any tensor (meta included); target
 // values are scanned where they can be read.
 TORCH_LIBRARY_IMPL(fusedloss, CompositeExplicitAutograd, m) {
   m.impl("linear_ce_check", &linear_ce_check);
-  m.impl("release_cpu_tile", &release_cpu_tile);
 }
 
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {

@@ -1,9 +1,11 @@
 // The Python module fusedloss._C. Importing it runs the TORCH_LIBRARY
 // registrations of every op (csrc/*.cpp); the pybind11 members here are only
-// non-tensor helpers: build information and the enums that cross into Python
+// non-tensor helpers: build information, the CPU buffer pool's controls and the
+// enums that cross into Python
 // (defined once, in the C++ headers).
 #include <torch/extension.h>
 
+#include "fusedloss/buffers.h"
 #include "fusedloss/chunk_driver.h"
 #include "fusedloss/sampled.h"
 
@@ -29,6 +31,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("num_true"), py::arg("num_sampled"), py::arg("dim"), py::arg("half_operands"), py::arg("cuda"),
         py::arg("row_block") = 0, py::arg("memory_budget") = 0,
         "Rows per block of the sampled single pass with shared candidates (0: the recompute pair runs)");
+  m.def("empty_cpu_cache", &fusedloss::empty_cpu_cache,
+        "Unmap the freed large CPU buffers (gradients, tiles) the pool keeps for later calls");
+  m.def("cpu_cache_bytes", &fusedloss::cpu_cache_bytes, "Bytes of freed large CPU buffers the pool keeps");
+  m.def("set_cpu_cache_limit", &fusedloss::set_cpu_cache_limit, py::arg("limit"),
+        "Keep at most `limit` bytes of freed large CPU buffers (0: none); returns the previous limit");
   using fusedloss::HitMask;
   using fusedloss::SampledMode;
   py::dict modes, hit_masks;

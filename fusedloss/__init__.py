@@ -2,7 +2,8 @@
 from ._extension import built_with_cuda
 from .contrastive import ClipLoss, InfoNCELoss, NTXentLoss, clip_loss, info_nce_loss, nt_xent_loss
 from .mnrl import MultipleNegativesRankingLoss, mnrl_loss
-from .linear_ce import LinearCEOutput, LinearCrossEntropyLoss, linear_cross_entropy, release_cpu_tile
+from .linear_ce import LinearCEOutput, LinearCrossEntropyLoss, linear_cross_entropy
+from .memory import cpu_cache_bytes, empty_cache, set_cpu_cache_limit
 from . import reference
 from . import compat, samplers
 from . import distributed
@@ -25,7 +26,9 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "built_with_cuda",
     "linear_cross_entropy",
-    "release_cpu_tile",
+    "cpu_cache_bytes",
+    "empty_cache",
+    "set_cpu_cache_limit",
     "reference",
     "NCELoss",
     "SampledSoftmaxLoss",

@@ -152,8 +152,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
             4·N·V fits) plus, when the rows take several blocks and the
             weight is bf16/fp16, a 4·V·D fp32 weight-gradient accumulator.
             When not even 64 rows (1024 on CUDA) fit, the recompute pair
-            runs instead. The CPU keeps the tile between calls
-            (``fusedloss.release_cpu_tile()`` frees it).
+            runs instead. On the CPU the tile's memory is recycled
+            between calls (``fusedloss.empty_cache()`` frees it).
 
     Returns the loss in fp32 (fp64 for fp64 inputs), or a
     :class:`LinearCEOutput` with ``return_stats=True``. A DTensor weight (FSDP2,
@@ -224,8 +224,3 @@ class LinearCrossEntropyLoss(_common.LossModule):
         return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
                 f"softcap={self.softcap}, reduction={self.reduction!r}")
 
-
-def release_cpu_tile():
-    """Free the logits tile the CPU single pass keeps between calls (at most
-    its ``memory_budget``); the next call allocates it again."""
-    _ops.ops.release_cpu_tile()

@@ -15,9 +15,14 @@ inline float exp_vectorizable(float x) {
   // sum it enters (each softmax sum contains a term of at least 1).
   x = x > 88.0f ? 88.0f : x;
   x = x < -87.0f ? -87.0f : x;
-  const float t = x * 1.44269504088896341f;
-  const int32_t n = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
-  const float nf = static_cast<float>(n);
+  // n = round(x / ln2) by adding 1.5 * 2^23: the sum's low mantissa bits hold
+  // n (|n| <= 127), so no compare, select or conversion is needed.
+  constexpr float kShift = 12582912.0f;
+  const float shifted = x * 1.44269504088896341f + kShift;
+  const float nf = shifted - kShift;
+  int32_t n;
+  std::memcpy(&n, &shifted, sizeof(n));
+  n -= 0x4B400000;  // the bits of kShift
   // r = x - n*ln2, with ln2 split in two for an exact first product.
   const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
   float p = 1.9875691500e-4f;

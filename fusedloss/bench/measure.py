@@ -23,7 +23,8 @@ import torch
 
 from . import cases as cases_mod
 from .variants import build_variants
-from ..linear_ce import release_cpu_tile
+from ..memory import empty_cache
+
 
 def return_heap_to_os():
     """Make RSS track allocations: glibc keeps freed blocks in its heap (and its
@@ -138,9 +139,10 @@ def measure_in_process(variant, inputs, leaves, device, repeat, warmup):
             torch.cuda.synchronize(device)
             probe = CudaPeak(device)
         else:
-            # The fused CPU single pass keeps its tile between calls: free it so
-            # that the probed step allocates it again and its peak counts it.
-            release_cpu_tile()
+            # Freed large buffers (tiles, gradients) stay in fusedloss's CPU
+            # pool: unmap them so that the probed step maps its own again and
+            # its peak counts them.
+            empty_cache()
             return_heap_to_os()
             probe = RssPeak()
         # one more untimed step for the memory peak (and the outputs to compare)

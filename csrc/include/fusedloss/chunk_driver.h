@@ -25,7 +25,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -179,50 +178,6 @@ inline at::Tensor dlogits_over(const at::Tensor& tile, at::ScalarType dtype) {
   return tile.view(dtype).narrow(1, 0, tile.size(1));
 }
 
-// The tile storage of a single pass. On the CPU it is kept between calls: a
-// fresh multi-hundred-MiB buffer costs ≈15 % of a GEMM in page faults (CUDA's
-// caching allocator does the same already). One buffer is cached; a call made
-// while another holds it allocates its own. release_cpu_tile() frees it.
-class TileWorkspace {
- public:
-  TileWorkspace(int64_t elems, const at::TensorOptions& options) {
-    if (options.device().is_cpu()) {
-      std::lock_guard<std::mutex> lock(mutex());
-      storage_ = std::move(cached());
-      cached() = at::Tensor();
-    }
-    if (!storage_.defined() || storage_.numel() < elems || storage_.scalar_type() != options.dtype()) {
-      storage_ = at::Tensor();  // free a too-small buffer before allocating
-      storage_ = empty_buffer({elems}, options);
-    }
-  }
-  ~TileWorkspace() {
-    if (!storage_.is_cpu()) return;
-    std::lock_guard<std::mutex> lock(mutex());
-    if (!cached().defined() || cached().numel() < storage_.numel()) cached() = std::move(storage_);
-  }
-  TileWorkspace(const TileWorkspace&) = delete;
-  TileWorkspace& operator=(const TileWorkspace&) = delete;
-
-  const at::Tensor& storage() const { return storage_; }
-
-  static void release_cpu_tile() {
-    std::lock_guard<std::mutex> lock(mutex());
-    cached() = at::Tensor();
-  }
-
- private:
-  static std::mutex& mutex() {
-    static std::mutex m;
-    return m;
-  }
-  static at::Tensor& cached() {
-    static at::Tensor t;
-    return t;
-  }
-  at::Tensor storage_;
-};
-
 // A Family for single_pass provides, besides rows() / acc_dtype / options():
 //   int64_t columns() const;  std::vector<RowBlock> blocks() const;
 //   at::ScalarType dlogits_dtype() const;  // written over the tile (dlogits_over)
@@ -234,11 +189,12 @@ void single_pass(Family& family) {
   const std::vector<RowBlock> blocks = family.blocks();
   if (blocks.empty()) return;
   const int64_t columns = family.columns();
-  const TileWorkspace workspace(blocks.front().count * aligned_columns(columns),
-                                family.options().dtype(family.acc_dtype));
+  // On the CPU the tile's mapping comes back from the pool (buffers.h) call after call.
+  const at::Tensor workspace =
+      empty_buffer({blocks.front().count * aligned_columns(columns)}, family.options().dtype(family.acc_dtype));
   AT_DISPATCH_FLOATING_TYPES(family.acc_dtype, "fusedloss_single_pass", [&] {
     for (const RowBlock& rows : blocks) {
-      at::Tensor tile = aligned_tile_view(workspace.storage(), rows.count, columns);
+      at::Tensor tile = aligned_tile_view(workspace, rows.count, columns);
       family.template fold_rows<scalar_t>(rows, tile);
       at::Tensor dlogits = dlogits_over(tile, family.dlogits_dtype());
       family.template rows_dlogits<scalar_t>(rows, tile, dlogits);
