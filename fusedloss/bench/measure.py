@@ -168,19 +168,42 @@ def measure_in_process(variant, inputs, leaves, device, repeat, warmup):
     return result, (out.detach(), tuple(None if g is None else g.detach() for g in grads))
 
 
-def worker_spec(op, shape, dtype, device, variant, repeat, warmup, seed, compile_reference, outputs_path):
+def measure_paired(variants, inputs, leaves, device, repeat, warmup):
+    """The first variant's time over the second's, from alternating steps in
+    one process: the median of the per-pair ratios. Two variants timed in
+    separate processes can differ by 1.5x on a shared VM (each process runs at
+    its own speed); steps taken side by side see the same machine."""
+    device = torch.device(device)
+    clock = _Clock(device)
+    for _ in range(warmup):
+        for v in variants:
+            run_step(v, inputs, leaves)
+    marks = [[run_step(v, inputs, leaves, clock)[2] for v in variants] for _ in range(repeat)]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    ratios = [clock.elapsed_ms(a[0], a[2]) / clock.elapsed_ms(b[0], b[2]) for a, b in marks]
+    return {"status": "ok", "ratio": statistics.median(ratios), "ratios": ratios}
+
+
+def worker_spec(op, shape, dtype, device, variant, repeat, warmup, seed, compile_reference, outputs_path,
+                paired=None):
     return {"op": op, "shape": shape, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
             "variant": variant, "repeat": repeat, "warmup": warmup, "seed": seed,
-            "compile_reference": compile_reference, "outputs_path": outputs_path}
+            "compile_reference": compile_reference, "outputs_path": outputs_path, "paired": paired}
 
 
 def run_worker_spec(spec):
-    """Body of the subprocess: build inputs, measure one variant, save its outputs."""
+    """Body of the subprocess: build inputs, measure one variant (saving its
+    outputs) or, with ``paired`` names, the time ratio of two."""
     case = cases_mod.CASES[spec["op"]]
     dtype = getattr(torch, spec["dtype"])
-    variant = {v.name: v for v in build_variants(case, spec["device"], spec["compile_reference"])}[spec["variant"]]
+    variants = {v.name: v for v in build_variants(case, spec["device"], spec["compile_reference"])}
     inputs = cases_mod.make_inputs(case, spec["shape"], dtype, spec["device"], spec["seed"])
     leaves = [inputs[n] for n in case.grad_names]
+    if spec.get("paired"):
+        return measure_paired([variants[n] for n in spec["paired"]], inputs, leaves, spec["device"], spec["repeat"],
+                              spec["warmup"])
+    variant = variants[spec["variant"]]
     try:
         result, (loss, grads) = measure_in_process(variant, inputs, leaves, spec["device"], spec["repeat"],
                                                    spec["warmup"])
