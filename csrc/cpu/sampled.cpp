@@ -124,20 +124,14 @@ void grad_from_exps_row(const SampledParams& p, acc_t* e, acc_t part_max, LsePar
   }
 }
 
-// One NCE column of final logit z (-inf: masked): u = 1 + exp(-|z|) and the
-// rest of its sigmoid cross-entropy, softplus(z) - label * z - log(u) =
-// max(z, 0) - label * z + (e - (u - 1)) / u (log1p_vectorizable's rounding
-// correction), so that the caller can take one log for several columns.
+// One NCE column of final logit z (-inf: masked) as a LogTerm: u = 1 +
+// exp(-|z|) and the rest of its sigmoid cross-entropy, softplus(z) - label *
+// z - log(u) = max(z, 0) - label * z + (e - (u - 1)) / u. Also writes g *
+// (sigmoid(z) - label) to `dz`; a masked column gets u = 1, rest = 0 and a
+// zero gradient. One exp and one division (shared by the sigmoid and the
+// correction) per column.
 template <typename acc_t>
-struct NceColumn {
-  acc_t u, rest;
-};
-
-// Also writes g * (sigmoid(z) - label) to `dz`; a masked column gets u = 1,
-// rest = 0 and a zero gradient. One exp and one division (shared by the
-// sigmoid and the correction) per column.
-template <typename acc_t>
-inline NceColumn<acc_t> nce_column(acc_t z, acc_t label, acc_t g, acc_t& dz) {
+FUSEDLOSS_VECTOR_INLINE LogTerm<acc_t> nce_column(acc_t z, acc_t label, acc_t g, acc_t& dz) {
   const bool live = z != neg_infinity<acc_t>();
   const acc_t e = exp_vectorizable(-std::fabs(z));
   const acc_t u = acc_t(1) + e;
@@ -145,33 +139,15 @@ inline NceColumn<acc_t> nce_column(acc_t z, acc_t label, acc_t g, acc_t& dz) {
   const acc_t sigmoid = (z >= acc_t(0) ? acc_t(1) : e) * inverse;
   dz = live ? g * (sigmoid - label) : acc_t(0);
   const acc_t rest = (z > acc_t(0) ? z : acc_t(0)) - label * z + (e - (u - acc_t(1))) * inverse;
-  return {live ? u : acc_t(1), live ? rest : acc_t(0)};
+  return {live ? u : acc_t(1), live ? rest : acc_t(0), acc_t(0), acc_t(0)};
 }
 
 // NCE's single pass over one row of a chunk's final logits (-inf: masked):
 // returns the row's sigmoid cross-entropy sum and writes the gradient over y.
-// The log of log(1 + e) is the costliest step, so four columns (one from each
-// quarter of the row) share one: their u are in [1, 2], the product in [1,
-// 16] with three roundings, as accurate as four logs summed.
 template <typename acc_t>
 acc_t nce_fold_and_grad_row(const SampledParams& p, acc_t* y, acc_t g) {
   const acc_t label = p.is_true_chunk ? acc_t(p.true_label) : acc_t(0);
-  const int64_t columns = p.chunk_columns, quarter = columns / 4;
-  acc_t* y1 = y + quarter;
-  acc_t* y2 = y1 + quarter;
-  acc_t* y3 = y2 + quarter;
-  acc_t loss = 0;
-#pragma omp simd reduction(+ : loss)
-  for (int64_t j = 0; j < quarter; ++j) {
-    const NceColumn<acc_t> a = nce_column(y[j], label, g, y[j]), b = nce_column(y1[j], label, g, y1[j]);
-    const NceColumn<acc_t> c = nce_column(y2[j], label, g, y2[j]), d = nce_column(y3[j], label, g, y3[j]);
-    loss += log_vectorizable((a.u * b.u) * (c.u * d.u)) + ((a.rest + b.rest) + (c.rest + d.rest));
-  }
-  for (int64_t j = 4 * quarter; j < columns; ++j) {
-    const NceColumn<acc_t> a = nce_column(y[j], label, g, y[j]);
-    loss += log_vectorizable(a.u) + a.rest;
-  }
-  return loss;
+  return sum_log_terms<acc_t>(p.chunk_columns, [=](int64_t j) { return nce_column(y[j], label, g, y[j]); }).total;
 }
 
 // g * dLoss/dz of one row of a chunk's final logits y into dz (which may

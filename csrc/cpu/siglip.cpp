@@ -1,6 +1,7 @@
 // CPU kernel of the SigLIP loss: one pass over a [R, tile] block of dot
 // products, rows in parallel, each row a branch-free (vectorised) loop that
-// forms the pair terms, their row sums and the row's dlogits.
+// forms the pair terms, their row sums and the row's dlogits
+// (vec_math.h's sum_log_terms: four pairs share one log).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -30,21 +31,29 @@ void siglip_chunk(const SiglipParams& p, const acc_t* tile, const acc_t* scale, 
         grad_t* dz = kGrad ? dlogits + row * p.logits_stride : nullptr;
         const int64_t t = p.positive_chunk_column(row);
         const acc_t g = kGrad ? row_grad[row] : acc_t(0);
-        acc_t loss = 0, grad_bias = 0, grad_scale = 0;
-#pragma omp simd reduction(+ : loss, grad_bias, grad_scale)
-        for (int64_t j = 0; j < columns; ++j) {
+        // Each pair as a LogTerm (its log shared with three others, vec_math.h):
+        // u = 1 + e, rest = max(-x, 0) + log1p's rounding correction, and the
+        // sums of d and d * dot for the bias and scale gradients.
+        const LogTermSums<acc_t> sums = sum_log_terms<acc_t>(columns, [=](int64_t j) {
           const acc_t dot = y[j];
           const acc_t z = s * dot + b;
-          const acc_t e = exp_vectorizable(z < acc_t(0) ? z : -z);
-          if constexpr (kLoss) loss += siglip_pair_loss(z, j == t, log1p_vectorizable(e));
+          const acc_t e = exp_vectorizable(-std::fabs(z));
+          const acc_t u = acc_t(1) + e;
+          LogTerm<acc_t> term{acc_t(1), acc_t(0), acc_t(0), acc_t(0)};
+          if constexpr (kLoss) {
+            term.u = u;
+            term.rest = siglip_pair_loss(z, j == t, (e - (u - acc_t(1))) * (acc_t(1) / u));
+          }
           if constexpr (kGrad) {
             const acc_t d = g * siglip_pair_grad(z, j == t, e);
-            grad_bias += d;
-            grad_scale += d * dot;
+            term.sum1 = d;
+            term.sum2 = d * dot;
             // d z / d dot = scale: the GEMMs consume raw operands.
             dz[j] = static_cast<grad_t>(s * d);
           }
-        }
+          return term;
+        });
+        const acc_t loss = sums.total, grad_bias = sums.sum1, grad_scale = sums.sum2;
         if constexpr (kLoss) state.loss[row] += loss;
         if constexpr (kGrad) {
           state.grad_bias[row] += grad_bias;
