@@ -116,8 +116,10 @@ def test_concurrent_calls_get_their_own_buffers():
 
 def test_a_gradient_alive_at_exit_is_freed_cleanly():
     """The pool is never destroyed, so a tensor freed during interpreter exit
-    (after static destructors may have run) still returns its mapping safely."""
+    (after static destructors may have run) still returns its mapping safely.
+    A fresh process also shows the documented default limit, 1 GiB."""
     code = ("import torch, fusedloss\n"
+            "assert fusedloss.set_cpu_cache_limit(1 << 30) == 1 << 30\n"
             "w = torch.randn(8192, 256, requires_grad=True)\n"
             "x = torch.randn(4, 256, requires_grad=True)\n"
             "t = torch.randint(0, 8192, (4,))\n"
