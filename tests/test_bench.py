@@ -114,8 +114,9 @@ def test_every_op_races_its_bare_gemm_floor(tmp_path, shape):
                      "--quiet", "--json", str(path)]) == 0
     (row,) = json.loads(path.read_text())["rows"]
     assert row["variants"]["bare GEMMs"]["status"] == "ok" and row["fused_over_gemm"] > 0
-    # The ratio comes from alternating steps in one process; the separate runs' quotient is kept too.
+    # The ratios come from alternating steps in one process; the separate runs' quotients are kept too.
     assert row["fused_over_gemm"] == row["fused_over_gemm_paired"] and row["fused_over_gemm_separate"] > 0
+    assert row["speedup"] == row["speedup_paired"] and row["speedup_separate"] > 0
     assert row["fused_path"] == "single pass" and not row["flagged"]
 
 
@@ -216,7 +217,8 @@ def test_cpu_subprocess_memory_measurement():
     assert ref["peak_extra_bytes"] >= logits_bytes  # the reference must show its [N, V] logits
     assert fused["peak_extra_bytes"] < ref["peak_extra_bytes"]
     assert fused["within_tolerance"] and not row["flagged"]
-    assert row["fused_over_gemm_paired"] > 0  # the alternating steps ran in a subprocess of their own
+    # the alternating steps ran in a subprocess of their own
+    assert row["fused_over_gemm_paired"] > 0 and row["speedup_paired"] > 0
 
 
 def test_rss_probe_sees_an_allocation():

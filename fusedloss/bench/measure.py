@@ -169,20 +169,22 @@ def measure_in_process(variant, inputs, leaves, device, repeat, warmup):
 
 
 def measure_paired(variants, inputs, leaves, device, repeat, warmup):
-    """The first variant's time over the second's, from alternating steps in
-    one process: the median of the per-pair ratios. Two variants timed in
-    separate processes can differ by 1.5x on a shared VM (each process runs at
-    its own speed); steps taken side by side see the same machine."""
+    """Each later variant's time over the first's, from rounds of one step of
+    each in one process: per variant the median of its per-round ratios
+    (``{"ratios": {name: ratio}}``). Variants timed in separate processes can
+    differ by 1.5x on a shared VM (each process runs at its own speed); steps
+    taken side by side see the same machine."""
     device = torch.device(device)
     clock = _Clock(device)
     for _ in range(warmup):
         for v in variants:
             run_step(v, inputs, leaves)
-    marks = [[run_step(v, inputs, leaves, clock)[2] for v in variants] for _ in range(repeat)]
+    rounds = [[run_step(v, inputs, leaves, clock)[2] for v in variants] for _ in range(repeat)]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    ratios = [clock.elapsed_ms(a[0], a[2]) / clock.elapsed_ms(b[0], b[2]) for a, b in marks]
-    return {"status": "ok", "ratio": statistics.median(ratios), "ratios": ratios}
+    times = [[clock.elapsed_ms(m[0], m[2]) for m in r] for r in rounds]
+    return {"status": "ok", "ratios": {v.name: statistics.median(t[i] / t[0] for t in times)
+                                       for i, v in enumerate(variants) if i > 0}}
 
 
 def worker_spec(op, shape, dtype, device, variant, repeat, warmup, seed, compile_reference, outputs_path,
@@ -194,7 +196,7 @@ def worker_spec(op, shape, dtype, device, variant, repeat, warmup, seed, compile
 
 def run_worker_spec(spec):
     """Body of the subprocess: build inputs, measure one variant (saving its
-    outputs) or, with ``paired`` names, the time ratio of two."""
+    outputs) or, with ``paired`` names, their time ratios (measure_paired)."""
     case = cases_mod.CASES[spec["op"]]
     dtype = getattr(torch, spec["dtype"])
     variants = {v.name: v for v in build_variants(case, spec["device"], spec["compile_reference"])}

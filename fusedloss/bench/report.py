@@ -55,8 +55,9 @@ def summary_rows(rows):
             out.append((row["op"], row["shape_str"], row["dtype"]) + ("-",) * 10 + (f"skipped: {row['reason']}",))
             continue
         f, r = row["variants"].get("fused", {}), row["variants"].get("reference", {})
-        # "vs GEMMs": the fused step's time over its bare GEMMs' (the floor),
-        # from alternating steps in one process (runner._pair_with_floor).
+        # "speedup" (the reference's time over the fused step's) and "vs GEMMs"
+        # (the fused step's over its bare GEMMs', the floor): from alternating
+        # steps in one process (runner._paired_ratios).
         out.append((row["op"], row["shape_str"], row["dtype"], _ms(f), _ms(r), _ratio(row.get("speedup")),
                     _ratio(row.get("fused_over_gemm")), row.get("fused_path") or "-", _mib(f), _mib(r),
                     _ratio(row.get("memory_ratio")), _sci(f.get("loss_diff")), _sci(f.get("grad_diff")),

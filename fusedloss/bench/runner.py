@@ -160,27 +160,32 @@ def _run_row_in_process(case, shape, dtype, variants, cfg, progress, label):
     return {v.name: results[v.name] for v in variants}, outputs
 
 
-PAIRED = ("fused", "bare GEMMs")
-
-
-def _pair_with_floor(case, shape, dtype, results, cfg, isolate, progress, label):
-    """The fused step's time over its bare-GEMM floor's from alternating steps
-    in one process (measure_paired), when both ran; None otherwise."""
-    if case.gemm_operands is None:
-        return None
-    progress.step(f"{label} · fused and bare GEMMs, alternating")
-    if any(results.get(name, {}).get("status") != "ok" for name in PAIRED):
-        return None
+def _paired_ratios(case, shape, dtype, results, cfg, isolate, progress, label):
+    """The reference's and the bare GEMMs' times over the fused step's, from
+    rounds of alternating steps in one process (measure_paired), for those of
+    them that ran; {} when the fused op did not."""
+    if results.get("fused", {}).get("status") != "ok":
+        return {}
+    names, need = ["fused"], case.estimate_bytes("fused", shape, dtype, cfg.device)
+    for name, kind in (("bare GEMMs", "baseline"), ("reference", "reference")):
+        if results.get(name, {}).get("status") != "ok":
+            continue
+        need += case.estimate_bytes(kind, shape, dtype, cfg.device)
+        if cfg.ram_budget is None or need <= cfg.ram_budget:  # all of them live in one process
+            names.append(name)
+    if len(names) == 1:
+        return {}
+    progress.step(f"{label} · {', '.join(names)}, alternating")
     if isolate:
         spec = worker_spec(case.op, shape, dtype, cfg.device, None, cfg.repeat, cfg.warmup, cfg.seed,
-                           cfg.compile_reference, None, paired=list(PAIRED))
+                           cfg.compile_reference, None, paired=names)
         res = measure_in_subprocess(spec, cfg.subprocess_timeout)
     else:
         variants = {v.name: v for v in build_variants(case, cfg.device, cfg.compile_reference)}
         inputs = cases_mod.make_inputs(case, shape, dtype, cfg.device, cfg.seed)
-        res = measure_paired([variants[n] for n in PAIRED], inputs, [inputs[n] for n in case.grad_names],
+        res = measure_paired([variants[n] for n in names], inputs, [inputs[n] for n in case.grad_names],
                              cfg.device, cfg.repeat, cfg.warmup)
-    return res["ratio"] if res.get("status") == "ok" else None
+    return res.get("ratios", {}) if res.get("status") == "ok" else {}
 
 
 def _compare_now(out, ref_out, res, dtype):
@@ -203,7 +208,8 @@ def _finish_row(row, case, shape, outputs, dtype):
             r["tflops"] = flops / (r["full_ms"] * 1e-3) / 1e12
     fused, ref = res.get("fused", {}), res.get("reference", {})
     if fused.get("status") == "ok" and ref.get("status") == "ok":
-        row["speedup"] = ref["full_ms"] / fused["full_ms"]
+        row["speedup_separate"] = ref["full_ms"] / fused["full_ms"]
+        row["speedup"] = row.get("speedup_paired", row["speedup_separate"])
         if fused["peak_extra_bytes"] > 0:  # a tiny fused step can stay within already-mapped memory
             row["memory_ratio"] = ref["peak_extra_bytes"] / fused["peak_extra_bytes"]
     gemm = res.get("bare GEMMs", {})
@@ -227,7 +233,7 @@ def run(cfg):
     for op, shape, entry_dtype in cfg.shapes:
         case = cases_mod.CASES[op]
         plan.append((case, shape, row_dtype(cfg, entry_dtype), build_variants(case, cfg.device, cfg.compile_reference)))
-    progress = _Progress(sum(len(p[3]) + (p[0].gemm_operands is not None) for p in plan), cfg.progress)
+    progress = _Progress(sum(len(p[3]) + 1 for p in plan), cfg.progress)
     rows = []
     for case, shape, dtype, variants in plan:
         label = f"{case.op} {case.shape_str(shape)} {str(dtype).replace('torch.', '')}"
@@ -239,9 +245,11 @@ def run(cfg):
         row["inputs_bytes"] = cases_mod.input_bytes(cases_mod.make_inputs(case, shape, dtype, "meta"))
         runner = _run_row_subprocess if isolate else _run_row_in_process
         results, outputs = runner(case, shape, dtype, variants, cfg, progress, label)
-        paired = _pair_with_floor(case, shape, dtype, results, cfg, isolate, progress, label)
-        if paired is not None:
-            row["fused_over_gemm_paired"] = paired
+        paired = _paired_ratios(case, shape, dtype, results, cfg, isolate, progress, label)
+        if "reference" in paired:
+            row["speedup_paired"] = paired["reference"]
+        if "bare GEMMs" in paired:
+            row["fused_over_gemm_paired"] = 1.0 / paired["bare GEMMs"]
         row["status"] = "ok"
         row["variants"] = results
         _finish_row(row, case, shape, outputs, dtype)
