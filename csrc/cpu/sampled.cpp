@@ -126,7 +126,7 @@ void grad_from_exps_row(const SampledParams& p, acc_t* e, acc_t part_max, LsePar
 
 // One NCE column of final logit z (-inf: masked) as a LogTerm: u = 1 +
 // exp(-|z|) and the rest of its sigmoid cross-entropy, softplus(z) - label *
-// z - log(u) = max(z, 0) - label * z + (e - (u - 1)) / u. Also writes g *
+// z - log(u) = max(z, 0) - label * z + log1p_correction. Also writes g *
 // (sigmoid(z) - label) to `dz`; a masked column gets u = 1, rest = 0 and a
 // zero gradient. One exp and one division (shared by the sigmoid and the
 // correction) per column.
@@ -138,7 +138,7 @@ FUSEDLOSS_VECTOR_INLINE LogTerm<acc_t> nce_column(acc_t z, acc_t label, acc_t g,
   const acc_t inverse = acc_t(1) / u;
   const acc_t sigmoid = (z >= acc_t(0) ? acc_t(1) : e) * inverse;
   dz = live ? g * (sigmoid - label) : acc_t(0);
-  const acc_t rest = (z > acc_t(0) ? z : acc_t(0)) - label * z + (e - (u - acc_t(1))) * inverse;
+  const acc_t rest = (z > acc_t(0) ? z : acc_t(0)) - label * z + log1p_correction(e, u, inverse);
   return {live ? u : acc_t(1), live ? rest : acc_t(0), acc_t(0), acc_t(0)};
 }
 

@@ -32,7 +32,7 @@ void siglip_chunk(const SiglipParams& p, const acc_t* tile, const acc_t* scale, 
         const int64_t t = p.positive_chunk_column(row);
         const acc_t g = kGrad ? row_grad[row] : acc_t(0);
         // Each pair as a LogTerm (its log shared with three others, vec_math.h):
-        // u = 1 + e, rest = max(-x, 0) + log1p's rounding correction, and the
+        // u = 1 + e, rest = max(-x, 0) + log1p_correction, and the
         // sums of d and d * dot for the bias and scale gradients.
         const LogTermSums<acc_t> sums = sum_log_terms<acc_t>(columns, [=](int64_t j) {
           const acc_t dot = y[j];
@@ -42,7 +42,7 @@ void siglip_chunk(const SiglipParams& p, const acc_t* tile, const acc_t* scale, 
           LogTerm<acc_t> term{acc_t(1), acc_t(0), acc_t(0), acc_t(0)};
           if constexpr (kLoss) {
             term.u = u;
-            term.rest = siglip_pair_loss(z, j == t, (e - (u - acc_t(1))) * (acc_t(1) / u));
+            term.rest = siglip_pair_loss(z, j == t, log1p_correction(e, u, acc_t(1) / u));
           }
           if constexpr (kGrad) {
             const acc_t d = g * siglip_pair_grad(z, j == t, e);

@@ -79,21 +79,18 @@ FUSEDLOSS_VECTOR_INLINE float log_vectorizable(float x) {
 
 inline double log_vectorizable(double x) { return std::log(x); }
 
-// log(1 + x) for x >= 0, accurate for tiny x: with u = 1 + x rounded,
-// log(u) plus the first-order correction of that rounding, (x - (u - 1)) / u
-// (below 2^-24, u = 1 and the result is x), where log(1 + x) alone would keep
-// only the digits of x above 1's ulp. The division is 1 / (1 + x), which a
-// sigmoid of the same loop (1 / (1 + exp(-|z|))) shares once inlined.
-FUSEDLOSS_VECTOR_INLINE float log1p_vectorizable(float x) {
-  const float u = 1.0f + x;
-  return log_vectorizable(u) + (x - (u - 1.0f)) * (1.0f / u);
+// log1p(x) for x >= 0 is log(u) + log1p_correction(x, u, 1 / u) with u = 1 + x
+// rounded: the first-order correction of that rounding, (x - (u - 1)) / u,
+// keeps the digits of x below 1's ulp (below 2^-24, u = 1 and log1p is x),
+// where log(u) alone would drop them. The caller passes 1 / u, which a
+// sigmoid of the same loop (1 / (1 + exp(-|z|))) shares.
+template <typename acc_t>
+FUSEDLOSS_VECTOR_INLINE acc_t log1p_correction(acc_t x, acc_t u, acc_t inverse_u) {
+  return (x - (u - acc_t(1))) * inverse_u;
 }
 
-inline double log1p_vectorizable(double x) { return std::log1p(x); }
-
 // One term of a row sum of softplus-type losses, log(u) + rest with u = 1 +
-// exp(-|z|) in [1, 2] (rest: the linear part and log1p_vectorizable's rounding
-// correction), plus two plain sums a kernel may carry alongside (0 if unused).
+// exp(-|z|) in [1, 2] (rest: the linear part and log1p_correction),, plus two plain sums a kernel may carry alongside (0 if unused).
 template <typename acc_t>
 struct LogTerm {
   acc_t u, rest, sum1, sum2;

@@ -164,7 +164,7 @@ int main() {
         const auto sums = cpu::sum_log_terms<float>(int64_t(z.size()), [&](int64_t j) {
           const float e = cpu::exp_vectorizable(-std::fabs(z[j]));
           const float u = 1.0f + e;
-          return cpu::LogTerm<float>{u, (e - (u - 1.0f)) * (1.0f / u), 1.0f, z[j]};
+          return cpu::LogTerm<float>{u, cpu::log1p_correction(e, u, 1.0f / u), 1.0f, z[j]};
         });
         EXPECT_TRUE(std::fabs(sums.total - exact) <= 4e-6 * exact);
         EXPECT_NEAR(sums.sum1, double(z.size()), 0);
