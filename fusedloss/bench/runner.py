@@ -164,6 +164,7 @@ def _paired_ratios(case, shape, dtype, results, cfg, isolate, progress, label):
     """The reference's and the bare GEMMs' times over the fused step's, from
     rounds of alternating steps in one process (measure_paired), for those of
     them that ran; {} when the fused op did not."""
+    progress.step(f"{label} · fused, reference and bare GEMMs, alternating")  # counted once per row
     if results.get("fused", {}).get("status") != "ok":
         return {}
     names, need = ["fused"], case.estimate_bytes("fused", shape, dtype, cfg.device)
@@ -175,7 +176,6 @@ def _paired_ratios(case, shape, dtype, results, cfg, isolate, progress, label):
             names.append(name)
     if len(names) == 1:
         return {}
-    progress.step(f"{label} · {', '.join(names)}, alternating")
     if isolate:
         spec = worker_spec(case.op, shape, dtype, cfg.device, None, cfg.repeat, cfg.warmup, cfg.seed,
                            cfg.compile_reference, None, paired=names)
